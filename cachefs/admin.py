@@ -1,0 +1,122 @@
+"""The admin client: datasets, operations and status over the HTTP API (docs/api.md).
+
+Used by the CLI and the Kubernetes operator. Any node answers admin calls, so the
+client asks its endpoint and, if that does not answer, the other nodes it knows of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable, Sequence
+
+from cachefs import wire
+from cachefs.config import ClientConfig
+from cachefs.errors import CachefsError, NodeUnavailable
+from cachefs.transport import Transport
+from cachefs.wire import DatasetInfo, OperationInfo
+
+Progress = Callable[[OperationInfo], None]
+
+
+class AdminClient:
+    def __init__(self, config: ClientConfig, transport: Transport | None = None) -> None:
+        config.require_endpoint()
+        self.config = config
+        self.transport = transport or Transport(config)
+        self._endpoints: list[str] = [config.endpoint.rstrip("/")]
+
+    async def __aenter__(self) -> "AdminClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def _call(self, method: str, path: str, body: Any = None) -> Any:
+        last: NodeUnavailable | None = None
+        for base in list(self._endpoints):
+            try:
+                return await self.transport.json(method, base + path, body)
+            except NodeUnavailable as e:
+                last = e
+        assert last is not None
+        raise last
+
+    async def learn_endpoints(self) -> None:
+        """Remember every node's URL, so admin calls survive the loss of the first one."""
+        ring = await self._call("GET", wire.RING)
+        urls = [n["url"].rstrip("/") for n in ring.get("nodes", []) if n.get("url")]
+        self._endpoints = [self._endpoints[0], *[u for u in urls if u != self._endpoints[0]]]
+
+    # -- datasets ------------------------------------------------------------------------
+    async def list_datasets(self) -> list[DatasetInfo]:
+        doc = await self._call("GET", wire.DATASETS)
+        return [DatasetInfo.from_json(d) for d in doc["datasets"]]
+
+    async def get_dataset(self, name: str) -> DatasetInfo:
+        return DatasetInfo.from_json(await self._call("GET", wire.route(wire.DATASET, name=name)))
+
+    async def add_dataset(self, name: str, origin: str, storage_options: dict[str, Any] | None = None,
+                          replicas: int = 1, allowed_namespaces: Sequence[str] = ()) -> OperationInfo:
+        body = {"name": name, "origin": origin, "storage_options": storage_options or {},
+                "replicas": replicas, "allowed_namespaces": list(allowed_namespaces)}
+        return OperationInfo.from_json((await self._call("POST", wire.DATASETS, body))["operation"])
+
+    async def refresh_dataset(self, name: str) -> OperationInfo:
+        doc = await self._call("POST", wire.route(wire.DATASET_REFRESH, name=name))
+        return OperationInfo.from_json(doc["operation"])
+
+    async def remove_dataset(self, name: str) -> None:
+        await self._call("DELETE", wire.route(wire.DATASET, name=name))
+
+    async def warm_dataset(self, name: str) -> OperationInfo:
+        doc = await self._call("POST", wire.route(wire.DATASET_WARM, name=name))
+        return OperationInfo.from_json(doc["operation"])
+
+    # -- operations ----------------------------------------------------------------------
+    async def operation(self, op_id: str) -> OperationInfo:
+        return OperationInfo.from_json(await self._call("GET", wire.route(wire.OPERATION, op_id=op_id)))
+
+    async def cancel(self, op_id: str) -> OperationInfo:
+        return OperationInfo.from_json(await self._call("DELETE", wire.route(wire.OPERATION, op_id=op_id)))
+
+    async def wait(self, op: OperationInfo, progress: Progress | None = None, timeout: float | None = None,
+                   poll: float = 0.25) -> OperationInfo:
+        """Poll until the operation ends; cancelling this coroutine cancels the operation."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            while op.running:
+                if progress is not None:
+                    progress(op)
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"operation {op.id} ({op.kind} {op.dataset}) still running after {timeout} s")
+                await asyncio.sleep(poll)
+                op = await self.operation(op.id)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            await asyncio.shield(self._cancel_quietly(op.id))
+            raise
+        if progress is not None:
+            progress(op)
+        return op
+
+    async def _cancel_quietly(self, op_id: str) -> None:
+        try:
+            await self.cancel(op_id)
+        except CachefsError:
+            pass
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call("GET", wire.STATUS)
+
+    async def ring(self) -> dict[str, Any]:
+        return await self._call("GET", wire.RING)
+
+    async def health(self) -> dict[str, Any]:
+        return await self._call("GET", wire.HEALTH)
+
+    async def metrics(self) -> str:
+        body, _ = await self.transport.request("GET", self._endpoints[0] + wire.METRICS)
+        return body.decode()

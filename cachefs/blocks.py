@@ -1,0 +1,148 @@
+"""Reading blocks: route each to its owner, fall back along the ring, check the digest.
+
+Owner order comes from the ring: the key's replicas first, then the next nodes clockwise
+(the ones that take over the key if a replica dies). A stale epoch refreshes the ring;
+an unreachable node is skipped for a few seconds; when no node answers, the origin is
+read directly (if allowed and the client can reach it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import xxhash
+
+from cachefs import wire
+from cachefs.config import ClientConfig
+from cachefs.errors import (CachefsError, IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
+                            Unavailable)
+from cachefs.manifest import FileEntry, Manifest
+from cachefs.origin import Origin
+from cachefs.transport import Transport
+from cachefs.wire import DatasetInfo
+from shard import Ring, block_bounds, block_key
+
+log = logging.getLogger(__name__)
+
+DOWN_FOR = 5.0  # seconds an unreachable node is skipped before it is tried again
+EXTRA_CANDIDATES = 2  # nodes past the replicas tried before giving up on the cluster
+
+
+@dataclass(frozen=True)
+class DatasetView:
+    """One snapshot as a reader sees it: pinned for as long as a file stays open."""
+
+    info: DatasetInfo
+    manifest: Manifest
+
+
+class BlockReader:
+    def __init__(self, config: ClientConfig, transport: Transport,
+                 origin_options: dict[str, Any] | None = None) -> None:
+        self.config = config
+        self.transport = transport
+        self.origin_options = origin_options
+        self.ring: Ring | None = None
+        self._down: dict[str, float] = {}
+        self._gate: asyncio.Semaphore | None = None
+        self._ring_lock: asyncio.Lock | None = None
+        self._origins: dict[str, Origin] = {}
+        self.origin_reads = 0  # blocks this client had to read from the origin itself
+
+    # -- ring ----------------------------------------------------------------------------
+    async def get_ring(self) -> Ring:
+        if self.ring is None:
+            await self.refresh_ring()
+        assert self.ring is not None
+        return self.ring
+
+    async def refresh_ring(self, at_least: int = 0) -> Ring:
+        if self._ring_lock is None:
+            self._ring_lock = asyncio.Lock()
+        async with self._ring_lock:
+            if self.ring is not None and self.ring.epoch > at_least and at_least:
+                return self.ring  # someone refreshed while we waited
+            bases = [self.config.endpoint.rstrip("/")]
+            if self.ring is not None:
+                bases += [m.url for m in self.ring.members if m.url and m.url not in bases]
+            last: CachefsError | None = None
+            for base in bases:
+                try:
+                    ring = Ring.from_json(await self.transport.json("GET", base + wire.RING))
+                except NodeUnavailable as e:
+                    last = e
+                    continue
+                if self.ring is None or ring.epoch >= self.ring.epoch:
+                    self.ring = ring
+                return self.ring
+            raise Unavailable(f"no cache node answers (tried {len(bases)}): {last}")
+
+    # -- blocks --------------------------------------------------------------------------
+    async def read(self, view: DatasetView, entry: FileEntry, index: int, out: memoryview) -> None:
+        """Fill `out` with block `index` of `entry` (out has exactly the block's length)."""
+        if self._gate is None:
+            self._gate = asyncio.Semaphore(self.config.max_concurrency)
+        async with self._gate:
+            await self._read(view, entry, index, out)
+
+    async def _read(self, view: DatasetView, entry: FileEntry, index: int, out: memoryview) -> None:
+        info = view.info
+        key = block_key(info.name, info.snapshot, entry.path, entry.version, index)
+        params = {"snapshot": info.snapshot, "path": entry.path, "index": str(index)}
+        failures: list[str] = []
+        for _attempt in range(self.config.retries + 1):
+            ring = await self.get_ring()
+            prefs = ring.owners(key, len(ring))[: info.replicas + EXTRA_CANDIDATES]
+            now = time.monotonic()
+            live = [n for n in prefs if self._down.get(ring.member(n).url, 0) <= now] or prefs
+            for node in live:
+                url = ring.member(node).url
+                try:
+                    digest = await self.transport.read_block(url, info.name, params, ring.epoch, out)
+                except StaleEpoch as e:
+                    await self.refresh_ring(e.epoch)
+                    break
+                except (NodeUnavailable, IntegrityError) as e:
+                    self._down[url] = time.monotonic() + DOWN_FOR
+                    failures.append(str(e))
+                    continue
+                if digest and xxhash.xxh3_64_hexdigest(out) != digest:
+                    failures.append(f"block {index} of {entry.path} from {url} does not match its digest")
+                    continue
+                return
+            else:
+                try:  # every candidate failed: maybe the ring moved on without us
+                    await self.refresh_ring(ring.epoch)
+                except Unavailable as e:
+                    failures.append(str(e))
+                    break
+        await self._read_origin(view, entry, index, out, failures)
+
+    async def _read_origin(self, view: DatasetView, entry: FileEntry, index: int, out: memoryview,
+                           failures: list[str]) -> None:
+        reason = failures[-1] if failures else "no cache node answered"
+        if not self.config.origin_fallback:
+            raise Unavailable(f"cannot read {view.info.name}/{entry.path}: {reason} "
+                              "(origin fallback is off)")
+        origin = self._origins.get(view.info.name)
+        if origin is None:
+            origin = self._origins[view.info.name] = Origin(view.info.origin, self.origin_options,
+                                                            self.config.read_timeout)
+        start, end = block_bounds(index, entry.size, view.info.block_size)
+        try:
+            data = await origin.read(entry, start, end)
+        except OriginUnavailable as e:
+            raise Unavailable(f"cannot read {view.info.name}/{entry.path}: the cache cluster failed ({reason}) "
+                              f"and so did the origin ({e})") from e
+        out[:] = data
+        self.origin_reads += 1
+        log.warning("read block %d of %s/%s from the origin: %s", index, view.info.name, entry.path, reason)
+
+    async def close(self) -> None:
+        for origin in self._origins.values():
+            await origin.close()
+        self._origins.clear()

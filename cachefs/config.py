@@ -1,0 +1,236 @@
+"""Configuration: one frozen object per component, read from flags, env and a file.
+
+Precedence, highest first: explicit values (flags, storage options) → `CACHEFS_<FIELD>`
+environment variables → the config file (`$CACHEFS_HOME/config.toml`, one table per
+component) → the cluster file that `cachefs up` writes (endpoint and token) → defaults.
+Every object is validated when built, so a bad value fails at start with its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, TypeVar, get_type_hints
+
+from cachefs.errors import ConfigError
+from cachefs.wire import DEFAULT_BLOCK_SIZE, DEFAULT_PORT
+
+T = TypeVar("T")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.I)
+_UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(value: str | int) -> int:
+    """'256MiB', '1G', '4096' → bytes. Decimal units (MB) are 1000-based, binary (MiB) 1024."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"cannot read {value!r} as a size: use a number with an optional unit, like 256MiB or 2GiB")
+    number, unit, suffix = m.groups()
+    base = 1000 if suffix.lower() == "b" else 1024  # MB is decimal; M, Mi and MiB are binary
+    return int(float(number) * base ** _UNITS[unit.lower()])
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def cachefs_home(env: Mapping[str, str] = os.environ) -> Path:
+    return Path(env.get("CACHEFS_HOME") or Path.home() / ".cachefs")
+
+
+def cluster_file(env: Mapping[str, str] = os.environ) -> Path:
+    """Where `cachefs up` records the endpoint and token (mode 0600)."""
+    return cachefs_home(env) / "cluster.json"
+
+
+def read_cluster_file(env: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    path = cluster_file(env)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read {path}: {e}; run `cachefs up` again or delete the file") from e
+
+
+def _coerce(name: str, kind: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        if kind is bool or kind == "bool":
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"{value!r} is not a boolean (use true or false)")
+        if kind is int or kind == "int":
+            return parse_size(value) if name.endswith(("_bytes", "block_size")) else int(value)
+        if kind is float or kind == "float":
+            return float(value)
+        if kind is str or kind == "str":
+            return str(value)
+        if kind == tuple[str, ...]:
+            if isinstance(value, str):
+                return tuple(x for x in (p.strip() for p in value.split(",")) if x)
+            return tuple(str(x) for x in value)
+    except (ValueError, ConfigError) as e:
+        raise ConfigError(f"bad value for {name}: {e}") from e
+    return value
+
+
+def load(
+    cls: type[T],
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] = os.environ,
+    config_path: Path | None = None,
+) -> T:
+    """Build `cls` (a frozen dataclass with a SECTION name) from all configuration sources."""
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if getattr(cls, "USES_CLUSTER_FILE", False):
+        values.update({k: v for k, v in read_cluster_file(env).items() if k in fields})
+    path = config_path or Path(env.get("CACHEFS_CONFIG") or cachefs_home(env) / "config.toml")
+    if path.exists():
+        try:
+            section = tomllib.loads(path.read_text()).get(cls.SECTION, {})  # type: ignore[attr-defined]
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ConfigError(f"cannot read config file {path}: {e}") from e
+        unknown = set(section) - fields
+        if unknown:
+            raise ConfigError(f"unknown keys in [{cls.SECTION}] of {path}: {sorted(unknown)}; known: {sorted(fields)}")  # type: ignore[attr-defined]
+        values.update(section)
+    for name in fields:
+        key = f"CACHEFS_{name.upper()}"
+        if key in env:
+            values[name] = env[key]
+    for name, value in (overrides or {}).items():
+        if name not in fields:
+            raise ConfigError(f"unknown option {name!r}; known: {sorted(fields)}")
+        if value is not None:
+            values[name] = value
+    coerced = {k: _coerce(k, hints[k], v) for k, v in values.items()}
+    return cls(**coerced)
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client (fsspec, CLI, FUSE) reaches the cluster."""
+
+    SECTION = "client"
+    USES_CLUSTER_FILE = True
+
+    endpoint: str = ""
+    token: str = ""
+    connect_timeout: float = 5.0  # a node that does not accept in 5 s is treated as down
+    read_timeout: float = 60.0  # covers a cold block read from a slow origin
+    retries: int = 3
+    max_concurrency: int = 16  # blocks in flight per filesystem
+    readahead_blocks: int = 2
+    origin_fallback: bool = True  # read the origin directly when no cache node answers
+
+    def __post_init__(self) -> None:
+        if self.endpoint and not re.match(r"^https?://", self.endpoint):
+            raise ConfigError(f"endpoint {self.endpoint!r} must start with http:// or https://")
+        for name in ("connect_timeout", "read_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.max_concurrency < 1 or self.retries < 0 or self.readahead_blocks < 0:
+            raise ConfigError("max_concurrency must be ≥ 1, retries and readahead_blocks ≥ 0")
+
+    def require_endpoint(self) -> None:
+        if not self.endpoint:
+            raise ConfigError(
+                "no cachefs endpoint: run `cachefs up`, or set CACHEFS_ENDPOINT and CACHEFS_TOKEN, "
+                "or pass endpoint= and token= as storage options"
+            )
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """One cache node: budgets, where its disk tier lives, how it listens."""
+
+    SECTION = "node"
+
+    memory_bytes: int = 256 * 1024**2
+    disk_bytes: int = 1024**3
+    disk_dir: str = ""  # empty: memory tier only
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (several nodes on one machine)
+    advertise_host: str = ""  # the address clients use; empty: host, or the Ray node IP
+    block_size: int = DEFAULT_BLOCK_SIZE
+    eviction: str = "lru"  # lru | sticky (keeps a stable resident set under shuffled epochs)
+    origin_timeout: float = 60.0
+    warm_concurrency: int = 8
+    token: str = ""
+
+    def __post_init__(self) -> None:
+        if self.memory_bytes < 0 or self.disk_bytes < 0:
+            raise ConfigError("memory_bytes and disk_bytes must be ≥ 0")
+        if self.memory_bytes == 0 and (self.disk_bytes == 0 or not self.disk_dir):
+            raise ConfigError("a cache node needs a memory budget, or a disk budget and a disk_dir")
+        if self.eviction not in ("lru", "sticky"):
+            raise ConfigError(f"eviction must be 'lru' or 'sticky', not {self.eviction!r}")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"port {self.port} is outside 0..65535")
+        if self.block_size < 4096:
+            raise ConfigError("block_size must be at least 4 KiB")
+
+    @property
+    def capacity(self) -> int:
+        """Bytes this node can hold: the disk tier includes the memory tier when both exist."""
+        return max(self.memory_bytes, self.disk_bytes if self.disk_dir else 0)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """What `cachefs up` builds."""
+
+    SECTION = "cluster"
+
+    nodes: int = 0  # 0: one cache node per Ray node
+    memory_bytes: int = 256 * 1024**2
+    disk_bytes: int = 1024**3
+    disk_root: str = ""  # each node gets DISK_ROOT/<node id>; empty: $CACHEFS_HOME/disk
+    state_dir: str = ""  # coordinator state; empty: $CACHEFS_HOME/state
+    address: str = ""  # Ray address; empty: RAY_ADDRESS, or start a local Ray cluster
+    host: str = "127.0.0.1"
+    port: int = 0
+    block_size: int = DEFAULT_BLOCK_SIZE
+    eviction: str = "lru"
+    namespace: str = "cachefs"
+
+    def __post_init__(self) -> None:
+        if self.nodes < 0:
+            raise ConfigError("nodes must be ≥ 0 (0 means one per Ray node)")
+
+    def node_config(self, token: str, disk_dir: str) -> NodeConfig:
+        port = self.port if self.port in (0,) or self.nodes <= 1 else 0
+        return NodeConfig(
+            memory_bytes=self.memory_bytes,
+            disk_bytes=self.disk_bytes,
+            disk_dir=disk_dir if self.disk_bytes else "",
+            host=self.host,
+            port=port,
+            block_size=self.block_size,
+            eviction=self.eviction,
+            token=token,
+        )
+
+
+__all__ = ["ClientConfig", "NodeConfig", "ClusterConfig", "load", "parse_size", "format_size", "DEFAULT_PORT"]

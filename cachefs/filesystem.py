@@ -1,0 +1,214 @@
+"""`cachefs://DATASET/path`: an fsspec async filesystem over the cache cluster.
+
+Built like s3fs: I/O methods are `async def _name` (fsspec mirrors them as sync
+methods), the file object has one read path (`_fetch_range`), and every network call
+goes through `Transport`. Metadata comes from the dataset's manifest, loaded once per
+snapshot; bytes come from the blocks' owners directly (cachefs/blocks.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+from fsspec.asyn import AsyncFileSystem, sync, sync_wrapper
+from fsspec.spec import AbstractBufferedFile
+
+from cachefs import wire
+from cachefs.blocks import BlockReader, DatasetView
+from cachefs.config import ClientConfig, load
+from cachefs.errors import BadRequest, NotFound, ReadOnlyError, SnapshotGone
+from cachefs.manifest import FileEntry, Manifest, check_path, from_ipc
+from cachefs.transport import Transport
+from cachefs.wire import DatasetInfo
+from shard import block_bounds, blocks_for_range
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
+
+
+def _read_only(*_args: Any, **_kwargs: Any) -> None:
+    raise ReadOnlyError("cachefs is read-only: datasets are immutable snapshots of their origin; "
+                        "write to the origin and run `cachefs dataset refresh`")
+
+
+class CachefsFileSystem(AsyncFileSystem):
+    """Read-only access to the datasets of one cachefs cluster.
+
+    Storage options: `endpoint`, `token` and the other ClientConfig fields (else
+    CACHEFS_* variables, else the file `cachefs up` writes); `origin_storage_options`
+    for the direct-origin fallback.
+    """
+
+    protocol = "cachefs"
+    root_marker = ""
+    async_impl = True
+
+    def __init__(self, *, asynchronous: bool = False, loop: Any = None,
+                 origin_storage_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+        super().__init__(asynchronous=asynchronous, loop=loop, **kwargs)
+        self.config = load(ClientConfig, overrides)
+        self.config.require_endpoint()
+        self.transport = Transport(self.config)
+        self.blocks = BlockReader(self.config, self.transport, origin_storage_options)
+        self._views: dict[str, DatasetView] = {}
+
+    # -- paths ---------------------------------------------------------------------------
+    @classmethod
+    def _strip_protocol(cls, path: str | list[str]) -> Any:
+        if isinstance(path, list):
+            return [cls._strip_protocol(p) for p in path]
+        if path.startswith("cachefs://"):
+            path = path[len("cachefs://"):]
+        return path.strip("/")
+
+    @staticmethod
+    def _split(path: str) -> tuple[str, str]:
+        name, _, rel = path.partition("/")
+        if not name:
+            raise BadRequest("a cachefs path starts with a dataset name: cachefs://DATASET/path")
+        return name, check_path(rel)
+
+    # -- datasets ------------------------------------------------------------------------
+    async def _view(self, name: str, reload: bool = False) -> DatasetView:
+        view = self._views.get(name)
+        if view is None or reload:
+            if not wire.DATASET_NAME_RE.match(name):
+                raise NotFound(f"no dataset named {name!r} (dataset names are lowercase)")
+            base = self.config.endpoint.rstrip("/")
+            info = DatasetInfo.from_json(await self.transport.json("GET", base + wire.route(wire.DATASET, name=name)))
+            body, headers = await self.transport.request("GET", base + wire.route(wire.DATASET_MANIFEST, name=name))
+            snapshot = headers.get(wire.SNAPSHOT_HEADER, info.snapshot)
+            view = DatasetView(dataclasses.replace(info, snapshot=snapshot), Manifest(from_ipc(body), snapshot))
+            self._views[name] = view
+        return view
+
+    async def _dataset_info(self, name: str) -> DatasetInfo:
+        return (await self._view(name, reload=True)).info
+
+    dataset_info = sync_wrapper(_dataset_info)
+
+    async def _datasets(self) -> list[DatasetInfo]:
+        doc = await self.transport.json("GET", self.config.endpoint.rstrip("/") + wire.DATASETS)
+        return [DatasetInfo.from_json(d) for d in doc["datasets"]]
+
+    def invalidate_cache(self, path: str | None = None) -> None:
+        if path is None:
+            self._views.clear()
+        else:
+            self._views.pop(self._strip_protocol(path).partition("/")[0], None)
+
+    # -- metadata ------------------------------------------------------------------------
+    @staticmethod
+    def _entry(name: str, rel: str, kind: str, size: int, view: DatasetView) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": f"{name}/{rel}" if rel else name, "size": size, "type": kind}
+        if kind == "file":
+            d["version"] = view.manifest.files[rel].version
+            d["snapshot"] = view.info.snapshot
+        return d
+
+    async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
+        path = self._strip_protocol(path)
+        if not path:
+            return {"name": "", "size": 0, "type": "directory"}
+        name, rel = self._split(path)
+        view = await self._view(name)
+        kind, size = view.manifest.entry(rel)
+        return self._entry(name, rel, kind, size, view)
+
+    async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
+        path = self._strip_protocol(path)
+        if not path:
+            out = [{"name": d.name, "size": 0, "type": "directory"} for d in await self._datasets()]
+        else:
+            name, rel = self._split(path)
+            view = await self._view(name)
+            out = [self._entry(name, child, kind, size, view) for child, kind, size in view.manifest.list_dir(rel)]
+        return out if detail else [o["name"] for o in out]
+
+    # -- bytes ---------------------------------------------------------------------------
+    async def _resolve(self, path: str) -> tuple[DatasetView, FileEntry]:
+        name, rel = self._split(self._strip_protocol(path))
+        view = await self._view(name)
+        if view.manifest.is_dir(rel):
+            raise IsADirectoryError(f"{path} is a directory")
+        return view, view.manifest.file(rel)
+
+    async def _read_range(self, view: DatasetView, entry: FileEntry, start: int, end: int) -> bytes:
+        """Bytes [start, end) of one file of one snapshot, blocks fetched concurrently."""
+        start, end = max(0, start), min(end, entry.size)
+        if start >= end:
+            return b""
+        bs = view.info.block_size
+        out = bytearray(end - start)
+        mv = memoryview(out)
+
+        async def one(index: int) -> None:
+            b0, b1 = block_bounds(index, entry.size, bs)
+            lo, hi = max(b0, start), min(b1, end)
+            if (lo, hi) == (b0, b1):  # the whole block is wanted: read it straight into place
+                await self.blocks.read(view, entry, index, mv[lo - start:hi - start])
+            else:
+                block = bytearray(b1 - b0)
+                await self.blocks.read(view, entry, index, memoryview(block))
+                mv[lo - start:hi - start] = memoryview(block)[lo - b0:hi - b0]
+
+        await asyncio.gather(*(one(i) for i in blocks_for_range(start, end, entry.size, bs)))
+        return bytes(out)
+
+    async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        view, entry = await self._resolve(path)
+        start = 0 if start is None else (start if start >= 0 else max(0, entry.size + start))
+        end = entry.size if end is None else (end if end >= 0 else max(0, entry.size + end))
+        try:
+            return await self._read_range(view, entry, start, end)
+        except SnapshotGone:  # refreshed since the manifest was loaded: a fresh read sees the new one
+            self._views.pop(view.info.name, None)
+            view, entry = await self._resolve(path)
+            return await self._read_range(view, entry, start, min(end, entry.size))
+
+    async def _get_file(self, rpath: str, lpath: str, **kwargs: Any) -> None:
+        view, entry = await self._resolve(rpath)
+        step = view.info.block_size * max(1, self.config.max_concurrency // 2)
+        with open(lpath, "wb") as f:
+            for off in range(0, entry.size, step):
+                f.write(await self._read_range(view, entry, off, min(off + step, entry.size)))
+
+    def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
+              cache_options: dict[str, Any] | None = None, **kwargs: Any) -> "CachefsFile":
+        if mode != "rb":
+            _read_only()
+        view, entry = sync(self.loop, self._resolve, path)
+        return CachefsFile(self, path, view, entry, block_size=block_size, cache_options=cache_options,
+                           cache_type=kwargs.get("cache_type", "readahead"))
+
+    # -- writes are refused --------------------------------------------------------------
+    _pipe_file = _put_file = _rm_file = _rm = _cp_file = _mv = _mkdir = _makedirs = _touch = staticmethod(
+        lambda *a, **k: _read_only())  # type: ignore[assignment]
+
+    async def _close(self) -> None:
+        await self.blocks.close()
+        await self.transport.close()
+
+    def close(self) -> None:
+        """Close the HTTP session (fsspec instances are cached; call when done for good)."""
+        if self.asynchronous:
+            raise RuntimeError("use `await fs._close()` on an asynchronous instance")
+        sync(self.loop, self._close)
+
+
+class CachefsFile(AbstractBufferedFile):
+    """A file of a pinned snapshot: reopen to see a refreshed one."""
+
+    def __init__(self, fs: CachefsFileSystem, path: str, view: DatasetView, entry: FileEntry,
+                 block_size: int | None = None, cache_type: str = "readahead",
+                 cache_options: dict[str, Any] | None = None) -> None:
+        self.view, self.entry = view, entry
+        # read ahead a few whole blocks at once: they are fetched concurrently
+        block_size = block_size or view.info.block_size * (1 + fs.config.readahead_blocks)
+        super().__init__(fs, path, mode="rb", block_size=block_size, cache_type=cache_type,
+                         cache_options=cache_options, size=entry.size)
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        return sync(self.fs.loop, self.fs._read_range, self.view, self.entry, start, end)

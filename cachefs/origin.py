@@ -1,0 +1,157 @@
+"""The origin: where a dataset really lives, reached through fsspec.
+
+The cache cluster reads origins; a client does too, only as a last resort when no cache
+node answers and it has credentials of its own (origin_fallback).
+Listing runs in a thread (it is admin work, with progress and cancellation); reads on a
+cache node's event loop use the filesystem's async API when it has one (s3fs, gcsfs),
+and a thread otherwise (local files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Callable
+
+import fsspec
+from fsspec.asyn import AsyncFileSystem
+
+from cachefs.errors import BadRequest, Cancelled, NotFound, OriginChanged, OriginUnavailable
+from cachefs.manifest import FileEntry, check_path
+
+
+def version_token(info: dict[str, Any]) -> str:
+    """The token that changes whenever a file's bytes change: ETag/VersionId, generation, or mtime."""
+    size = info.get("size", 0)
+    for key in ("VersionId", "generation"):
+        if info.get(key):
+            return f"{size}:{info[key]}"
+    for key in ("ETag", "etag", "md5Hash"):
+        if info.get(key):
+            return f"{size}:{str(info[key]).strip(chr(34))}"
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        if info.get(key) is not None:
+            extra = f":{info['ino']}" if info.get("ino") else ""
+            return f"{size}:{info[key]}{extra}"
+    return f"{size}"
+
+
+def split_origin(url: str) -> tuple[str, str]:
+    """'s3://bucket/prefix/' → ('s3', 'bucket/prefix'); refuses what fsspec cannot open."""
+    if "://" not in url:
+        raise BadRequest(f"origin {url!r} is not a URL: use a form like s3://bucket/prefix or file:///data/set")
+    protocol = url.split("://", 1)[0]
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError) as e:
+        raise BadRequest(f"origin protocol {protocol!r} is not available: {e}") from e
+    root = cls._strip_protocol(url).rstrip("/")
+    return protocol, root
+
+
+class Origin:
+    """One dataset's origin prefix: list it, read byte ranges, check version tokens."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, timeout: float = 60.0) -> None:
+        self.url = url
+        self.protocol, self.root = split_origin(url)
+        self.storage_options = dict(storage_options or {})
+        self.timeout = timeout
+        self._async_fs: AsyncFileSystem | None = None
+        self._sync_fs: fsspec.AbstractFileSystem | None = None
+
+    def _full(self, path: str) -> str:
+        return f"{self.root}/{path}" if self.root else path
+
+    @property
+    def sync_fs(self) -> fsspec.AbstractFileSystem:
+        if self._sync_fs is None:
+            self._sync_fs = fsspec.filesystem(self.protocol, **self.storage_options)
+        return self._sync_fs
+
+    async def _afs(self) -> AsyncFileSystem | None:
+        """An async instance bound to the running loop, or None for sync-only filesystems."""
+        cls = fsspec.get_filesystem_class(self.protocol)
+        if not getattr(cls, "async_impl", False):
+            return None
+        if self._async_fs is None:
+            fs = cls(asynchronous=True, loop=asyncio.get_running_loop(), skip_instance_cache=True,
+                     **self.storage_options)
+            if hasattr(fs, "set_session"):
+                await fs.set_session()
+            self._async_fs = fs
+        return self._async_fs
+
+    # -- listing (threads; admin path) ----------------------------------------------
+    def list_files(self, progress: Callable[[int, int], None] | None = None,
+                   cancelled: threading.Event | None = None) -> list[FileEntry]:
+        """Every file under the prefix with its size and version token."""
+        fs = self.sync_fs
+        try:
+            if not fs.exists(self.root):
+                raise NotFound(f"origin {self.url} does not exist (or is empty)")
+            if fs.isfile(self.root):
+                raise BadRequest(f"origin {self.url} is a file; give the prefix (folder) that holds the dataset")
+            entries: list[FileEntry] = []
+            total = 0
+            for dirpath, _dirs, files in fs.walk(self.root, detail=True):
+                if cancelled is not None and cancelled.is_set():
+                    raise Cancelled("listing cancelled")
+                for info in files.values():
+                    if info.get("type") != "file":
+                        continue
+                    rel = fs._strip_protocol(info["name"])[len(self.root):].lstrip("/")
+                    entries.append(FileEntry(check_path(rel), int(info.get("size") or 0), version_token(info)))
+                    total += int(info.get("size") or 0)
+                if progress is not None:
+                    progress(len(entries), total)
+            return entries
+        except (NotFound, BadRequest, Cancelled):
+            raise
+        except FileNotFoundError as e:
+            raise NotFound(f"origin {self.url} does not exist: {e}") from e
+        except Exception as e:  # any backend's own error: report it, whatever its type
+            raise OriginUnavailable(f"cannot list origin {self.url}: {type(e).__name__}: {e}") from e
+
+    # -- reads (event loop; data path) -------------------------------------------------
+    async def read(self, entry: FileEntry, start: int, end: int) -> bytes:
+        """Bytes [start, end) of the file, checked against the snapshot's version token."""
+        path = self._full(entry.path)
+        try:
+            async with asyncio.timeout(self.timeout):
+                afs = await self._afs()
+                if afs is not None:
+                    data = await afs._cat_file(path, start=start, end=end)
+                    info = await afs._info(path)
+                else:
+                    data, info = await asyncio.to_thread(self._read_sync, path, start, end)
+        except FileNotFoundError as e:
+            raise OriginChanged(f"{entry.path} is gone from the origin since the snapshot; "
+                                "run `cachefs dataset refresh` to take a new snapshot") from e
+        except TimeoutError as e:
+            raise OriginUnavailable(f"origin {self.url} did not answer within {self.timeout:.0f} s") from e
+        except Exception as e:  # a backend's own error type (botocore, aiohttp, OSError...)
+            raise OriginUnavailable(f"cannot read {entry.path} from origin {self.url}: {type(e).__name__}: {e}") from e
+        # Checking after the read catches a change before or during it (tokens never repeat).
+        if version_token(info) != entry.version:
+            raise OriginChanged(f"{entry.path} changed in the origin since the snapshot was taken; "
+                                "run `cachefs dataset refresh` to serve the new version")
+        if len(data) != end - start:
+            raise OriginChanged(f"{entry.path} returned {len(data)} bytes for a {end - start}-byte range; "
+                                "the origin changed: run `cachefs dataset refresh`")
+        return data
+
+    def _read_sync(self, path: str, start: int, end: int) -> tuple[bytes, dict[str, Any]]:
+        fs = self.sync_fs
+        return fs.cat_file(path, start=start, end=end), fs.info(path)
+
+    async def close(self) -> None:
+        fs, self._async_fs = self._async_fs, None
+        session = getattr(fs, "_s3", None) or getattr(fs, "session", None)
+        close = getattr(session, "close", None)
+        if close is not None:
+            try:
+                await close() if asyncio.iscoroutinefunction(close) else close()
+            except Exception:  # closing is best effort: the node is going away
+                pass
+        await asyncio.sleep(0)

@@ -1,0 +1,144 @@
+"""The wire contract between cache nodes and their clients, defined once.
+
+Server and client both import this module; it must stay a leaf (no Ray, no aiohttp
+server, nothing of ours but `cachefs.errors`). docs/api.md is its prose twin.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+API_PREFIX = "/v1"
+
+# Routes (aiohttp-style patterns; the client formats them with `route()`).
+HEALTH = "/v1/health"
+RING = "/v1/ring"
+STATUS = "/v1/status"
+METRICS = "/v1/metrics"
+DATASETS = "/v1/datasets"
+DATASET = "/v1/datasets/{name}"
+DATASET_MANIFEST = "/v1/datasets/{name}/manifest"
+DATASET_REFRESH = "/v1/datasets/{name}/refresh"
+DATASET_WARM = "/v1/datasets/{name}/warm"
+OPERATION = "/v1/operations/{op_id}"
+BLOCK = "/v1/blocks/{name}"
+
+# Headers.
+AUTHORIZATION = "Authorization"
+EPOCH_HEADER = "X-Cachefs-Epoch"  # the ring epoch the client routed with
+DIGEST_HEADER = "X-Cachefs-Digest"  # xxh3_64 hex digest of the whole block
+SOURCE_HEADER = "X-Cachefs-Source"  # memory | disk | origin
+SNAPSHOT_HEADER = "X-Cachefs-Snapshot"
+BLOCK_SIZE_HEADER = "X-Cachefs-Block-Size"
+
+ARROW_STREAM = "application/vnd.apache.arrow.stream"
+
+DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024  # 8 MiB: large enough to reach the loopback ceiling
+DEFAULT_PORT = 8477
+
+DATASET_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+# Error codes carried in JSON error bodies: {"error": CODE, "message": TEXT}.
+BAD_REQUEST = "bad_request"
+UNAUTHORIZED = "unauthorized"
+NOT_FOUND = "not_found"
+CONFLICT = "conflict"
+STALE_EPOCH = "stale_epoch"
+ORIGIN_CHANGED = "origin_changed"
+SNAPSHOT_GONE = "snapshot_gone"
+RANGE_NOT_SATISFIABLE = "range_not_satisfiable"
+ORIGIN_UNAVAILABLE = "origin_unavailable"
+UNAVAILABLE = "unavailable"
+INTERNAL = "internal"
+
+STATUS_OF_CODE = {
+    BAD_REQUEST: 400,
+    UNAUTHORIZED: 401,
+    NOT_FOUND: 404,
+    CONFLICT: 409,
+    STALE_EPOCH: 409,
+    SNAPSHOT_GONE: 410,
+    ORIGIN_CHANGED: 412,
+    RANGE_NOT_SATISFIABLE: 416,
+    ORIGIN_UNAVAILABLE: 503,
+    UNAVAILABLE: 503,
+    INTERNAL: 500,
+}
+
+
+def route(pattern: str, **params: str) -> str:
+    """Fill a route pattern; parameters are quoted so a name can never add a segment."""
+    from urllib.parse import quote
+
+    return pattern.format(**{k: quote(str(v), safe="") for k, v in params.items()})
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {AUTHORIZATION: f"Bearer {token}"}
+
+
+def error_body(code: str, message: str, **extra: Any) -> bytes:
+    return json.dumps({"error": code, "message": message, **extra}).encode()
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the cluster knows of a registered dataset (GET /v1/datasets/{name})."""
+
+    name: str
+    origin: str
+    snapshot: str
+    files: int
+    bytes: int
+    replicas: int = 1
+    block_size: int = DEFAULT_BLOCK_SIZE
+    allowed_namespaces: tuple[str, ...] = ()
+    created: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["allowed_namespaces"] = list(self.allowed_namespaces)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "DatasetInfo":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["allowed_namespaces"] = tuple(known.get("allowed_namespaces") or ())
+        return cls(**known)
+
+
+@dataclass
+class OperationInfo:
+    """A long operation (add, refresh, warm): progress, outcome and cancellation."""
+
+    id: str
+    kind: str
+    dataset: str
+    state: str = "running"  # running | succeeded | failed | cancelled
+    done_files: int = 0
+    total_files: int = 0
+    done_bytes: int = 0
+    total_bytes: int = 0
+    failures: dict[str, str] = field(default_factory=dict)
+    message: str = ""
+    started: float = 0.0
+    finished: float = 0.0
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished_ok(self) -> bool:
+        return self.state == "succeeded"
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "OperationInfo":
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})

@@ -1,0 +1,86 @@
+"""Configuration of the two csi components: the node plugin and one FUSE mount.
+
+Both load like every cachefs component (flags → `CACHEFS_<FIELD>` env → `[csi]` / `[mount]`
+tables of the config file → defaults; see cachefs.config.load). How to reach the cluster
+(endpoint, token, client timeouts) is the client's own ClientConfig, not repeated here.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from cachefs.errors import ConfigError
+
+DRIVER_NAME = "csi.cachefs.io"  # must equal the CSIDriver object's name in the Helm chart
+_DRIVER_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$")
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """How one FUSE mount behaves; the mount process gets these as flags."""
+
+    SECTION = "mount"
+
+    # Snapshots never change, so the kernel may keep attributes, entries (and misses) for
+    # an hour; an hour rather than forever so a wrongly built tree heals without a remount.
+    attr_timeout: float = 3600.0
+    # Upper bound on one file operation that reaches the network: a FUSE request that
+    # never answers blocks the reader, so the mount answers EIO instead of hanging.
+    op_timeout: float = 120.0
+    # Largest read the kernel sends in one request (libfuse caps this at 1 MiB).
+    max_read_bytes: int = 1024 * 1024
+    # Kernel readahead of the mount's backing device: large sequential reads become few
+    # large requests, which is what the block-sized client reads want.
+    readahead_bytes: int = 8 * 1024 * 1024
+    # Worker threads serving reads; FUSE itself runs multi-threaded in front of them.
+    threads: int = 32
+
+    def __post_init__(self) -> None:
+        if self.attr_timeout < 0 or self.op_timeout <= 0:
+            raise ConfigError("attr_timeout must be ≥ 0 and op_timeout > 0 (seconds)")
+        if not 4096 <= self.max_read_bytes <= 64 * 1024 * 1024:
+            raise ConfigError("max_read_bytes must be between 4 KiB and 64 MiB")
+        if self.readahead_bytes < 0 or self.threads < 1:
+            raise ConfigError("readahead_bytes must be ≥ 0 and threads ≥ 1")
+
+
+@dataclass(frozen=True)
+class CsiConfig:
+    """The node plugin: where it listens, who it is, where it keeps state, how long it waits."""
+
+    SECTION = "csi"
+
+    csi_endpoint: str = "unix:///csi/csi.sock"
+    node_id: str = ""
+    state_dir: str = "/var/lib/cachefs-csi"
+    driver_name: str = DRIVER_NAME
+    mount_timeout: float = 30.0  # a mount that does not answer by then is torn down
+    lookup_timeout: float = 15.0  # asking the cluster about a dataset
+    stop_timeout: float = 10.0  # a mount process that does not exit by then is killed
+    max_volumes_per_node: int = 0  # 0: let the CO decide
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ConfigError("the CSI plugin needs a node id: pass --node-id or set CACHEFS_NODE_ID (the Kubernetes node name)")
+        if not self.csi_endpoint.startswith("unix://") and not self.csi_endpoint.startswith("/"):
+            raise ConfigError(f"csi_endpoint {self.csi_endpoint!r} must be unix:///path/to/socket")
+        if not _DRIVER_NAME_RE.match(self.driver_name):
+            raise ConfigError(f"driver_name {self.driver_name!r} is not a DNS-style name of at most 63 characters")
+        for name in ("mount_timeout", "lookup_timeout", "stop_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive (seconds)")
+        if self.max_volumes_per_node < 0:
+            raise ConfigError("max_volumes_per_node must be ≥ 0")
+
+    @property
+    def socket_path(self) -> str:
+        return socket_path(self.csi_endpoint)
+
+
+def socket_path(endpoint: str) -> str:
+    """'unix:///csi/csi.sock' or '/csi/csi.sock' → '/csi/csi.sock'."""
+    path = endpoint[len("unix://"):] if endpoint.startswith("unix://") else endpoint
+    if not path.startswith("/"):
+        raise ConfigError(f"endpoint {endpoint!r} must name an absolute socket path (unix:///path)")
+    return path

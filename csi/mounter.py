@@ -1,0 +1,249 @@
+"""Start, check and stop mount processes; the only module that runs fusermount3.
+
+A mount is one detached process (csi.mount_process) in its own session, so the process
+that started it (the CSI plugin, the CLI) may die or restart without taking the mount
+with it. Whether a mount is healthy is read from /proc/self/mountinfo and the process
+table, never by touching the mount point, which would block on a hung FUSE server; the
+one place that does touch it (readiness) does so on a helper thread with a deadline.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Mapping
+
+from cachefs.errors import CachefsError
+from csi.config import MountConfig
+
+log = logging.getLogger("cachefs.csi.mounter")
+
+FUSERMOUNT = "fusermount3"
+MOUNT_MODULE = "csi.mount_process"
+FSTYPE = "fuse.cachefs"  # "fuse." + the subtype csi.fusefs mounts with
+
+
+class MountError(CachefsError):
+    """A mount could not be started, checked or stopped; the message says why."""
+
+
+class MountTimeout(MountError):
+    """The mount did not answer in time."""
+
+
+class Health(enum.Enum):
+    OK = "ok"  # mounted, and its process is alive
+    BROKEN = "broken"  # mounted but its process is gone: "transport endpoint is not connected"
+    ABSENT = "absent"  # nothing of ours is mounted there
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    device: str  # "major:minor", names the mount's bdi in sysfs
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, MountEntry]:
+    """Mount point → entry; the last mount on a point wins, as it does for lookups."""
+    mounts: dict[str, MountEntry] = {}
+    with open(mountinfo) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rest = left.split(), right.split()
+            if len(fields) < 5 or len(rest) < 2:
+                continue
+            point = _unescape(fields[4])
+            mounts[point] = MountEntry(point, rest[0], _unescape(rest[1]), fields[2])
+    return mounts
+
+
+def find_mount(target: str) -> MountEntry | None:
+    entry = read_mounts().get(os.path.realpath(target)) or read_mounts().get(target)
+    return entry if entry is not None and entry.fstype == FSTYPE else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a live process; a zombie (exited, not yet reaped) counts as dead."""
+    if pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def is_mount_process(pid: int, target: str) -> bool:
+    """Is `pid` our mount process for `target` (and not a reused pid)?"""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return MOUNT_MODULE.encode() in argv and os.fsencode(target) in argv and pid_alive(pid)
+
+
+def log_tail(path: str, lines: int = 8) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+
+
+class Mounter:
+    """Owns the mount processes it started (to reap them) and the fusermount3 calls."""
+
+    def __init__(self, python: str = sys.executable) -> None:
+        self.python = python
+        self._children: dict[int, subprocess.Popen] = {}
+        self._children_lock = threading.Lock()  # guards _children
+
+    # ---- start ---------------------------------------------------------------------
+
+    def spawn(self, source: str, target: str, *, log_path: str, env: Mapping[str, str], config: MountConfig,
+              fsname: str = "", mtime: float = 0.0) -> int:
+        """Start a detached mount process on `target` (created if missing); returns its pid."""
+        os.makedirs(target, exist_ok=True)
+        os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+        from csi.mount_process import config_args
+
+        argv = [self.python, "-m", MOUNT_MODULE, "--source", source, "--target", target,
+                "--fsname", fsname or source, "--mtime", str(mtime), *config_args(config)]
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=dict(env),
+                                    start_new_session=True, close_fds=True, cwd="/")
+        with self._children_lock:
+            self._children[proc.pid] = proc
+        log.info("started mount process %d for %s on %s (log %s)", proc.pid, source, target, log_path)
+        return proc.pid
+
+    def start(self, source: str, target: str, *, log_path: str, env: Mapping[str, str], config: MountConfig,
+              fsname: str = "", mtime: float = 0.0, timeout: float = 30.0) -> int:
+        """spawn, then wait until the mount answers; on failure nothing is left behind."""
+        pid = self.spawn(source, target, log_path=log_path, env=env, config=config, fsname=fsname, mtime=mtime)
+        try:
+            self.wait_ready(target, pid, timeout=timeout, log_path=log_path)
+        except MountError:
+            self.stop(target, pid, timeout=5.0)
+            raise
+        return pid
+
+    def wait_ready(self, target: str, pid: int, *, timeout: float, log_path: str = "") -> None:
+        """Wait until `target` is our FUSE mount and answers a stat, or raise MountError."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self.alive(pid):
+                raise MountError(f"the mount process for {target} exited before the mount was ready: "
+                                 f"{log_tail(log_path) or 'no log'}")
+            if find_mount(target) is not None:
+                remaining = deadline - time.monotonic()
+                if _stat_within(target, max(remaining, 0.1)):
+                    return
+            if time.monotonic() >= deadline:
+                raise MountTimeout(f"the mount on {target} did not answer within {timeout:.0f} s: "
+                                   f"{log_tail(log_path) or 'no log'}")
+            time.sleep(0.05)
+
+    # ---- check ---------------------------------------------------------------------
+
+    def alive(self, pid: int) -> bool:
+        with self._children_lock:
+            proc = self._children.get(pid)
+        if proc is not None and proc.poll() is not None:  # reaps our own exited child
+            with self._children_lock:
+                self._children.pop(pid, None)
+            return False
+        return pid_alive(pid)
+
+    def health(self, target: str, pid: int) -> Health:
+        mounted = find_mount(target) is not None
+        if not mounted:
+            return Health.ABSENT
+        return Health.OK if self.alive(pid) and is_mount_process(pid, target) else Health.BROKEN
+
+    # ---- stop ----------------------------------------------------------------------
+
+    def unmount(self, target: str, lazy: bool = False, timeout: float = 10.0) -> None:
+        """fusermount3 -u (or -uz); a target that is not mounted is not an error."""
+        if find_mount(target) is None:
+            return
+        argv = [FUSERMOUNT, "-uz" if lazy else "-u", target]
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise MountError(f"{' '.join(argv)} did not finish within {timeout:.0f} s") from e
+        except FileNotFoundError as e:
+            raise MountError(f"{FUSERMOUNT} is not installed (apt-get install fuse3)") from e
+        if done.returncode != 0 and find_mount(target) is not None:
+            raise MountError(f"{' '.join(argv)} failed: {done.stderr.strip() or done.returncode}")
+
+    def stop(self, target: str, pid: int, timeout: float = 10.0) -> None:
+        """Unmount `target` and make sure its process is gone; safe to call again."""
+        try:
+            self.unmount(target, timeout=timeout)
+        except MountError as e:
+            log.warning("%s; unmounting lazily", e)
+            self.unmount(target, lazy=True, timeout=timeout)
+        if (pid > 0 and is_mount_process(pid, target)) or self._is_child(pid):
+            self._wait_exit(pid, timeout)
+
+    def _is_child(self, pid: int) -> bool:
+        with self._children_lock:
+            return pid in self._children
+
+    def _wait_exit(self, pid: int, timeout: float) -> None:
+        """Unmounting ends the FUSE loop; a process that lingers gets SIGTERM, then SIGKILL."""
+        deadline = time.monotonic() + timeout
+        for sig in (None, signal.SIGTERM, signal.SIGKILL):
+            if sig is not None:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+                log.warning("mount process %d did not exit; sent %s", pid, sig.name)
+                deadline = time.monotonic() + min(timeout, 5.0)
+            while time.monotonic() < deadline:
+                if not self.alive(pid):
+                    return
+                time.sleep(0.05)
+        if self.alive(pid):
+            raise MountError(f"mount process {pid} survived SIGKILL")
+
+
+def _stat_within(path: str, timeout: float) -> bool:
+    """os.stat on a helper thread: a hung FUSE server must not hang the caller."""
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.stat(path)
+            result.append(True)
+        except OSError as e:
+            result.append(False)
+            if e.errno != errno.ENOTCONN:
+                log.debug("stat %s: %s", path, e)
+
+    t = threading.Thread(target=probe, daemon=True, name="stat-probe")
+    t.start()
+    t.join(timeout)
+    return bool(result and result[0])

@@ -1,0 +1,245 @@
+"""The coordinator: membership, ring epochs, the dataset registry and long operations.
+
+Hosted as a named Ray actor (server/hosting.py). Cache nodes register with it; it learns
+that one died because the `wait_forever` call it keeps open on every node fails (Ray
+tells it), and then publishes a new ring epoch to the others. It is never on the data
+path: clients fetch blocks from the nodes directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cachefs.errors import BadRequest, CachefsError, NotFound
+from cachefs.wire import DEFAULT_BLOCK_SIZE, DatasetInfo, OperationInfo
+from server.operations import Operation, Operations
+from server.registry import DatasetSpec, Registry, take_snapshot
+from shard import Member, Ring
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT = 30.0  # a node that takes longer to answer a control call is skipped, not waited on
+
+
+@dataclass
+class NodeEntry:
+    id: str
+    url: str
+    capacity: int
+    handle: Any  # the node's Ray actor handle
+    watch: asyncio.Task[None] | None = None
+
+
+class Coordinator:
+    def __init__(self, state_dir: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+        self.registry = Registry(state_dir)
+        self.block_size = block_size
+        self.ring = Ring()
+        self.nodes: dict[str, NodeEntry] = {}
+        self.ops = Operations()
+        self.deaths = 0
+
+    # -- membership --------------------------------------------------------------------
+    async def register_node(self, node_id: str, url: str, capacity: int, handle: Any) -> dict[str, Any]:
+        """A node joins (or rejoins after a restart); everyone gets the new ring."""
+        old = self.nodes.pop(node_id, None)
+        if old is not None and old.watch is not None:
+            old.watch.cancel()
+        entry = NodeEntry(node_id, url, capacity, handle)
+        self.nodes[node_id] = entry
+        entry.watch = asyncio.ensure_future(self._watch(entry))
+        await self._publish_ring()
+        return self.ring.to_json()
+
+    async def _watch(self, entry: NodeEntry) -> None:
+        try:
+            await entry.handle.wait_forever.remote()
+        except asyncio.CancelledError:
+            return
+        except Exception as e:  # RayActorError and kin: the node is gone
+            log.warning("cache node %s died: %s", entry.id, type(e).__name__)
+        if self.nodes.get(entry.id) is entry:
+            del self.nodes[entry.id]
+            self.deaths += 1
+            await self._publish_ring()
+
+    async def deregister_node(self, node_id: str) -> None:
+        entry = self.nodes.pop(node_id, None)
+        if entry is not None:
+            if entry.watch is not None:
+                entry.watch.cancel()
+            await self._publish_ring()
+
+    def _build_ring(self) -> Ring:
+        biggest = max((n.capacity for n in self.nodes.values()), default=1) or 1
+        members = [Member(n.id, round(max(n.capacity, 1) / biggest, 4), n.url) for n in self.nodes.values()]
+        return Ring.build(members, self.ring.epoch + 1, self.ring.vnodes)
+
+    async def _publish_ring(self) -> None:
+        self.ring = self._build_ring()
+        doc = self.ring.to_json()
+        await self._broadcast("set_ring", doc)
+
+    async def _broadcast(self, method: str, *args: Any) -> list[Any]:
+        """Call `method` on every node; a node that fails or is slow is left to its watcher."""
+        entries = list(self.nodes.values())
+
+        async def call(e: NodeEntry) -> Any:
+            try:
+                return await asyncio.wait_for(getattr(e.handle, method).remote(*args), CALL_TIMEOUT)
+            except Exception as exc:  # a dying node: its watcher removes it
+                log.warning("%s on node %s failed: %s", method, e.id, exc)
+                return None
+
+        return list(await asyncio.gather(*(call(e) for e in entries)))
+
+    def get_ring(self) -> dict[str, Any]:
+        return self.ring.to_json()
+
+    def node_ids(self) -> list[str]:
+        return sorted(self.nodes)
+
+    # -- datasets ----------------------------------------------------------------------
+    def list_datasets(self) -> list[dict[str, Any]]:
+        return [i.to_json() for i in self.registry.list()]
+
+    def node_dataset(self, name: str) -> tuple[dict[str, Any], bytes, str, dict[str, Any]]:
+        """What a node needs to serve a dataset; storage options stay inside the cluster."""
+        rec = self.registry.get(name)
+        return rec.info.to_json(), rec.manifest_ipc, rec.info.origin, rec.storage_options
+
+    async def add_dataset(self, body: dict[str, Any]) -> dict[str, Any]:
+        spec = DatasetSpec.parse(body, self.block_size)
+        existing = self.registry.check_add(spec)
+
+        async def run(op: Operation) -> None:
+            if existing is not None:  # the same add again: nothing to list
+                op.info.result = existing.info.to_json()
+                return
+            record = await self._snapshot(op, spec)
+            self.registry.check_add(spec)  # someone may have added it meanwhile
+            self.registry.put(record)
+            op.info.result = record.info.to_json()
+
+        return self.ops.start("add", spec.name, run).to_json()
+
+    async def refresh_dataset(self, name: str) -> dict[str, Any]:
+        old = self.registry.get(name)
+        spec = DatasetSpec(name, old.info.origin, old.storage_options, old.info.replicas,
+                           old.info.allowed_namespaces, old.info.block_size)
+
+        async def run(op: Operation) -> None:
+            record = await self._snapshot(op, spec)
+            if record.info.snapshot == old.info.snapshot:
+                op.info.result = {**old.info.to_json(), "changed": False}
+                return
+            self.registry.put(record)
+            await self._broadcast("dataset_changed", name)
+            op.info.result = {**record.info.to_json(), "changed": True}
+
+        return self.ops.start("refresh", name, run).to_json()
+
+    async def _snapshot(self, op: Operation, spec: DatasetSpec):  # -> DatasetRecord
+        def progress(files: int, nbytes: int) -> None:
+            op.info.done_files, op.info.done_bytes = files, nbytes
+
+        record = await asyncio.to_thread(take_snapshot, spec, progress, op.cancelled)
+        op.info.total_files, op.info.total_bytes = record.info.files, record.info.bytes
+        return record
+
+    async def remove_dataset(self, name: str) -> None:
+        self.registry.remove(name)
+        await self._broadcast("dataset_changed", name)
+
+    # -- warm-up -------------------------------------------------------------------------
+    async def warm_dataset(self, name: str) -> dict[str, Any]:
+        info = self.registry.get(name).info
+        running = self.ops.running(name, "warm")
+        if running is not None:
+            return running.to_json()  # one warm-up per dataset at a time; join it
+        if not self.nodes:
+            raise BadRequest("no cache nodes are up: run `cachefs up` first")
+
+        async def run(op: Operation) -> None:
+            op.info.total_files, op.info.total_bytes = info.files, info.bytes * info.replicas
+            reports = await self._broadcast_warm(op)
+            self._fold(op.info, reports)
+            if op.cancelled.is_set():
+                op.info.state = "cancelled"
+            elif op.info.failures or len(reports) < len(self.nodes):
+                op.info.state = "failed"
+                op.info.message = f"{len(op.info.failures)} file(s) failed to warm"
+
+        return self.ops.start("warm", name, run).to_json()
+
+    async def _broadcast_warm(self, op: Operation) -> list[OperationInfo]:
+        entries = list(self.nodes.values())
+
+        async def one(e: NodeEntry) -> OperationInfo | None:
+            try:
+                return OperationInfo.from_json(await e.handle.warm.remote(op.info.id, op.info.dataset))
+            except Exception as exc:  # the node died mid-warm: say so in the report
+                op.info.failures[f"<node {e.id}>"] = f"node failed during warm-up: {type(exc).__name__}"
+                return None
+
+        return [r for r in await asyncio.gather(*(one(e) for e in entries)) if r is not None]
+
+    @staticmethod
+    def _fold(info: OperationInfo, reports: list[OperationInfo]) -> None:
+        """Sum the nodes' progress into one operation (bytes count each replica)."""
+        info.done_bytes = sum(r.done_bytes for r in reports)
+        failed = {p for r in reports for p in r.failures}
+        # A file's blocks spread over nodes: until the end, the sum over nodes is an estimate.
+        info.done_files = (min(info.total_files, sum(r.done_files for r in reports)) if info.running
+                           else info.total_files - len(failed))
+        info.total_bytes = max(info.total_bytes, sum(r.total_bytes for r in reports))
+        for r in reports:
+            info.failures.update(r.failures)
+            if r.message:
+                info.message = r.message
+
+    async def operation(self, op_id: str) -> dict[str, Any]:
+        op = self.ops.get(op_id)
+        if op.info.kind == "warm" and op.info.running:
+            reports = [OperationInfo.from_json(r) for r in await self._broadcast("warm_progress", op_id) if r]
+            self._fold(op.info, reports)
+        return op.info.to_json()
+
+    async def cancel(self, op_id: str) -> dict[str, Any]:
+        op = self.ops.cancel(op_id)
+        if op.info.kind == "warm":
+            await self._broadcast("cancel_warm", op_id)
+        return op.info.to_json()
+
+    # -- status --------------------------------------------------------------------------
+    async def status(self) -> dict[str, Any]:
+        stats = [s for s in await self._broadcast("stats") if s]
+        urls = {n.id: n.url for n in self.nodes.values()}
+        for s in stats:
+            s["url"] = urls.get(s["id"], "")
+        datasets = []
+        for info in self.registry.list():
+            cached = sum(s["datasets"].get(info.name, 0) for s in stats)
+            datasets.append({**info.to_json(), "cached_bytes": cached})
+        return {"epoch": self.ring.epoch, "nodes": sorted(stats, key=lambda s: s["id"]),
+                "datasets": datasets, "deaths": self.deaths, "time": time.time()}
+
+    def ping(self) -> str:
+        return "ok"
+
+
+def cachefs_error_or_raise(e: BaseException) -> CachefsError:
+    """Ray wraps an actor's exception; give back ours (its cause) when it is one."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, CachefsError):
+        return cause
+    if isinstance(e, CachefsError):
+        return e
+    raise e
+
+
+__all__ = ["Coordinator", "NotFound", "DatasetInfo", "cachefs_error_or_raise"]

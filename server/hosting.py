@@ -1,0 +1,232 @@
+"""Hosting on Ray: start or join a Ray cluster, place the coordinator and the cache nodes.
+
+`up` is idempotent: it creates what is missing and leaves what runs. With nodes=0 it
+places one cache node on each Ray node (only on those advertising the `cachefs_node`
+resource, when any does: the KubeRay worker group), and with `watch` it keeps doing so
+as Ray nodes come and go. With nodes=N it runs N nodes wherever Ray puts them (several
+on one machine for a local cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from cachefs.config import ClusterConfig, cachefs_home, cluster_file, read_cluster_file
+from cachefs.errors import CachefsError, Unavailable
+from server.coordinator import Coordinator
+from server.node_actor import CacheNodeActor
+
+log = logging.getLogger(__name__)
+
+COORDINATOR = "cachefs-coordinator"
+NODE_PREFIX = "cachefs-node-"
+START_TIMEOUT = 120.0
+NODE_RESOURCE = "cachefs_node"
+
+
+@dataclass(frozen=True)
+class ClusterHandle:
+    """What `up` reports and records in the cluster file."""
+
+    endpoint: str
+    endpoints: tuple[str, ...]
+    token: str
+    ray_address: str
+    namespace: str
+    started_ray: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "endpoints": list(self.endpoints), "token": self.token,
+                "ray_address": self.ray_address, "namespace": self.namespace, "started_ray": self.started_ray}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_local_ray(num_cpus: int | None = None) -> str:
+    """`ray start --head` in the background; returns its address."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+           "--disable-usage-stats", "--include-dashboard=false", "--node-ip-address=127.0.0.1"]
+    if num_cpus is not None:
+        cmd.append(f"--num-cpus={num_cpus}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0:
+        raise Unavailable(f"could not start a local Ray cluster: {proc.stderr.strip()[-800:]}")
+    return f"127.0.0.1:{port}"
+
+
+def stop_local_ray() -> None:
+    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
+                   timeout=120)
+
+
+def connect(address: str, namespace: str) -> None:
+    if ray.is_initialized():
+        return
+    ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
+
+
+def _actor(name: str, namespace: str) -> Any | None:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        return None
+
+
+def coordinator(config: ClusterConfig, env: Mapping[str, str]) -> Any:
+    state_dir = config.state_dir or str(cachefs_home(env) / "state")
+    remote_cls = ray.remote(Coordinator)
+    return remote_cls.options(
+        name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
+        num_cpus=0, max_concurrency=1000,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+    ).remote(state_dir, config.block_size)
+
+
+def _placements(config: ClusterConfig) -> dict[str, Any]:
+    """node id → scheduling strategy for every cache node that should exist."""
+    if config.nodes > 0:
+        return {f"node-{i}": "SPREAD" for i in range(config.nodes)}
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    tagged = [n for n in alive if n.get("Resources", {}).get(NODE_RESOURCE)]
+    return {f"node-{n['NodeID'][:10]}": NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            for n in (tagged or alive)}
+
+
+def ensure_nodes(config: ClusterConfig, token: str, env: Mapping[str, str]) -> list[str]:
+    """Create the missing cache nodes and start all; returns their URLs."""
+    disk_root = Path(config.disk_root or cachefs_home(env) / "disk")
+    remote_cls = ray.remote(CacheNodeActor)
+    actors = []
+    for node_id, strategy in sorted(_placements(config).items()):
+        name = NODE_PREFIX + node_id
+        actor = _actor(name, config.namespace)
+        if actor is None:
+            node_config = config.node_config(token, str(disk_root / node_id))
+            actor = remote_cls.options(
+                name=name, namespace=config.namespace, lifetime="detached", get_if_exists=True,
+                num_cpus=0, max_concurrency=10_000, scheduling_strategy=strategy,
+            ).remote(node_id, node_config, COORDINATOR, config.namespace)
+        actors.append(actor)
+    try:
+        return list(ray.get([a.start.remote() for a in actors], timeout=START_TIMEOUT))
+    except ray.exceptions.GetTimeoutError as e:
+        raise Unavailable(f"cache nodes did not start within {START_TIMEOUT:.0f} s; "
+                          "check `ray status` for resources and the Ray logs") from e
+
+
+def resolve_token(env: Mapping[str, str]) -> str:
+    return env.get("CACHEFS_TOKEN") or read_cluster_file(env).get("token") or secrets.token_urlsafe(32)
+
+
+def up(config: ClusterConfig, env: Mapping[str, str] = os.environ,
+       say: Callable[[str], None] = lambda s: None) -> ClusterHandle:
+    """Bring the cache cluster up (or complete it); record endpoint and token (0600)."""
+    token = resolve_token(env)
+    address = config.address or env.get("RAY_ADDRESS", "")
+    started = False
+    if not address and not ray.is_initialized():
+        previous = read_cluster_file(env)
+        if previous.get("started_ray") and previous.get("ray_address"):
+            address = previous["ray_address"]
+            try:
+                connect(address, config.namespace)
+                started = True
+            except (ConnectionError, RuntimeError):
+                address = ""
+        if not address:
+            say("starting a local Ray cluster")
+            address = start_local_ray()
+            started = True
+    connect(address, config.namespace)
+    say("starting the coordinator")
+    coord = coordinator(config, env)
+    ray.get(coord.ping.remote(), timeout=START_TIMEOUT)
+    say("starting cache nodes")
+    urls = ensure_nodes(config, token, env)
+    if not urls:
+        raise CachefsError("no Ray node can host a cache node; check `ray status`")
+    handle = ClusterHandle(urls[0], tuple(urls), token, address if address != "auto" else
+                           ray.get_runtime_context().gcs_address, config.namespace, started)
+    write_cluster_file(handle, env)
+    return handle
+
+
+def watch(config: ClusterConfig, env: Mapping[str, str] = os.environ, interval: float = 15.0,
+          rounds: int | None = None) -> None:
+    """Keep one cache node per eligible Ray node (for nodes=0 on Kubernetes)."""
+    token = resolve_token(env)
+    n = 0
+    while rounds is None or n < rounds:
+        time.sleep(interval)
+        try:
+            ensure_nodes(config, token, env)
+        except (CachefsError, ray.exceptions.RayError) as e:
+            log.warning("could not complete the cache nodes: %s", e)
+        n += 1
+
+
+def write_cluster_file(handle: ClusterHandle, env: Mapping[str, str] = os.environ) -> Path:
+    path = cluster_file(env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(handle.to_json(), f)
+    os.replace(path.with_suffix(".tmp"), path)
+    return path
+
+
+def down(env: Mapping[str, str] = os.environ, namespace: str = "cachefs",
+         say: Callable[[str], None] = lambda s: None) -> bool:
+    """Stop every cache node and the coordinator (state on disk is kept); True if anything ran."""
+    previous = read_cluster_file(env)
+    address = previous.get("ray_address") or env.get("RAY_ADDRESS", "")
+    namespace = previous.get("namespace", namespace)
+    if not address and not ray.is_initialized():
+        return False
+    found = False
+    try:
+        connect(address, namespace)
+        nodes = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == namespace and a["name"].startswith(NODE_PREFIX)]
+        for entry in nodes:
+            actor = _actor(entry["name"], namespace)
+            if actor is not None:
+                found = True
+                say(f"stopping {entry['name']}")
+                try:
+                    ray.get(actor.stop.remote(), timeout=30)
+                except ray.exceptions.RayError:
+                    pass
+                ray.kill(actor, no_restart=True)
+        coord = _actor(COORDINATOR, namespace)
+        if coord is not None:
+            found = True
+            ray.kill(coord, no_restart=True)
+    except ConnectionError:
+        pass
+    if previous.get("started_ray"):
+        say("stopping the local Ray cluster")
+        ray.shutdown()
+        stop_local_ray()
+    cluster_file(env).unlink(missing_ok=True)
+    return found
+
+

@@ -1,0 +1,395 @@
+"""What the operator does for one CachedDataset: bring cachefs and the resource into step.
+
+`Reconciler.reconcile(obj)` is idempotent and safe to call any number of times with
+the latest object; the controller calls it on every change and every resync. In order:
+
+1. Being deleted → remove the dataset from cachefs (already gone is fine), then drop
+   our finalizer. Until then the resource stays, so a delete is never lost.
+2. No finalizer yet → add it (with the object's resourceVersion: a finalizer another
+   controller added meanwhile is never dropped).
+3. Spec invalid → say so in status; nothing else until the spec changes.
+4. Not registered → add it. Registered with other parameters (origin, options, Secret
+   version, replicas, namespaces) → remove and add, since cachefs cannot change a
+   registration. Spec changed or a refresh requested → refresh. Warm when
+   `warmOnCreate` (after every new snapshot) or when a warm is requested.
+5. Write status (only when it differs, so a status write never triggers a loop).
+
+Failures that may pass (API server or cachefs unreachable, 5xx, origin unavailable,
+timeouts) raise `Retry`: the controller retries the key with backoff. Failures only
+the resource's owner can fix are written into status and not raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Callable, Mapping, Protocol
+
+from cachefs import errors
+from cachefs.config import format_size
+from cachefs.wire import DatasetInfo, OperationInfo
+from server.k8s.crd import (
+    FINALIZER,
+    READY,
+    REFRESH_ANNOTATION,
+    WARM,
+    WARM_ANNOTATION,
+    DatasetSpec,
+    InvalidSpec,
+    Key,
+    Resource,
+    condition,
+    dataset_name,
+    now_rfc3339,
+)
+from server.k8s.kube import KubeApi, KubeError
+
+log = logging.getLogger("cachefs.operator")
+
+
+class Admin(Protocol):
+    """The part of cachefs.admin.AdminClient the operator uses."""
+
+    async def get_dataset(self, name: str) -> DatasetInfo: ...
+    async def add_dataset(
+        self, name: str, origin: str, storage_options: Mapping[str, Any] | None = None,
+        replicas: int = 1, allowed_namespaces: tuple[str, ...] | list[str] = (),
+    ) -> OperationInfo: ...
+    async def refresh_dataset(self, name: str) -> OperationInfo: ...
+    async def remove_dataset(self, name: str) -> None: ...
+    async def warm_dataset(self, name: str) -> OperationInfo: ...
+    async def wait(self, op: OperationInfo, progress: Any = None, timeout: float | None = None) -> OperationInfo: ...
+    async def status(self) -> dict[str, Any]: ...
+
+
+class Retry(Exception):
+    """Try this resource again later, with backoff; the message says why."""
+
+
+class _Blocked(Exception):
+    """The resource cannot progress until something outside it changes (a Secret, the
+    origin); reported in status as Ready=False with `reason`, then retried."""
+
+    def __init__(self, reason: str, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry = retry
+
+
+# cachefs errors only the resource's owner can fix: reported, retried at resync pace.
+_OWNER_ERRORS: tuple[type[errors.CachefsError], ...] = (errors.BadRequest, errors.Conflict)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        kube: KubeApi,
+        admin: Admin,
+        on_change: Callable[[Key], None] = lambda key: None,
+        op_timeout: float = 600.0,
+        status_ttl: float = 2.0,
+    ) -> None:
+        self.kube = kube
+        self.admin = admin
+        self.on_change = on_change  # asks the controller to reconcile a key again
+        self.op_timeout = op_timeout  # longest wait for an add or a refresh (lists the origin)
+        self.status_ttl = status_ttl
+        self._warms: dict[Key, asyncio.Task[None]] = {}  # warm operations being waited on
+        self._warm_progress: dict[Key, OperationInfo] = {}  # last progress or final state
+        self._cluster_status: tuple[float, dict[str, Any]] = (0.0, {})
+
+    # ---- entry points ------------------------------------------------------------
+
+    async def reconcile(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Act on the latest `obj`; returns the newest version of it this call saw."""
+        res = Resource.from_object(obj)
+        try:
+            if res.deleting:
+                return await self._finalize(res, obj)
+            if not res.has_finalizer:
+                obj = await self.kube.patch_finalizers(res.key, [*res.finalizers, FINALIZER], res.resource_version)
+                res = Resource.from_object(obj)
+            return await self._converge(res, obj)
+        except KubeError as e:
+            if e.status == 404:
+                return obj  # gone meanwhile; the watch will tell
+            raise Retry(str(e)) from e
+
+    def forget(self, key: Key) -> None:
+        """The resource is gone: stop waiting on its warm operation."""
+        task = self._warms.pop(key, None)
+        if task is not None:
+            task.cancel()
+        self._warm_progress.pop(key, None)
+
+    async def close(self) -> None:
+        for key in list(self._warms):
+            self.forget(key)
+
+    # ---- delete ------------------------------------------------------------------
+
+    async def _finalize(self, res: Resource, obj: dict[str, Any]) -> dict[str, Any]:
+        if not res.has_finalizer:
+            return obj
+        self.forget(res.key)
+        try:
+            name = dataset_name(res.key)
+        except InvalidSpec:
+            name = ""  # never registered: nothing to remove
+        if name:
+            try:
+                await self.admin.remove_dataset(name)
+                log.info("%s: removed dataset %s", res.key, name)
+            except errors.NotFound:
+                pass
+            except errors.CachefsError as e:
+                raise Retry(f"cannot remove dataset {name}: {e}") from e
+        rest = [f for f in res.finalizers if f != FINALIZER]
+        return await self.kube.patch_finalizers(res.key, rest, res.resource_version)
+
+    # ---- create / update ---------------------------------------------------------
+
+    async def _converge(self, res: Resource, obj: dict[str, Any]) -> dict[str, Any]:
+        status = dict(res.status)
+        try:
+            spec = DatasetSpec.parse(res.spec)
+            name = dataset_name(res.key)
+        except InvalidSpec as e:
+            status.update(observedGeneration=res.generation, lastError=str(e))
+            self._set(status, res, READY, False, "InvalidSpec", str(e))
+            return await self._write(res, obj, status)
+        status["dataset"] = name
+        try:
+            info = await self._ensure_registered(res, spec, name, status)
+        except _Blocked as e:
+            status["lastError"] = e.message
+            self._set(status, res, READY, False, e.reason, e.message)
+            obj = await self._write(res, obj, status)
+            if e.retry:
+                raise Retry(f"{res.key}: {e.message}") from e
+            return obj
+        except errors.CachefsError as e:
+            # cachefs unreachable or failing: keep what status says, record why, retry.
+            status["lastError"] = f"cachefs: {e}"
+            if not self._condition(status, READY):
+                self._set(status, res, READY, False, "Pending", "waiting for the cache cluster")
+            obj = await self._write(res, obj, status)
+            raise Retry(f"{res.key}: cachefs: {e}") from e
+        status.update(
+            snapshot=info.snapshot, files=info.files, bytes=info.bytes,
+            observedGeneration=res.generation, lastError="",
+        )
+        self._set(
+            status, res, READY, True, "Registered",
+            f"snapshot {info.snapshot}: {info.files} files, {format_size(info.bytes)}",
+        )
+        await self._update_warmth(res, spec, name, info, status)
+        return await self._write(res, obj, status)
+
+    async def _ensure_registered(
+        self, res: Resource, spec: DatasetSpec, name: str, status: dict[str, Any]
+    ) -> DatasetInfo:
+        """Registered as the spec says, with a snapshot no older than the spec: the info."""
+        options, secret_version = await self._storage_options(res, spec)
+        fingerprint = spec.fingerprint(res.key.namespace, secret_version)
+        namespaces = spec.namespaces(res.key.namespace)
+        info = await self._get(name)
+        registered = str(res.status.get("registration") or "")
+        if info is not None and not registered and info.origin != spec.origin:
+            raise _Blocked(
+                "NameConflict",
+                f"cachefs already has a dataset {name} with origin {info.origin} that this resource "
+                "did not register; remove it (`cachefs dataset rm`) or rename this resource",
+                retry=False,
+            )
+        if info is not None and (
+            info.origin != spec.origin
+            or info.replicas != spec.replicas
+            or tuple(sorted(info.allowed_namespaces)) != namespaces
+            or (registered and registered != fingerprint)
+        ):
+            log.info("%s: registration of %s changed: removing it to add it again", res.key, name)
+            try:
+                await self.admin.remove_dataset(name)
+            except errors.NotFound:
+                pass
+            info = None
+        new_snapshot = False
+        if info is None:
+            info = await self._run(
+                res, "add", self.admin.add_dataset(name, spec.origin, options, spec.replicas, namespaces), name
+            )
+            log.info("%s: registered %s from %s (snapshot %s)", res.key, name, spec.origin, info.snapshot)
+            new_snapshot = True
+        else:
+            refresh_request = res.annotations.get(REFRESH_ANNOTATION, "")
+            spec_changed = res.status.get("observedGeneration") not in (None, res.generation)
+            if spec_changed or refresh_request != str(res.status.get("lastRefreshRequest") or ""):
+                old = info.snapshot
+                info = await self._run(res, "refresh", self.admin.refresh_dataset(name), name)
+                log.info("%s: refreshed %s (snapshot %s → %s)", res.key, name, old, info.snapshot)
+                new_snapshot = info.snapshot != old
+        status["registration"] = fingerprint
+        status["lastRefreshRequest"] = res.annotations.get(REFRESH_ANNOTATION, "")
+        if new_snapshot and spec.warm_on_create:
+            await self._start_warm(res.key, name, status)
+        return info
+
+    async def _storage_options(self, res: Resource, spec: DatasetSpec) -> tuple[dict[str, Any], str]:
+        """spec.storageOptions overlaid with the Secret's keys, and the Secret's version."""
+        options = dict(spec.storage_options)
+        if not spec.secret_name:
+            return options, ""
+        try:
+            data, version = await self.kube.read_secret(res.key.namespace, spec.secret_name)
+        except KubeError as e:
+            if e.status == 404:
+                raise _Blocked("SecretNotFound", f"Secret {spec.secret_name} (spec.secretRef) does not exist in namespace {res.key.namespace}") from e
+            if e.status == 403:
+                raise _Blocked("SecretForbidden", f"the operator may not read Secret {spec.secretRef_name if False else spec.secret_name}: grant it `get` on secrets (Helm value operator.readSecrets)") from e
+            raise
+        except UnicodeDecodeError as e:
+            raise _Blocked("InvalidSecret", f"Secret {spec.secret_name} holds binary data; storage options must be text", retry=False) from e
+        options.update(data)
+        return options, version
+
+    async def _get(self, name: str) -> DatasetInfo | None:
+        try:
+            return await self.admin.get_dataset(name)
+        except errors.NotFound:
+            return None
+
+    async def _run(self, res: Resource, what: str, start: Any, name: str) -> DatasetInfo:
+        """Start an add or refresh, wait for it, and return the dataset it made."""
+        try:
+            op = await self.admin.wait(await start, timeout=self.op_timeout)
+        except errors.OriginUnavailable as e:
+            raise _Blocked("OriginUnavailable", f"cannot read the origin: {e}") from e
+        except _OWNER_ERRORS as e:
+            raise _Blocked("Rejected", f"cachefs refused to {what} {name}: {e}", retry=False) from e
+        except (TimeoutError, asyncio.TimeoutError) as e:
+            raise Retry(f"{res.key}: {what} of {name} took longer than {self.op_timeout:.0f}s") from e
+        if not op.finished_ok:
+            raise _Blocked("OriginUnavailable" if op.state == "failed" else "Cancelled", f"{what} of {name} {op.state}: {op.message}")
+        if op.result.get("snapshot"):
+            return DatasetInfo.from_json(op.result)
+        info = await self._get(name)
+        if info is None:
+            raise Retry(f"{res.key}: {name} vanished right after its {what}")
+        return info
+
+    # ---- warm ----------------------------------------------------------------------
+
+    async def _update_warmth(
+        self, res: Resource, spec: DatasetSpec, name: str, info: DatasetInfo, status: dict[str, Any]
+    ) -> None:
+        warm_request = res.annotations.get(WARM_ANNOTATION, "")
+        if warm_request != str(res.status.get("lastWarmRequest") or "") and res.key not in self._warms:
+            await self._start_warm(res.key, name, status)
+        status["lastWarmRequest"] = warm_request
+        op_id = str(status.get("warmOperation") or "")
+        if op_id and res.key not in self._warms and res.key not in self._warm_progress:
+            self._watch_warm(res.key, OperationInfo(id=op_id, kind="warm", dataset=name))  # after a restart
+        fraction = await self._cached_fraction(name, info)
+        if fraction is not None:
+            status["cachedFraction"] = fraction
+        progress = self._warm_progress.get(res.key)
+        if res.key in self._warms:
+            done = format_size(progress.done_bytes) if progress else "0 B"
+            total = format_size(progress.total_bytes or info.bytes) if progress else format_size(info.bytes)
+            self._set(status, res, WARM, False, "Warming", f"warming: {done} of {total} fetched")
+            return
+        status.pop("warmOperation", None)
+        failed = progress is not None and not progress.finished_ok
+        cached = status.get("cachedFraction")
+        if isinstance(cached, (int, float)) and cached >= 0.999:
+            self._set(status, res, WARM, True, "Cached", "every block of the snapshot is cached")
+        elif failed:
+            assert progress is not None
+            self._set(status, res, WARM, False, "WarmFailed", f"warm {progress.state}: {progress.message or progress.failures}")
+        elif isinstance(cached, (int, float)):
+            self._set(status, res, WARM, False, "Partial", f"{cached:.0%} of the snapshot is cached")
+        else:
+            self._set(status, res, WARM, None, "Unknown", "the cache did not report what it holds")
+
+    async def _start_warm(self, key: Key, name: str, status: dict[str, Any]) -> None:
+        try:
+            op = await self.admin.warm_dataset(name)
+        except errors.CachefsError as e:
+            log.warning("%s: cannot start warming %s: %s", key, name, e)
+            raise
+        log.info("%s: warming %s (operation %s)", key, name, op.id)
+        status["warmOperation"] = op.id
+        self._warm_progress.pop(key, None)
+        self._watch_warm(key, op)
+
+    def _watch_warm(self, key: Key, op: OperationInfo) -> None:
+        old = self._warms.pop(key, None)
+        if old is not None:
+            old.cancel()
+        last_report = [0.0]
+
+        def progress(current: OperationInfo) -> None:
+            self._warm_progress[key] = current
+            if time.monotonic() - last_report[0] > 10.0:  # status shows progress, not every tick
+                last_report[0] = time.monotonic()
+                self.on_change(key)
+
+        async def wait() -> None:
+            try:
+                final = await self.admin.wait(op, progress=progress)
+            except errors.NotFound:
+                final = OperationInfo(id=op.id, kind="warm", dataset=op.dataset, state="failed",
+                                      message="the cache cluster forgot the operation (restarted?)")
+            except errors.CachefsError as e:
+                final = OperationInfo(id=op.id, kind="warm", dataset=op.dataset, state="failed", message=str(e))
+            self._warm_progress[key] = final
+            self._warms.pop(key, None)
+            log.info("%s: warm of %s %s", key, op.dataset, final.state)
+            self.on_change(key)
+
+        self._warms[key] = asyncio.create_task(wait(), name=f"warm {key}")
+
+    async def _cached_fraction(self, name: str, info: DatasetInfo) -> float | None:
+        """From GET /v1/status, cached for a moment: a resync asks once, not once per dataset."""
+        at, doc = self._cluster_status
+        if time.monotonic() - at > self.status_ttl:
+            try:
+                doc = await self.admin.status()
+            except errors.CachefsError as e:
+                log.debug("cannot read cluster status: %s", e)
+                return None
+            self._cluster_status = (time.monotonic(), doc)
+        for d in doc.get("datasets") or ():
+            if d.get("name") == name and "cached_bytes" in d:
+                if not info.bytes:
+                    return 1.0
+                return round(min(1.0, max(0.0, d["cached_bytes"] / info.bytes)), 4)
+        return None
+
+    # ---- status --------------------------------------------------------------------
+
+    @staticmethod
+    def _condition(status: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+        for c in status.get("conditions") or ():
+            if c.get("type") == kind:
+                return c
+        return {}
+
+    def _set(self, status: dict[str, Any], res: Resource, kind: str, value: bool | None, reason: str, message: str) -> None:
+        previous = self._condition(status, kind)
+        new = condition(previous, kind, value, reason, message, res.generation, now_rfc3339())
+        others = [c for c in status.get("conditions") or () if c.get("type") != kind]
+        status["conditions"] = sorted([*others, new], key=lambda c: (c["type"] != READY, c["type"]))
+
+    async def _write(self, res: Resource, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+        """Patch status if it changed; a merge patch, with null for fields that went away."""
+        status = {k: v for k, v in status.items() if v not in (None, "")}
+        old = dict(res.status)
+        if status == old:
+            return obj
+        patch: dict[str, Any] = {k: v for k, v in status.items() if old.get(k) != v}
+        patch.update({k: None for k in old if k not in status})
+        return await self.kube.patch_status(res.key, patch)

@@ -1,0 +1,132 @@
+"""Hosting a cache node in a Ray actor: the HTTP server runs on the actor's event loop.
+
+The actor is async (every method runs on one loop), so the aiohttp server, the stores
+and the control calls from the coordinator share that loop without locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from aiohttp import web
+
+from cachefs.config import NodeConfig
+from cachefs.errors import Unavailable
+from cachefs.wire import DatasetInfo, OperationInfo
+from server.coordinator import cachefs_error_or_raise
+from server.http_app import make_app
+from server.node import CacheNode, OriginSpec
+from shard import Ring
+
+log = logging.getLogger(__name__)
+
+
+class CoordinatorLink:
+    """The coordinator seen from a node: the `Directory` for datasets and the HTTP `Admin`."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except ray.exceptions.RayActorError as e:
+            raise Unavailable("the coordinator is not running; run `cachefs up` to restart the cluster") from e
+        except ray.exceptions.RayTaskError as e:
+            raise cachefs_error_or_raise(e) from None
+
+    async def dataset(self, name: str) -> tuple[DatasetInfo, bytes, OriginSpec]:
+        info, ipc, url, opts = await self._call("node_dataset", name)
+        return DatasetInfo.from_json(info), ipc, OriginSpec(url, opts)
+
+    async def list_datasets(self) -> list[DatasetInfo]:
+        return [DatasetInfo.from_json(d) for d in await self._call("list_datasets")]
+
+    async def add_dataset(self, spec: dict[str, Any]) -> OperationInfo:
+        return OperationInfo.from_json(await self._call("add_dataset", spec))
+
+    async def remove_dataset(self, name: str) -> None:
+        await self._call("remove_dataset", name)
+
+    async def refresh_dataset(self, name: str) -> OperationInfo:
+        return OperationInfo.from_json(await self._call("refresh_dataset", name))
+
+    async def warm_dataset(self, name: str) -> OperationInfo:
+        return OperationInfo.from_json(await self._call("warm_dataset", name))
+
+    async def operation(self, op_id: str) -> OperationInfo:
+        return OperationInfo.from_json(await self._call("operation", op_id))
+
+    async def cancel(self, op_id: str) -> OperationInfo:
+        return OperationInfo.from_json(await self._call("cancel", op_id))
+
+    async def status(self) -> dict[str, Any]:
+        return await self._call("status")
+
+
+class CacheNodeActor:
+    """One cache node. Created by the coordinator's placement (server/hosting.py)."""
+
+    def __init__(self, node_id: str, config: NodeConfig, coordinator_name: str, namespace: str) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.node_id = node_id
+        self.config = config
+        self.coordinator = ray.get_actor(coordinator_name, namespace=namespace)
+        self.link = CoordinatorLink(self.coordinator)
+        self.node = CacheNode(node_id, config, self.link)
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> str:
+        """Open the stores, listen, and join the ring; returns the URL clients use."""
+        if self.runner is not None:
+            return self.url
+        await self.node.open()
+        self.runner = web.AppRunner(make_app(self.node, self.link, self.config.token), access_log=None,
+                                    handle_signals=False)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        host = self.config.advertise_host or (
+            self.config.host if self.config.host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address())
+        self.url = f"http://{host}:{port}"
+        me = ray.get_runtime_context().current_actor
+        ring = await self.coordinator.register_node.remote(self.node_id, self.url, self.config.capacity, me)
+        self.node.set_ring(Ring.from_json(ring))
+        return self.url
+
+    async def wait_forever(self) -> None:
+        """Held open by the coordinator: it fails exactly when this actor dies."""
+        await self._stopped.wait()
+
+    def set_ring(self, doc: dict[str, Any]) -> int:
+        self.node.set_ring(Ring.from_json(doc))
+        return self.node.ring.epoch
+
+    async def dataset_changed(self, name: str) -> None:
+        await self.node.forget(name)
+
+    async def warm(self, op_id: str, name: str) -> dict[str, Any]:
+        return (await self.node.warm(op_id, name)).to_json()
+
+    def warm_progress(self, op_id: str) -> dict[str, Any] | None:
+        p = self.node.warm_progress(op_id)
+        return p.to_json() if p else None
+
+    def cancel_warm(self, op_id: str) -> None:
+        self.node.cancel_warm(op_id)
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.node.stats(), "url": self.url}
+
+    async def stop(self) -> None:
+        await self.node.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+        self._stopped.set()

@@ -1,0 +1,156 @@
+"""The dataset registry: what is registered, its snapshot, and where that is kept on disk.
+
+Persisted under STATE_DIR/datasets/ so that `cachefs down` then `up` keeps every dataset:
+NAME.json holds the record (origin, storage options, DatasetInfo) and NAME.SNAPSHOT.arrow
+the manifest as Arrow IPC. Files are written whole and renamed, and are mode 0600 because
+storage options may hold origin credentials (they never leave the cache cluster).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from cachefs.errors import BadRequest, Conflict, NotFound
+from cachefs.manifest import build_table, snapshot_id, to_ipc
+from cachefs.wire import DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, DatasetInfo
+from cachefs.origin import Origin, split_origin
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """What a user asks for when registering a dataset; validated on construction."""
+
+    name: str
+    origin: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    replicas: int = 1
+    allowed_namespaces: tuple[str, ...] = ()
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    @classmethod
+    def parse(cls, body: dict[str, Any], block_size: int = DEFAULT_BLOCK_SIZE) -> "DatasetSpec":
+        unknown = set(body) - {"name", "origin", "storage_options", "replicas", "allowed_namespaces"}
+        if unknown:
+            raise BadRequest(f"unknown field(s) {sorted(unknown)}; a dataset takes name, origin, "
+                             "storage_options, replicas, allowed_namespaces")
+        name, origin = body.get("name"), body.get("origin")
+        if not isinstance(name, str) or not DATASET_NAME_RE.match(name):
+            raise BadRequest(f"{name!r} is not a dataset name: use lowercase letters, digits, '.', '_' and '-' "
+                             "(at most 63 characters, starting and ending with a letter or digit)")
+        if not isinstance(origin, str) or not origin:
+            raise BadRequest("origin must be a URL such as s3://bucket/prefix or file:///data/set")
+        split_origin(origin)
+        opts = body.get("storage_options") or {}
+        if not isinstance(opts, dict):
+            raise BadRequest("storage_options must be a JSON object")
+        replicas = body.get("replicas", 1)
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 16:
+            raise BadRequest(f"replicas must be an integer from 1 to 16, not {replicas!r}")
+        allowed = body.get("allowed_namespaces") or []
+        if not isinstance(allowed, list) or not all(isinstance(x, str) for x in allowed):
+            raise BadRequest("allowed_namespaces must be a list of namespace names")
+        return cls(name, origin, opts, replicas, tuple(allowed), block_size)
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    info: DatasetInfo
+    storage_options: dict[str, Any]
+    manifest_ipc: bytes
+
+
+def take_snapshot(spec: DatasetSpec, progress: Callable[[int, int], None] | None = None,
+                  cancelled: threading.Event | None = None) -> DatasetRecord:
+    """List the origin once and freeze it as a manifest. Blocking: run it in a thread."""
+    entries = Origin(spec.origin, spec.storage_options).list_files(progress, cancelled)
+    table = build_table(entries)
+    info = DatasetInfo(
+        name=spec.name, origin=spec.origin, snapshot=snapshot_id(table), files=len(entries),
+        bytes=sum(e.size for e in entries), replicas=spec.replicas, block_size=spec.block_size,
+        allowed_namespaces=spec.allowed_namespaces, created=time.time(),
+    )
+    return DatasetRecord(info, dict(spec.storage_options), to_ipc(table))
+
+
+class Registry:
+    """Registered datasets, in memory and (with a state dir) on disk."""
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None) -> None:
+        self.dir = Path(state_dir) / "datasets" if state_dir else None
+        self._records: dict[str, DatasetRecord] = {}
+        if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.dir, 0o700)
+            self._load()
+
+    def _load(self) -> None:
+        assert self.dir is not None
+        for f in sorted(self.dir.glob("*.json")):
+            try:
+                doc = json.loads(f.read_text())
+                info = DatasetInfo.from_json(doc["info"])
+                ipc = (self.dir / f"{info.name}.{info.snapshot}.arrow").read_bytes()
+            except (OSError, ValueError, KeyError):
+                continue  # a half-written or foreign file: the origin is the truth, re-add it
+            self._records[info.name] = DatasetRecord(info, doc.get("storage_options", {}), ipc)
+
+    def names(self) -> list[str]:
+        return sorted(self._records)
+
+    def get(self, name: str) -> DatasetRecord:
+        try:
+            return self._records[name]
+        except KeyError:
+            raise NotFound(f"no dataset named {name!r}; `cachefs dataset ls` lists them") from None
+
+    def list(self) -> list[DatasetInfo]:
+        return [self._records[n].info for n in self.names()]
+
+    def check_add(self, spec: DatasetSpec) -> DatasetRecord | None:
+        """The existing record when this add repeats an earlier one; Conflict when it contradicts it."""
+        old = self._records.get(spec.name)
+        if old is None:
+            return None
+        if old.info.origin.rstrip("/") != spec.origin.rstrip("/"):
+            raise Conflict(f"dataset {spec.name!r} already exists with origin {old.info.origin}; "
+                           f"remove it first (`cachefs dataset rm {spec.name}`) or pick another name")
+        return old
+
+    def put(self, record: DatasetRecord) -> None:
+        old = self._records.get(record.info.name)
+        self._records[record.info.name] = record
+        if self.dir is None:
+            return
+        name, snap = record.info.name, record.info.snapshot
+        _write_private(self.dir / f"{name}.{snap}.arrow", record.manifest_ipc)
+        doc = {"info": record.info.to_json(), "storage_options": record.storage_options}
+        _write_private(self.dir / f"{name}.json", json.dumps(doc).encode())
+        if old is not None and old.info.snapshot != snap:
+            (self.dir / f"{name}.{old.info.snapshot}.arrow").unlink(missing_ok=True)
+
+    def remove(self, name: str) -> DatasetRecord:
+        record = self.get(name)
+        del self._records[name]
+        if self.dir is not None:
+            (self.dir / f"{name}.json").unlink(missing_ok=True)
+            (self.dir / f"{name}.{record.info.snapshot}.arrow").unlink(missing_ok=True)
+        return record
+
+    def with_spec(self, record: DatasetRecord, spec: DatasetSpec) -> DatasetRecord:
+        """Carry over settings that a refresh may change without a new listing."""
+        info = replace(record.info, replicas=spec.replicas, allowed_namespaces=spec.allowed_namespaces)
+        return replace(record, info=info, storage_options=dict(spec.storage_options))
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

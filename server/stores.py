@@ -1,0 +1,203 @@
+"""The two tiers of a cache node: Arrow buffers in memory, block files on local disk.
+
+Both keep their byte budget through a policy (server/policy.py) and tag every block with
+its dataset and snapshot, so that `rm` and `refresh` can drop a snapshot's blocks at once.
+Disk layout: ROOT/<dataset>/<snapshot>/<key>.<digest>; written to ROOT/.tmp then renamed,
+so a crash never leaves a half block under a real name. On start the disk tier re-indexes
+what is there and drops any file whose bytes do not match the digest in its name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import xxhash
+
+from server.policy import Policy, make_policy
+
+log = logging.getLogger(__name__)
+
+
+def digest_of(data: bytes | memoryview | pa.Buffer) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+@dataclass(frozen=True)
+class StoredBlock:
+    key: str
+    dataset: str
+    snapshot: str
+    size: int
+    digest: str
+    buffer: pa.Buffer | None = None  # memory tier
+    path: str = ""  # disk tier
+
+
+class MemoryStore:
+    """Blocks as Arrow buffers within a byte budget. Owned by one event loop."""
+
+    def __init__(self, budget: int, policy: str = "lru") -> None:
+        self.policy: Policy = make_policy(policy, budget)
+        self._blocks: dict[str, StoredBlock] = {}
+        self.evictions = 0
+
+    @property
+    def used(self) -> int:
+        return self.policy.used
+
+    @property
+    def budget(self) -> int:
+        return self.policy.budget
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def get(self, key: str) -> StoredBlock | None:
+        block = self._blocks.get(key)
+        if block is not None:
+            self.policy.touch(key)
+        return block
+
+    def put(self, block: StoredBlock) -> list[StoredBlock]:
+        """Store (if the policy admits it); returns the blocks evicted to make room."""
+        admitted, victims = self.policy.admit(block.key, block.size)
+        evicted = [self._blocks.pop(v) for v in victims if v in self._blocks]
+        self.evictions += len(evicted)
+        if admitted:
+            self._blocks[block.key] = block
+        return evicted
+
+    def purge(self, dataset: str, keep_snapshot: str | None = None) -> int:
+        """Drop a dataset's blocks (all, or all but one snapshot's); returns how many."""
+        gone = [k for k, b in self._blocks.items() if b.dataset == dataset and b.snapshot != keep_snapshot]
+        for k in gone:
+            self.policy.remove(k)
+            del self._blocks[k]
+        return len(gone)
+
+    def blocks(self) -> list[StoredBlock]:
+        return list(self._blocks.values())
+
+
+class DiskStore:
+    """Block files within a byte budget; file I/O runs in threads, never on the loop."""
+
+    def __init__(self, root: str | os.PathLike[str], budget: int, policy: str = "lru") -> None:
+        self.root = Path(root)
+        self.policy: Policy = make_policy(policy, budget)
+        self._blocks: dict[str, StoredBlock] = {}
+        self.evictions = 0
+        self.dropped_on_reindex = 0
+
+    @property
+    def used(self) -> int:
+        return self.policy.used
+
+    @property
+    def budget(self) -> int:
+        return self.policy.budget
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    async def open(self) -> None:
+        """Create the layout and re-index blocks left by an earlier run on this disk."""
+        found = await asyncio.to_thread(self._scan)
+        for block in found:  # oldest first, so LRU order survives a restart
+            admitted, victims = self.policy.admit(block.key, block.size)
+            for v in victims:
+                await self._delete(self._blocks.pop(v))
+            if admitted:
+                self._blocks[block.key] = block
+            else:
+                await asyncio.to_thread(_unlink, block.path)
+
+    def _scan(self) -> list[StoredBlock]:
+        shutil.rmtree(self.root / ".tmp", ignore_errors=True)
+        (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
+        found: list[tuple[float, StoredBlock]] = []
+        for dataset_dir in self.root.iterdir():
+            if dataset_dir.name.startswith(".") or not dataset_dir.is_dir():
+                continue
+            for snap_dir in dataset_dir.iterdir():
+                for f in snap_dir.iterdir():
+                    key, _, digest = f.name.partition(".")
+                    data = f.read_bytes()
+                    if digest_of(data) != digest:
+                        log.warning("dropping %s: its bytes do not match the digest in its name", f)
+                        f.unlink(missing_ok=True)
+                        self.dropped_on_reindex += 1
+                        continue
+                    block = StoredBlock(key, dataset_dir.name, snap_dir.name, len(data), digest, path=str(f))
+                    found.append((f.stat().st_mtime, block))
+        return [b for _, b in sorted(found, key=lambda t: t[0])]
+
+    def get(self, key: str) -> StoredBlock | None:
+        block = self._blocks.get(key)
+        if block is not None:
+            self.policy.touch(key)
+        return block
+
+    async def put(self, block: StoredBlock, data: bytes | memoryview | pa.Buffer) -> list[StoredBlock]:
+        """Write the block if the policy admits it; returns the blocks evicted for room."""
+        admitted, victims = self.policy.admit(block.key, block.size)
+        evicted = [self._blocks.pop(v) for v in victims if v in self._blocks]
+        for v in evicted:
+            await self._delete(v)
+        self.evictions += len(evicted)
+        if not admitted or block.key in self._blocks:
+            return evicted
+        final = self.root / block.dataset / block.snapshot / f"{block.key}.{block.digest}"
+        try:
+            await asyncio.to_thread(self._write, final, data)
+        except OSError as e:
+            self.policy.remove(block.key)
+            log.warning("could not write block %s to disk: %s", block.key, e)
+            return evicted
+        if block.key in self.policy:  # a purge during the write has not removed it
+            self._blocks[block.key] = StoredBlock(**{**block.__dict__, "buffer": None, "path": str(final)})
+        else:
+            await asyncio.to_thread(_unlink, str(final))
+        return evicted
+
+    def _write(self, final: Path, data: bytes | memoryview | pa.Buffer) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / ".tmp" / final.name
+        with open(tmp, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, final)
+
+    async def _delete(self, block: StoredBlock) -> None:
+        await asyncio.to_thread(_unlink, block.path)
+
+    async def purge(self, dataset: str, keep_snapshot: str | None = None) -> int:
+        gone = [b for b in self._blocks.values() if b.dataset == dataset and b.snapshot != keep_snapshot]
+        for b in gone:
+            self.policy.remove(b.key)
+            del self._blocks[b.key]
+        await asyncio.to_thread(self._remove_dirs, dataset, keep_snapshot)
+        return len(gone)
+
+    def _remove_dirs(self, dataset: str, keep_snapshot: str | None) -> None:
+        base = self.root / dataset
+        if not base.is_dir():
+            return
+        for snap in base.iterdir():
+            if snap.name != keep_snapshot:
+                shutil.rmtree(snap, ignore_errors=True)
+
+    def blocks(self) -> list[StoredBlock]:
+        return list(self._blocks.values())
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,60 @@
+"""Block keys and block arithmetic: which blocks a byte range touches, and their names.
+
+A key names one block of one file of one snapshot; it hashes the version token too, so a
+changed file can never be served from an old block even if a snapshot id were reused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import xxhash
+
+
+@dataclass(frozen=True)
+class BlockRef:
+    """One block: file `path` of `dataset`@`snapshot`, bytes [start, end)."""
+
+    dataset: str
+    snapshot: str
+    path: str
+    version: str
+    index: int
+    start: int
+    end: int
+
+    @property
+    def length(self) -> int:
+        return self.end - self.start
+
+    @property
+    def key(self) -> str:
+        return block_key(self.dataset, self.snapshot, self.path, self.version, self.index)
+
+
+def block_key(dataset: str, snapshot: str, path: str, version: str, index: int) -> str:
+    """16 hex digits of xxh3-64 over the block's identity (NUL-separated: no field has NUL)."""
+    return xxhash.xxh3_64_hexdigest(f"{dataset}\0{snapshot}\0{path}\0{version}\0{index}".encode())
+
+
+def key_hash(key: str) -> int:
+    """The ring position of a key (a 64-bit integer)."""
+    return xxhash.xxh3_64_intdigest(key.encode())
+
+
+def block_count(size: int, block_size: int) -> int:
+    """An empty file still has one (empty) block, so every file has an owner."""
+    return max(1, -(-size // block_size))
+
+
+def block_bounds(index: int, size: int, block_size: int) -> tuple[int, int]:
+    start = index * block_size
+    return start, min(start + block_size, size)
+
+
+def blocks_for_range(start: int, end: int, size: int, block_size: int) -> range:
+    """Indices of the blocks that hold bytes [start, end) of a file of `size` bytes."""
+    end = min(end, size)
+    if start >= end:
+        return range(0)
+    return range(start // block_size, (end - 1) // block_size + 1)
