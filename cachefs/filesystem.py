@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import weakref
 from typing import Any
 
 from fsspec.asyn import AsyncFileSystem, sync, sync_wrapper
@@ -30,6 +32,16 @@ _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
 def _read_only(*_args: Any, **_kwargs: Any) -> None:
     raise ReadOnlyError("cachefs is read-only: datasets are immutable snapshots of their origin; "
                         "write to the origin and run `cachefs dataset refresh`")
+
+
+def _close_quietly(loop: Any, blocks: BlockReader, transport: Transport) -> None:
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+    try:
+        sync(loop, blocks.close, timeout=2)
+        sync(loop, transport.close, timeout=2)
+    except Exception:  # interpreter shutdown or a dead loop: nothing left to close cleanly
+        pass
 
 
 class CachefsFileSystem(AsyncFileSystem):
@@ -53,6 +65,8 @@ class CachefsFileSystem(AsyncFileSystem):
         self.transport = Transport(self.config)
         self.blocks = BlockReader(self.config, self.transport, origin_storage_options)
         self._views: dict[str, DatasetView] = {}
+        if not asynchronous:  # like s3fs: close the session when the instance goes away
+            weakref.finalize(self, _close_quietly, self.loop, self.blocks, self.transport)
 
     # -- paths ---------------------------------------------------------------------------
     @classmethod
@@ -169,6 +183,10 @@ class CachefsFileSystem(AsyncFileSystem):
             return await self._read_range(view, entry, start, min(end, entry.size))
 
     async def _get_file(self, rpath: str, lpath: str, **kwargs: Any) -> None:
+        if (await self._info(rpath))["type"] == "directory":
+            os.makedirs(lpath, exist_ok=True)
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(lpath)), exist_ok=True)
         view, entry = await self._resolve(rpath)
         step = view.info.block_size * max(1, self.config.max_concurrency // 2)
         with open(lpath, "wb") as f:

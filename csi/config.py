@@ -34,15 +34,15 @@ class MountConfig:
     # large requests, which is what the block-sized client reads want.
     readahead_bytes: int = 8 * 1024 * 1024
     # Worker threads serving reads; FUSE itself runs multi-threaded in front of them.
-    threads: int = 32
+    fuse_threads: int = 32
 
     def __post_init__(self) -> None:
         if self.attr_timeout < 0 or self.op_timeout <= 0:
             raise ConfigError("attr_timeout must be ≥ 0 and op_timeout > 0 (seconds)")
         if not 4096 <= self.max_read_bytes <= 64 * 1024 * 1024:
             raise ConfigError("max_read_bytes must be between 4 KiB and 64 MiB")
-        if self.readahead_bytes < 0 or self.threads < 1:
-            raise ConfigError("readahead_bytes must be ≥ 0 and threads ≥ 1")
+        if self.readahead_bytes < 0 or self.fuse_threads < 1:
+            raise ConfigError("readahead_bytes must be ≥ 0 and fuse_threads ≥ 1")
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class CsiConfig:
 
     csi_endpoint: str = "unix:///csi/csi.sock"
     node_id: str = ""
-    state_dir: str = "/var/lib/cachefs-csi"
+    csi_state_dir: str = "/var/lib/cachefs-csi"
     driver_name: str = DRIVER_NAME
     mount_timeout: float = 30.0  # a mount that does not answer by then is torn down
     lookup_timeout: float = 15.0  # asking the cluster about a dataset

@@ -68,7 +68,7 @@ class DatasetOperations(fuse.Operations):
         self._handles: dict[int, Handle] = {}
         self._handles_lock = threading.Lock()  # guards _handles
         self._ids = itertools.count(1)
-        self._pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="cachefs-read")
+        self._pool = ThreadPoolExecutor(max_workers=config.fuse_threads, thread_name_prefix="cachefs-read")
 
     # ---- helpers -------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--op-timeout", type=float, default=defaults.op_timeout)
     p.add_argument("--max-read-bytes", type=int, default=defaults.max_read_bytes)
     p.add_argument("--readahead-bytes", type=int, default=defaults.readahead_bytes)
-    p.add_argument("--threads", type=int, default=defaults.threads)
+    p.add_argument("--fuse-threads", type=int, default=defaults.fuse_threads)
     return p
 
 
@@ -50,7 +50,7 @@ def config_args(config: MountConfig) -> list[str]:
         "--op-timeout", str(config.op_timeout),
         "--max-read-bytes", str(config.max_read_bytes),
         "--readahead-bytes", str(config.readahead_bytes),
-        "--threads", str(config.threads),
+        "--fuse-threads", str(config.fuse_threads),
     ]
 
 
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = MountConfig(attr_timeout=args.attr_timeout, op_timeout=args.op_timeout,
                              max_read_bytes=args.max_read_bytes, readahead_bytes=args.readahead_bytes,
-                             threads=args.threads)
+                             fuse_threads=args.fuse_threads)
     except CachefsError as e:
         log.error("bad mount options: %s", e)
         return EXIT_BAD_INPUT

@@ -247,3 +247,12 @@ def _stat_within(path: str, timeout: float) -> bool:
     t.start()
     t.join(timeout)
     return bool(result and result[0])
+
+
+def mount_pids(target: str) -> list[int]:
+    """Pids of our mount processes serving `target` (for `cachefs unmount`, which has no records)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and is_mount_process(int(name), target):
+            pids.append(int(name))
+    return pids

@@ -55,7 +55,7 @@ def parse_publish(req: pb.NodePublishVolumeRequest) -> PublishRequest:
         raise errors.InvalidArgument("volume_capability.access_mode is required")
     if mode not in READER_MODES and not req.readonly:
         raise errors.InvalidArgument(
-            f"cachefs volumes are read-only, but access mode {Mode.Name(mode)} asks for a writable volume: "
+            f"cachefs volumes are read-only, but access mode {Mode.Mode.Name(mode)} asks for a writable volume: "
             "use accessModes [ReadOnlyMany] on the PersistentVolume, or set readOnly: true on the volume")
     if cap.mount.fs_type not in ACCEPTED_FS_TYPES:
         raise errors.InvalidArgument(f"fs_type {cap.mount.fs_type!r} is not supported; leave it empty")

@@ -48,7 +48,7 @@ def bind_unix(server: grpc.Server, path: str) -> None:
 
 def run(config: CsiConfig, mount_config: MountConfig, catalog: Catalog) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code."""
-    store = StateStore(config.state_dir)
+    store = StateStore(config.csi_state_dir)
     volumes = VolumeManager(store, Mounter(), catalog, config, mount_config)
     adopted, repaired, dropped = volumes.recover()
     log.info("state %s: adopted %d mounts, repaired %d, dropped %d", store.dir, adopted, repaired, dropped)

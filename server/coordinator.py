@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from cachefs.errors import BadRequest, CachefsError, NotFound
@@ -38,14 +39,25 @@ class Coordinator:
     def __init__(self, state_dir: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
         self.registry = Registry(state_dir)
         self.block_size = block_size
-        self.ring = Ring()
+        # The epoch survives a coordinator restart: nodes and clients ignore older epochs.
+        self._epoch_file = Path(state_dir) / "epoch" if state_dir else None
+        self.ring = Ring(epoch=self._saved_epoch())
         self.nodes: dict[str, NodeEntry] = {}
         self.ops = Operations()
         self.deaths = 0
 
+    def _saved_epoch(self) -> int:
+        try:
+            return int(self._epoch_file.read_text()) if self._epoch_file else 0
+        except (OSError, ValueError):
+            return 0
+
     # -- membership --------------------------------------------------------------------
     async def register_node(self, node_id: str, url: str, capacity: int, handle: Any) -> dict[str, Any]:
         """A node joins (or rejoins after a restart); everyone gets the new ring."""
+        same = self.nodes.get(node_id)
+        if same is not None and (same.url, same.capacity) == (url, capacity) and same.watch and not same.watch.done():
+            return self.ring.to_json()  # a repeated `up`: nothing changed
         old = self.nodes.pop(node_id, None)
         if old is not None and old.watch is not None:
             old.watch.cancel()
@@ -81,6 +93,8 @@ class Coordinator:
 
     async def _publish_ring(self) -> None:
         self.ring = self._build_ring()
+        if self._epoch_file is not None:
+            self._epoch_file.write_text(str(self.ring.epoch))
         doc = self.ring.to_json()
         await self._broadcast("set_ring", doc)
 

@@ -32,7 +32,7 @@ from server.node_actor import CacheNodeActor
 log = logging.getLogger(__name__)
 
 COORDINATOR = "cachefs-coordinator"
-NODE_PREFIX = "cachefs-node-"
+NODE_PREFIX = "cachefs-"  # actor name = NODE_PREFIX + node id ("node-…")
 START_TIMEOUT = 120.0
 NODE_RESOURCE = "cachefs_node"
 
@@ -205,7 +205,7 @@ def down(env: Mapping[str, str] = os.environ, namespace: str = "cachefs",
     try:
         connect(address, namespace)
         nodes = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["namespace"] == namespace and a["name"].startswith(NODE_PREFIX)]
+                 if a["namespace"] == namespace and a["name"].startswith(NODE_PREFIX + "node-")]
         for entry in nodes:
             actor = _actor(entry["name"], namespace)
             if actor is not None:

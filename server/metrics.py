@@ -10,6 +10,8 @@ LABELS = ("dataset", "node")
 class NodeMetrics:
     def __init__(self, node_id: str) -> None:
         self.node_id = node_id
+        # plain totals too, for `cachefs status` (Prometheus counters are for scraping)
+        self.totals = {"hits": 0, "misses": 0, "origin_bytes": 0, "served_bytes": 0}
         self.registry = CollectorRegistry()
         r = self.registry
         self.hits = Counter("cachefs_hits", "Block reads served from a tier", LABELS + ("tier",), registry=r)
@@ -23,13 +25,17 @@ class NodeMetrics:
 
     def hit(self, dataset: str, tier: str) -> None:
         self.hits.labels(dataset, self.node_id, tier).inc()
+        self.totals["hits"] += 1
 
     def miss(self, dataset: str, nbytes: int) -> None:
         self.misses.labels(dataset, self.node_id).inc()
         self.origin_bytes.labels(dataset, self.node_id).inc(nbytes)
+        self.totals["misses"] += 1
+        self.totals["origin_bytes"] += nbytes
 
     def served(self, dataset: str, nbytes: int) -> None:
         self.served_bytes.labels(dataset, self.node_id).inc(nbytes)
+        self.totals["served_bytes"] += nbytes
 
     def evicted(self, dataset: str, tier: str, count: int = 1) -> None:
         self.evictions.labels(dataset, self.node_id, tier).inc(count)

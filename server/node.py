@@ -259,6 +259,7 @@ class CacheNode:
             "evictions": self.memory.evictions + (self.disk.evictions if self.disk else 0),
             "datasets": {name: self.cached_bytes(name) for name in self._datasets},
             "uptime": time.time() - self.started,
+            **self.metrics.totals,
         }
 
 

@@ -74,6 +74,7 @@ class CacheNodeActor:
         logging.basicConfig(level=logging.INFO)
         self.node_id = node_id
         self.config = config
+        self.coordinator_name, self.namespace = coordinator_name, namespace
         self.coordinator = ray.get_actor(coordinator_name, namespace=namespace)
         self.link = CoordinatorLink(self.coordinator)
         self.node = CacheNode(node_id, config, self.link)
@@ -82,8 +83,13 @@ class CacheNodeActor:
         self._stopped = asyncio.Event()
 
     async def start(self) -> str:
-        """Open the stores, listen, and join the ring; returns the URL clients use."""
+        """Open the stores, listen, and join the ring; returns the URL clients use.
+
+        Called again by every `cachefs up`: a running node then only re-registers, which
+        is how nodes find a coordinator that was restarted.
+        """
         if self.runner is not None:
+            await self._join()
             return self.url
         await self.node.open()
         self.runner = web.AppRunner(make_app(self.node, self.link, self.config.token), access_log=None,
@@ -95,10 +101,15 @@ class CacheNodeActor:
         host = self.config.advertise_host or (
             self.config.host if self.config.host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address())
         self.url = f"http://{host}:{port}"
+        await self._join()
+        return self.url
+
+    async def _join(self) -> None:
+        self.coordinator = ray.get_actor(self.coordinator_name, namespace=self.namespace)
+        self.link.handle = self.coordinator
         me = ray.get_runtime_context().current_actor
         ring = await self.coordinator.register_node.remote(self.node_id, self.url, self.config.capacity, me)
         self.node.set_ring(Ring.from_json(ring))
-        return self.url
 
     async def wait_forever(self) -> None:
         """Held open by the coordinator: it fails exactly when this actor dies."""

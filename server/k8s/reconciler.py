@@ -59,6 +59,7 @@ class Admin(Protocol):
     async def refresh_dataset(self, name: str) -> OperationInfo: ...
     async def remove_dataset(self, name: str) -> None: ...
     async def warm_dataset(self, name: str) -> OperationInfo: ...
+    async def operation(self, op_id: str) -> OperationInfo: ...
     async def wait(self, op: OperationInfo, progress: Any = None, timeout: float | None = None) -> OperationInfo: ...
     async def status(self) -> dict[str, Any]: ...
 
@@ -90,15 +91,23 @@ class Reconciler:
         on_change: Callable[[Key], None] = lambda key: None,
         op_timeout: float = 600.0,
         status_ttl: float = 2.0,
+        warm_poll: float = 2.0,
+        warm_report: float = 15.0,
     ) -> None:
         self.kube = kube
         self.admin = admin
         self.on_change = on_change  # asks the controller to reconcile a key again
         self.op_timeout = op_timeout  # longest wait for an add or a refresh (lists the origin)
-        self.status_ttl = status_ttl
+        self.status_ttl = status_ttl  # how long one GET /v1/status serves cachedFraction
+        self.warm_poll = warm_poll  # seconds between polls of a warm operation
+        self.warm_report = warm_report  # seconds between status updates while warming
         self._warms: dict[Key, asyncio.Task[None]] = {}  # warm operations being waited on
         self._warm_progress: dict[Key, OperationInfo] = {}  # last progress or final state
         self._cluster_status: tuple[float, dict[str, Any]] = (0.0, {})
+        # The status last meant for each resource, written or not. Decisions read it
+        # rather than the object's status, so a failed status write followed by a retry
+        # does not register, refresh or warm a second time.
+        self._intent: dict[Key, dict[str, Any]] = {}
 
     # ---- entry points ------------------------------------------------------------
 
@@ -119,6 +128,7 @@ class Reconciler:
 
     def forget(self, key: Key) -> None:
         """The resource is gone: stop waiting on its warm operation."""
+        self._intent.pop(key, None)
         task = self._warms.pop(key, None)
         if task is not None:
             task.cancel()
@@ -152,7 +162,8 @@ class Reconciler:
     # ---- create / update ---------------------------------------------------------
 
     async def _converge(self, res: Resource, obj: dict[str, Any]) -> dict[str, Any]:
-        status = dict(res.status)
+        known = self._known(res)
+        status = dict(known)
         try:
             spec = DatasetSpec.parse(res.spec)
             name = dataset_name(res.key)
@@ -162,7 +173,7 @@ class Reconciler:
             return await self._write(res, obj, status)
         status["dataset"] = name
         try:
-            info = await self._ensure_registered(res, spec, name, status)
+            info = await self._ensure_registered(res, spec, name, known, status)
         except _Blocked as e:
             status["lastError"] = e.message
             self._set(status, res, READY, False, e.reason, e.message)
@@ -185,18 +196,18 @@ class Reconciler:
             status, res, READY, True, "Registered",
             f"snapshot {info.snapshot}: {info.files} files, {format_size(info.bytes)}",
         )
-        await self._update_warmth(res, spec, name, info, status)
+        await self._update_warmth(res, spec, name, info, known, status)
         return await self._write(res, obj, status)
 
     async def _ensure_registered(
-        self, res: Resource, spec: DatasetSpec, name: str, status: dict[str, Any]
+        self, res: Resource, spec: DatasetSpec, name: str, known: Mapping[str, Any], status: dict[str, Any]
     ) -> DatasetInfo:
         """Registered as the spec says, with a snapshot no older than the spec: the info."""
         options, secret_version = await self._storage_options(res, spec)
         fingerprint = spec.fingerprint(res.key.namespace, secret_version)
         namespaces = spec.namespaces(res.key.namespace)
         info = await self._get(name)
-        registered = str(res.status.get("registration") or "")
+        registered = str(known.get("registration") or "")
         if info is not None and not registered and info.origin != spec.origin:
             raise _Blocked(
                 "NameConflict",
@@ -204,37 +215,37 @@ class Reconciler:
                 "did not register; remove it (`cachefs dataset rm`) or rename this resource",
                 retry=False,
             )
-        if info is not None and (
-            info.origin != spec.origin
-            or info.replicas != spec.replicas
-            or tuple(sorted(info.allowed_namespaces)) != namespaces
-            or (registered and registered != fingerprint)
-        ):
+        if registered:
+            # Ours: the fingerprint decides (comparing fields cachefs may normalise, like
+            # replicas on a small cluster, would remove and add it on every pass).
+            stale = registered != fingerprint or (info is not None and info.origin != spec.origin)
+        else:
+            # Registered before our status was written, or by hand with our origin: adopt
+            # it if it matches, else register again.
+            stale = info is not None and (
+                info.replicas != spec.replicas or tuple(sorted(info.allowed_namespaces)) != namespaces
+            )
+        if info is not None and stale:
             log.info("%s: registration of %s changed: removing it to add it again", res.key, name)
             try:
                 await self.admin.remove_dataset(name)
             except errors.NotFound:
                 pass
             info = None
-        new_snapshot = False
         if info is None:
             info = await self._run(
                 res, "add", self.admin.add_dataset(name, spec.origin, options, spec.replicas, namespaces), name
             )
             log.info("%s: registered %s from %s (snapshot %s)", res.key, name, spec.origin, info.snapshot)
-            new_snapshot = True
         else:
             refresh_request = res.annotations.get(REFRESH_ANNOTATION, "")
-            spec_changed = res.status.get("observedGeneration") not in (None, res.generation)
-            if spec_changed or refresh_request != str(res.status.get("lastRefreshRequest") or ""):
+            spec_changed = known.get("observedGeneration") not in (None, res.generation)
+            if spec_changed or refresh_request != str(known.get("lastRefreshRequest") or ""):
                 old = info.snapshot
                 info = await self._run(res, "refresh", self.admin.refresh_dataset(name), name)
                 log.info("%s: refreshed %s (snapshot %s → %s)", res.key, name, old, info.snapshot)
-                new_snapshot = info.snapshot != old
         status["registration"] = fingerprint
         status["lastRefreshRequest"] = res.annotations.get(REFRESH_ANNOTATION, "")
-        if new_snapshot and spec.warm_on_create:
-            await self._start_warm(res.key, name, status)
         return info
 
     async def _storage_options(self, res: Resource, spec: DatasetSpec) -> tuple[dict[str, Any], str]:
@@ -248,7 +259,7 @@ class Reconciler:
             if e.status == 404:
                 raise _Blocked("SecretNotFound", f"Secret {spec.secret_name} (spec.secretRef) does not exist in namespace {res.key.namespace}") from e
             if e.status == 403:
-                raise _Blocked("SecretForbidden", f"the operator may not read Secret {spec.secretRef_name if False else spec.secret_name}: grant it `get` on secrets (Helm value operator.readSecrets)") from e
+                raise _Blocked("SecretForbidden", f"the operator may not read Secret {spec.secret_name}: grant it `get` on secrets (Helm value operator.readSecrets)") from e
             raise
         except UnicodeDecodeError as e:
             raise _Blocked("InvalidSecret", f"Secret {spec.secret_name} holds binary data; storage options must be text", retry=False) from e
@@ -283,74 +294,88 @@ class Reconciler:
     # ---- warm ----------------------------------------------------------------------
 
     async def _update_warmth(
-        self, res: Resource, spec: DatasetSpec, name: str, info: DatasetInfo, status: dict[str, Any]
+        self, res: Resource, spec: DatasetSpec, name: str, info: DatasetInfo,
+        known: Mapping[str, Any], status: dict[str, Any],
     ) -> None:
+        """Level-triggered: each snapshot is warmed once when warmOnCreate, and once per
+        new value of the warm-request annotation; a failed start is retried."""
         warm_request = res.annotations.get(WARM_ANNOTATION, "")
-        if warm_request != str(res.status.get("lastWarmRequest") or "") and res.key not in self._warms:
-            await self._start_warm(res.key, name, status)
-        status["lastWarmRequest"] = warm_request
+        requested = warm_request != str(known.get("lastWarmRequest") or "")
+        unwarmed = spec.warm_on_create and status.get("warmedSnapshot") != info.snapshot
         op_id = str(status.get("warmOperation") or "")
-        if op_id and res.key not in self._warms and res.key not in self._warm_progress:
-            self._watch_warm(res.key, OperationInfo(id=op_id, kind="warm", dataset=name))  # after a restart
+        if (requested or unwarmed) and res.key not in self._warms:
+            try:
+                op = await self.admin.warm_dataset(name)
+            except errors.CachefsError as e:
+                self._set(status, res, WARM, False, "WarmFailed", f"cannot start warming: {e}")
+                status["lastError"] = f"cachefs: cannot start warming: {e}"
+                await self._write(res, {}, status)
+                raise Retry(f"{res.key}: cannot start warming {name}: {e}") from e
+            log.info("%s: warming %s (operation %s)", res.key, name, op.id)
+            op_id = status["warmOperation"] = op.id
+            status["warmedSnapshot"] = info.snapshot
+            self._warm_progress.pop(res.key, None)
+            self._watch_warm(res.key, op)
+        elif op_id and res.key not in self._warms and res.key not in self._warm_progress:
+            # An operation from before a restart of the operator: wait on it again.
+            self._watch_warm(res.key, OperationInfo(id=op_id, kind="warm", dataset=name))
+        status["lastWarmRequest"] = warm_request
         fraction = await self._cached_fraction(name, info)
         if fraction is not None:
             status["cachedFraction"] = fraction
+        cached = status.get("cachedFraction")
         progress = self._warm_progress.get(res.key)
         if res.key in self._warms:
             done = format_size(progress.done_bytes) if progress else "0 B"
-            total = format_size(progress.total_bytes or info.bytes) if progress else format_size(info.bytes)
+            total = format_size((progress.total_bytes if progress else 0) or info.bytes)
             self._set(status, res, WARM, False, "Warming", f"warming: {done} of {total} fetched")
             return
         status.pop("warmOperation", None)
-        failed = progress is not None and not progress.finished_ok
-        cached = status.get("cachedFraction")
         if isinstance(cached, (int, float)) and cached >= 0.999:
             self._set(status, res, WARM, True, "Cached", "every block of the snapshot is cached")
-        elif failed:
-            assert progress is not None
-            self._set(status, res, WARM, False, "WarmFailed", f"warm {progress.state}: {progress.message or progress.failures}")
+        elif progress is not None and not progress.finished_ok:
+            detail = progress.message or "; ".join(f"{p}: {m}" for p, m in list(progress.failures.items())[:3])
+            self._set(status, res, WARM, False, "WarmFailed", f"warm {progress.state}: {detail}")
+        elif progress is not None and cached is None:
+            self._set(status, res, WARM, True, "Warmed", "the last warm operation fetched every block")
         elif isinstance(cached, (int, float)):
             self._set(status, res, WARM, False, "Partial", f"{cached:.0%} of the snapshot is cached")
         else:
             self._set(status, res, WARM, None, "Unknown", "the cache did not report what it holds")
 
-    async def _start_warm(self, key: Key, name: str, status: dict[str, Any]) -> None:
-        try:
-            op = await self.admin.warm_dataset(name)
-        except errors.CachefsError as e:
-            log.warning("%s: cannot start warming %s: %s", key, name, e)
-            raise
-        log.info("%s: warming %s (operation %s)", key, name, op.id)
-        status["warmOperation"] = op.id
-        self._warm_progress.pop(key, None)
-        self._watch_warm(key, op)
-
     def _watch_warm(self, key: Key, op: OperationInfo) -> None:
+        """Follow a warm operation in the background; on its end, reconcile the key again.
+
+        Polls instead of AdminClient.wait, because cancelling wait() cancels the operation
+        and this task is cancelled whenever the operator stops: a restart of the operator
+        must not stop a warm half-way (the next operator picks it up by its id)."""
         old = self._warms.pop(key, None)
         if old is not None:
             old.cancel()
-        last_report = [0.0]
 
-        def progress(current: OperationInfo) -> None:
+        async def follow() -> None:
+            current = op
+            last_report = time.monotonic()
+            while current.running:
+                await asyncio.sleep(self.warm_poll)
+                try:
+                    current = await self.admin.operation(op.id)
+                except errors.NotFound:
+                    current = OperationInfo(id=op.id, kind="warm", dataset=op.dataset, state="failed",
+                                            message="the cache cluster no longer knows this operation (restarted?)")
+                except errors.CachefsError as e:
+                    log.debug("%s: cannot read warm operation %s: %s", key, op.id, e)
+                    continue
+                self._warm_progress[key] = current
+                if time.monotonic() - last_report > self.warm_report:  # progress in status, not every poll
+                    last_report = time.monotonic()
+                    self.on_change(key)
             self._warm_progress[key] = current
-            if time.monotonic() - last_report[0] > 10.0:  # status shows progress, not every tick
-                last_report[0] = time.monotonic()
-                self.on_change(key)
-
-        async def wait() -> None:
-            try:
-                final = await self.admin.wait(op, progress=progress)
-            except errors.NotFound:
-                final = OperationInfo(id=op.id, kind="warm", dataset=op.dataset, state="failed",
-                                      message="the cache cluster forgot the operation (restarted?)")
-            except errors.CachefsError as e:
-                final = OperationInfo(id=op.id, kind="warm", dataset=op.dataset, state="failed", message=str(e))
-            self._warm_progress[key] = final
             self._warms.pop(key, None)
-            log.info("%s: warm of %s %s", key, op.dataset, final.state)
+            log.info("%s: warm of %s %s", key, op.dataset, current.state)
             self.on_change(key)
 
-        self._warms[key] = asyncio.create_task(wait(), name=f"warm {key}")
+        self._warms[key] = asyncio.create_task(follow(), name=f"warm {key}")
 
     async def _cached_fraction(self, name: str, info: DatasetInfo) -> float | None:
         """From GET /v1/status, cached for a moment: a resync asks once, not once per dataset."""
@@ -384,9 +409,14 @@ class Reconciler:
         others = [c for c in status.get("conditions") or () if c.get("type") != kind]
         status["conditions"] = sorted([*others, new], key=lambda c: (c["type"] != READY, c["type"]))
 
+    def _known(self, res: Resource) -> Mapping[str, Any]:
+        """What this resource's status is, or is about to be once our last write lands."""
+        return self._intent.get(res.key) or res.status
+
     async def _write(self, res: Resource, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """Patch status if it changed; a merge patch, with null for fields that went away."""
         status = {k: v for k, v in status.items() if v not in (None, "")}
+        self._intent[res.key] = status
         old = dict(res.status)
         if status == old:
             return obj

@@ -1,0 +1,111 @@
+"""`cachefs dataset add|ls|rm|refresh` and `cachefs warm`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from cachefs.admin import AdminClient
+from cachefs.cli.output import add_client_flags, add_json_flag, follow, print_json, report, run_admin, table
+from cachefs.config import format_size
+from cachefs.errors import BadRequest
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    ds = sub.add_parser("dataset", help="register, list, refresh and remove datasets",
+                        description="Datasets bind a name to an origin prefix, pinned to a snapshot.")
+    dsub = ds.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+
+    p = dsub.add_parser("add", help="register a dataset (lists the origin once)",
+                        description="Register NAME for the files under ORIGIN (any fsspec URL: s3://, gs://, "
+                        "file://, ...). The cluster lists the origin once and pins that listing as a snapshot.")
+    p.add_argument("name", help="lowercase letters, digits, '.', '_', '-'")
+    p.add_argument("origin", help="e.g. s3://bucket/prefix or file:///data/set")
+    p.add_argument("--storage-options", default="{}", help="JSON object passed to the origin's fsspec filesystem")
+    p.add_argument("--replicas", type=int, default=1, help="copies of each block (default 1)")
+    p.add_argument("--allow-namespace", action="append", default=[], dest="allowed_namespaces",
+                   help="Kubernetes namespace allowed to mount it (repeat; default: all)")
+    _common(p)
+    p.set_defaults(func=cmd_add)
+
+    p = dsub.add_parser("ls", help="list datasets", description="List registered datasets.")
+    add_client_flags(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = dsub.add_parser("rm", help="remove a dataset and drop its cached blocks",
+                        description="Remove NAME from the registry; every node drops its blocks. The origin is untouched.")
+    p.add_argument("name")
+    add_client_flags(p)
+    add_json_flag(p)
+    p.set_defaults(func=cmd_rm)
+
+    p = dsub.add_parser("refresh", help="take a new snapshot of the origin",
+                        description="List the origin again. If anything changed, readers move to the new snapshot "
+                        "and the old snapshot's blocks are no longer served.")
+    p.add_argument("name")
+    _common(p)
+    p.set_defaults(func=cmd_refresh)
+
+    p = sub.add_parser("warm", help="load a dataset into the cache, on every node in parallel",
+                       description="Every cache node fetches the blocks it owns from the origin. Shows progress; "
+                       "Ctrl-C cancels. Exits non-zero if any file failed.")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, help="give up (and cancel) after this many seconds")
+    _common(p)
+    p.set_defaults(func=cmd_warm)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_client_flags(p)
+    add_json_flag(p)
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    try:
+        options = json.loads(args.storage_options)
+    except ValueError as e:
+        raise BadRequest(f"--storage-options is not JSON: {e}") from e
+
+    async def go(admin: AdminClient) -> int:
+        op = await admin.add_dataset(args.name, args.origin, options, args.replicas, args.allowed_namespaces)
+        op = await follow(admin, op, f"listing {args.origin}", quiet=args.json)
+        return report(op, args.json)
+
+    return run_admin(args, go)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    infos = run_admin(args, lambda a: a.list_datasets())
+    if args.json:
+        print_json([i.to_json() for i in infos])
+    else:
+        table(None, ["name", "origin", "files", "size", "replicas", "snapshot"],
+              [(i.name, i.origin, i.files, format_size(i.bytes), i.replicas, i.snapshot) for i in infos])
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    run_admin(args, lambda a: a.remove_dataset(args.name))
+    if args.json:
+        print_json({"removed": args.name})
+    else:
+        print(f"removed {args.name}")
+    return 0
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    async def go(admin: AdminClient) -> int:
+        op = await follow(admin, await admin.refresh_dataset(args.name), f"listing {args.name}", quiet=args.json)
+        return report(op, args.json)
+
+    return run_admin(args, go)
+
+
+def cmd_warm(args: argparse.Namespace) -> int:
+    async def go(admin: AdminClient) -> int:
+        op = await follow(admin, await admin.warm_dataset(args.name), f"warming {args.name}", quiet=args.json,
+                          timeout=args.timeout)
+        return report(op, args.json)
+
+    return run_admin(args, go)

@@ -1,0 +1,118 @@
+"""`cachefs csi`, `cachefs mount`, `cachefs unmount`: volumes from the command line.
+
+`csi` runs the Kubernetes node plugin; `mount` and `unmount` give the same FUSE mount
+outside Kubernetes. Heavy modules (grpc, mfusepy, the client) are imported inside the
+handlers so `cachefs --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "csi", help="run the CSI node plugin (Kubernetes volumes)",
+        description="Serve the CSI v1 Identity and Node services on a unix socket, so kubelet can mount "
+                    "datasets into pods as read-only volumes. Reaches the cache cluster with "
+                    "CACHEFS_ENDPOINT / CACHEFS_TOKEN (or the cluster file).")
+    p.add_argument("--endpoint", dest="csi_endpoint", default=os.environ.get("CSI_ENDPOINT"),
+                   help="unix socket to serve, e.g. unix:///csi/csi.sock (default: $CSI_ENDPOINT, then the config)")
+    p.add_argument("--node-id", default=None, help="this node's name as Kubernetes knows it (e.g. $NODE_NAME)")
+    p.add_argument("--state-dir", default=None, help="where mount records and logs live (default /var/lib/cachefs-csi)")
+    p.add_argument("--driver-name", default=None, help="CSI driver name (default csi.cachefs.io); must match the CSIDriver")
+    p.add_argument("--mount-timeout", type=float, default=None, help="seconds a new mount may take to answer (default 30)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.set_defaults(func=_run_csi)
+
+    p = subparsers.add_parser(
+        "mount", help="mount a dataset read-only with FUSE",
+        description="Mount DATASET read-only at MOUNTPOINT. The mount runs in its own background process "
+                    "and outlives this command; remove it with `cachefs unmount MOUNTPOINT`.")
+    p.add_argument("dataset", metavar="DATASET", help="a registered dataset name")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="directory to mount on (created if missing)")
+    p.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted or interrupted")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the mount to answer (default 30)")
+    p.add_argument("--attr-timeout", type=float, default=None, help="seconds the kernel may cache attributes and entries")
+    p.add_argument("--op-timeout", type=float, default=None, help="seconds before a stuck read answers EIO")
+    p.set_defaults(func=_run_mount)
+
+    p = subparsers.add_parser(
+        "unmount", help="unmount a dataset mounted with `cachefs mount`",
+        description="Unmount MOUNTPOINT and wait for its mount process to exit.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--lazy", "-z", action="store_true", help="detach now even if files are open (fusermount3 -uz)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the mount process to exit")
+    p.set_defaults(func=_run_unmount)
+
+
+def _logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run_csi(args: argparse.Namespace) -> int:
+    from cachefs.config import ClientConfig, load
+    from csi.catalog import ClusterCatalog
+    from csi.config import CsiConfig, MountConfig
+    from csi.server import run
+
+    _logging(args.log_level)
+    config = load(CsiConfig, {"csi_endpoint": args.csi_endpoint, "node_id": args.node_id, "csi_state_dir": args.state_dir,
+                              "driver_name": args.driver_name, "mount_timeout": args.mount_timeout})
+    catalog = ClusterCatalog(load(ClientConfig), timeout=config.lookup_timeout)
+    return run(config, load(MountConfig), catalog)
+
+
+def _run_mount(args: argparse.Namespace) -> int:
+    from cachefs.config import ClientConfig, cachefs_home, load
+    from cachefs.errors import ConfigError, NotFound
+    from csi.catalog import ClusterCatalog
+    from csi.config import MountConfig
+    from csi.mounter import Mounter, find_mount
+    from csi.state import key_of
+
+    target = os.path.abspath(args.mountpoint)
+    if find_mount(target) is not None:
+        raise ConfigError(f"{target} is already a cachefs mount; run `cachefs unmount {target}` first")
+    mount_config = load(MountConfig, {"attr_timeout": args.attr_timeout, "op_timeout": args.op_timeout})
+    catalog = ClusterCatalog(load(ClientConfig))
+    try:
+        info = catalog.lookup(args.dataset)
+    except FileNotFoundError:
+        raise NotFound(f"dataset {args.dataset!r} is not registered; see `cachefs dataset list`") from None
+    source = catalog.source(args.dataset)
+    env = {**os.environ, **catalog.mount_env()}
+    if args.foreground:
+        from csi import mount_process
+
+        os.environ.update(catalog.mount_env())
+        os.makedirs(target, exist_ok=True)
+        return mount_process.main(["--source", source, "--target", target, "--mtime", str(info.created),
+                                   *mount_process.config_args(mount_config)])
+    log_path = str(cachefs_home() / "logs" / f"mount-{key_of(target)}.log")
+    pid = Mounter().start(source, target, log_path=log_path, env=env, config=mount_config,
+                          mtime=info.created, timeout=args.timeout)
+    print(f"mounted {args.dataset} ({info.files} files) read-only at {target} (process {pid}, log {log_path}); "
+          f"unmount with `cachefs unmount {target}`")
+    return 0
+
+
+def _run_unmount(args: argparse.Namespace) -> int:
+    from cachefs.errors import ConfigError
+    from csi.mounter import Mounter, find_mount, mount_pids
+
+    target = os.path.abspath(args.mountpoint)
+    if find_mount(target) is None:
+        raise ConfigError(f"nothing of cachefs is mounted at {target}")
+    pids = mount_pids(target)
+    mounter = Mounter()
+    mounter.unmount(target, lazy=args.lazy, timeout=args.timeout)
+    for pid in pids:
+        mounter.stop(target, pid, timeout=args.timeout)
+    print(f"unmounted {target}")
+    return 0

@@ -1,0 +1,236 @@
+"""Shared fixtures: one real Ray cluster (3 nodes) with cachefs on it per test session,
+a local origin and an S3 origin (moto's server on 127.0.0.1).
+
+Tests share the cluster, so each registers datasets under its own name. Blocks are
+1 MiB here (8 MiB in production) so that small test files span several blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+MiB = 1024 * 1024
+NODE_MEMORY = 24 * MiB
+NODE_DISK = 48 * MiB
+BLOCK = 1 * MiB
+NAMESPACE = "cachefs-test"
+
+
+@dataclass
+class TestCluster:
+    """The session's cache cluster, as tests and the helpers' tests use it."""
+
+    endpoint: str
+    token: str
+    home: Path
+    env: dict[str, str]
+    config: Any  # ClusterConfig
+    ray_cluster: Any
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def client_config(self):  # -> ClientConfig
+        from cachefs.config import ClientConfig
+
+        return ClientConfig(endpoint=self.endpoint, token=self.token)
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run(coro)
+
+    def admin(self):  # -> AdminClient
+        from cachefs.admin import AdminClient
+
+        return AdminClient(self.client_config)
+
+    def add_dataset(self, name: str, origin_url: str, **kw: Any):  # -> DatasetInfo
+        """Register (waiting for the listing) and return the DatasetInfo."""
+        from cachefs.wire import DatasetInfo
+
+        async def go():
+            async with self.admin() as a:
+                op = await a.wait(await a.add_dataset(name, origin_url, **kw), timeout=60)
+                assert op.state == "succeeded", op
+                return DatasetInfo.from_json(op.result)
+
+        return self.run(go())
+
+    def warm(self, name: str):  # -> OperationInfo
+        async def go():
+            async with self.admin() as a:
+                return await a.wait(await a.warm_dataset(name), timeout=120)
+
+        return self.run(go())
+
+    def remove_dataset(self, name: str) -> None:
+        async def go():
+            async with self.admin() as a:
+                await a.remove_dataset(name)
+
+        self.run(go())
+
+    def status(self) -> dict[str, Any]:
+        async def go():
+            async with self.admin() as a:
+                return await a.status()
+
+        return self.run(go())
+
+    def totals(self, key: str) -> int:
+        return sum(n[key] for n in self.status()["nodes"])
+
+    def fs(self, **kw: Any):  # -> CachefsFileSystem
+        from cachefs.filesystem import CachefsFileSystem
+
+        return CachefsFileSystem(endpoint=self.endpoint, token=self.token, skip_instance_cache=True, **kw)
+
+    def ensure_nodes(self) -> list[str]:
+        """Bring back any cache node a test killed."""
+        from server import hosting
+
+        urls = hosting.ensure_nodes(self.config, self.token, self.env)
+        return urls
+
+    def unique(self, prefix: str) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+        self.names.append(name)
+        return name
+
+
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for rel, data in files.items():
+        p = root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    return root
+
+
+def sample_files(seed: int = 1) -> dict[str, bytes]:
+    """Nested folders, empty and tiny files, files that end on and across block edges."""
+    rnd = __import__("random").Random(seed)
+    files = {
+        "README.txt": b"a small dataset for tests\n",
+        "empty.bin": b"",
+        "train/cats/001.jpg": rnd.randbytes(70_000),
+        "train/cats/002.jpg": rnd.randbytes(1),
+        "train/dogs/001.jpg": rnd.randbytes(150_000),
+        "train/dogs/deep/er/x.bin": rnd.randbytes(BLOCK),  # exactly one block
+        "val/big.bin": rnd.randbytes(3 * BLOCK + 12345),  # four blocks, last one partial
+        "val/name with spaces & ünïcode.txt": b"odd names are fine\n",
+    }
+    for i in range(20):
+        files[f"train/many/{i:03d}.bin"] = rnd.randbytes(rnd.randint(1000, 40_000))
+    return files
+
+
+@pytest.fixture(scope="session")
+def sample_origin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local directory tree (origin URL: 'file://' + str(path))."""
+    return write_tree(tmp_path_factory.mktemp("origin"), sample_files())
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes(timeout=60)
+    ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cachefs_cluster(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
+    """cachefs on the 3-node Ray cluster: one cache node per Ray node."""
+    from cachefs.config import ClusterConfig
+    from server import hosting
+
+    home = tmp_path_factory.mktemp("cachefs-home")
+    env = {**os.environ, "CACHEFS_HOME": str(home)}
+    env.pop("CACHEFS_TOKEN", None)
+    config = ClusterConfig(nodes=0, memory_bytes=NODE_MEMORY, disk_bytes=NODE_DISK, disk_root=str(home / "disk"),
+                           state_dir=str(home / "state"), address=ray_cluster.address, block_size=BLOCK,
+                           namespace=NAMESPACE)
+    handle = hosting.up(config, env)
+    assert len(handle.endpoints) == 3
+    cluster = TestCluster(handle.endpoint, handle.token, home, env, config, ray_cluster)
+    try:
+        yield cluster
+    finally:
+        hosting.down(env, namespace=NAMESPACE)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[dict[str, Any]]:
+    """moto's S3 server on 127.0.0.1; yields the storage options s3fs needs."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "testing", "secret": "testing",
+               "client_kwargs": {"endpoint_url": f"http://{host}:{port}", "region_name": "us-east-1"}}
+    try:
+        yield options
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_origin(s3_server: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, bytes]]:
+    """A bucket holding the sample files: (origin URL, storage options, files)."""
+    import boto3
+    import s3fs
+
+    boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing",
+                 **s3_server["client_kwargs"]).create_bucket(Bucket="datasets")
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server)
+    files = sample_files(seed=2)
+    for rel, data in files.items():
+        fs.pipe_file(f"datasets/imagenet/{rel}", data)
+    return "s3://datasets/imagenet", s3_server, files
+
+
+@pytest.fixture
+def fresh_origin(tmp_path: Path) -> Path:
+    """A per-test local origin, for tests that change or break their origin."""
+    return write_tree(tmp_path / "origin", sample_files(seed=3))
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    """Run `cachefs ARGS` as a user would, in a subprocess."""
+    return subprocess.run([sys.executable, "-m", "cachefs.cli.main", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+__all__ = ["TestCluster", "write_tree", "sample_files", "run_cli", "wait_until", "shutil", "MiB", "BLOCK"]
