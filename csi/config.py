@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from cachefs.errors import ConfigError
 
 DRIVER_NAME = "csi.cachefs.io"  # must equal the CSIDriver object's name in the Helm chart
+_MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, with the terminating NUL
 _DRIVER_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$")
 
 
@@ -63,8 +64,7 @@ class CsiConfig:
     def __post_init__(self) -> None:
         if not self.node_id:
             raise ConfigError("the CSI plugin needs a node id: pass --node-id or set CACHEFS_NODE_ID (the Kubernetes node name)")
-        if not self.csi_endpoint.startswith("unix://") and not self.csi_endpoint.startswith("/"):
-            raise ConfigError(f"csi_endpoint {self.csi_endpoint!r} must be unix:///path/to/socket")
+        socket_path(self.csi_endpoint)  # validates it
         if not _DRIVER_NAME_RE.match(self.driver_name):
             raise ConfigError(f"driver_name {self.driver_name!r} is not a DNS-style name of at most 63 characters")
         for name in ("mount_timeout", "lookup_timeout", "stop_timeout"):
@@ -83,4 +83,6 @@ def socket_path(endpoint: str) -> str:
     path = endpoint[len("unix://"):] if endpoint.startswith("unix://") else endpoint
     if not path.startswith("/"):
         raise ConfigError(f"endpoint {endpoint!r} must name an absolute socket path (unix:///path)")
+    if len(path.encode()) > _MAX_SOCKET_PATH:
+        raise ConfigError(f"socket path {path!r} is longer than the {_MAX_SOCKET_PATH} bytes a unix socket allows")
     return path

@@ -12,7 +12,9 @@ import json
 import os
 import signal
 import subprocess
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator
@@ -62,7 +64,8 @@ class Plugin:
     def __init__(self, root: Path, cluster, datasets: dict[str, object]) -> None:
         self.root = root
         self.names = {placeholder: info.name for placeholder, info in datasets.items()}
-        self.socket = root / "plugin" / "csi.sock"
+        # A unix socket path has at most 107 bytes: pytest's tmp paths are too long.
+        self.socket = Path(tempfile.mkdtemp(prefix="csi-", dir="/tmp")) / "csi.sock"
         self.state_dir = root / "state"
         self.log = root / "plugin.log"
         self.env = {**os.environ, "CACHEFS_ENDPOINT": cluster.endpoint, "CACHEFS_TOKEN": cluster.token,
@@ -106,6 +109,7 @@ class Plugin:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        shutil.rmtree(self.socket.parent, ignore_errors=True)
 
     # kubelet's side of the conversation
     def publish(self, target: Path, volume_id: str = "csi-vol-1", *, dataset: str | None = DATASET,

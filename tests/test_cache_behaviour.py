@@ -1,0 +1,158 @@
+"""The promises of the cache, on the real 3-node cluster: single-flight origin reads,
+budgets, a dead node, a changed origin, refresh, and a restarted coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from cachefs.errors import OriginChanged
+from conftest import BLOCK, MiB, NAMESPACE, wait_until, write_tree
+
+
+def test_32_concurrent_readers_of_one_cold_block_read_the_origin_once(cachefs_cluster, tmp_path) -> None:
+    data = b"cold" * 100_000
+    origin = write_tree(tmp_path / "o", {"one.bin": data})
+    name = cachefs_cluster.unique("flight")
+    cachefs_cluster.add_dataset(name, f"file://{origin}")
+    before = cachefs_cluster.totals("misses")
+
+    async def readers() -> list[bytes]:
+        fss = [cachefs_cluster.fs(asynchronous=True) for _ in range(32)]
+        try:
+            return await asyncio.gather(*(fs._cat_file(f"{name}/one.bin") for fs in fss))
+        finally:
+            for fs in fss:
+                await fs._close()
+
+    results = asyncio.run(readers())
+    assert all(r == data for r in results)
+    assert cachefs_cluster.totals("misses") - before == 1
+
+
+def test_dataset_larger_than_a_node_is_fully_cached_within_budgets(cachefs_cluster, tmp_path) -> None:
+    # 60 MiB in 1 MiB blocks: more than any node holds (48 MiB), less than the cluster (144 MiB)
+    files = {f"part-{i:02d}.bin": bytes([i]) * (4 * MiB) for i in range(15)}
+    origin = write_tree(tmp_path / "o", files)
+    name = cachefs_cluster.unique("big")
+    info = cachefs_cluster.add_dataset(name, f"file://{origin}")
+    blocks = sum(-(-len(d) // BLOCK) for d in files.values())
+    before = cachefs_cluster.totals("misses")
+
+    op = cachefs_cluster.warm(name)
+    assert op.state == "succeeded", op
+    assert op.done_bytes == info.bytes
+    status = cachefs_cluster.status()
+    assert cachefs_cluster.totals("misses") - before == blocks  # each block read from the origin once
+    cached = next(d for d in status["datasets"] if d["name"] == name)["cached_bytes"]
+    assert cached == info.bytes  # fully cached
+    for n in status["nodes"]:
+        assert n["memory_used"] <= n["memory_budget"] and n["disk_used"] <= n["disk_budget"], n
+        assert n["datasets"].get(name, 0) < info.bytes  # nobody holds it all: it is sharded
+
+    fs = cachefs_cluster.fs()
+    got = fs.cat([f"{name}/{p}" for p in files])
+    assert {k.split("/", 1)[1]: v for k, v in got.items()} == files
+    assert cachefs_cluster.totals("misses") - before == blocks  # reading it back costs no origin read
+    cachefs_cluster.remove_dataset(name)
+
+
+def test_refused_dataset_warm_reports_failures_by_file(cachefs_cluster, tmp_path) -> None:
+    origin = write_tree(tmp_path / "o", {"a.bin": b"a" * 1000, "b.bin": b"b" * 1000})
+    name = cachefs_cluster.unique("warmfail")
+    cachefs_cluster.add_dataset(name, f"file://{origin}")
+    (origin / "b.bin").write_bytes(b"changed")
+    op = cachefs_cluster.warm(name)
+    assert op.state == "failed"
+    assert list(op.failures) == ["b.bin"] and "refresh" in op.failures["b.bin"]
+
+
+def test_a_changed_origin_file_fails_loudly_until_refresh(cachefs_cluster, fresh_origin: Path) -> None:
+    name = cachefs_cluster.unique("changed")
+    old_info = cachefs_cluster.add_dataset(name, f"file://{fresh_origin}")
+    fs = cachefs_cluster.fs()
+    cached_before = fs.cat_file(f"{name}/train/cats/001.jpg")
+    (fresh_origin / "train/cats/001.jpg").write_bytes(b"new cat")
+    (fresh_origin / "val/big.bin").write_bytes(b"new big")
+
+    with pytest.raises(OriginChanged, match="refresh"):
+        fs.cat_file(f"{name}/val/big.bin")
+    # what was cached is the snapshot's bytes: still served, never the new or a mix
+    assert fs.cat_file(f"{name}/train/cats/001.jpg") == cached_before
+
+    async def refresh():
+        async with cachefs_cluster.admin() as a:
+            return await a.wait(await a.refresh_dataset(name), timeout=60)
+
+    op = asyncio.run(refresh())
+    assert op.state == "succeeded" and op.result["changed"] is True
+    assert op.result["snapshot"] != old_info.snapshot
+    fresh = cachefs_cluster.fs()
+    assert fresh.cat_file(f"{name}/train/cats/001.jpg") == b"new cat"
+    assert fresh.cat_file(f"{name}/val/big.bin") == b"new big"
+    # a reader still holding the old snapshot is told so on its next uncached read
+    assert fs.cat_file(f"{name}/val/big.bin") == b"new big"  # cat_file reloads the manifest once
+
+
+def test_a_dead_cache_node_costs_a_refetch_never_a_failed_read(cachefs_cluster, tmp_path) -> None:
+    files = {f"f{i:02d}.bin": bytes([i]) * (200_000 + i) for i in range(40)}
+    origin = write_tree(tmp_path / "o", files)
+    name = cachefs_cluster.unique("death")
+    cachefs_cluster.add_dataset(name, f"file://{origin}")
+    assert cachefs_cluster.warm(name).state == "succeeded"
+    status = cachefs_cluster.status()
+    epoch = status["epoch"]
+    victim = max(status["nodes"], key=lambda n: n["datasets"].get(name, 0))
+    misses = cachefs_cluster.totals("misses")
+
+    fs = cachefs_cluster.fs(connect_timeout=2.0)
+    errors: list[BaseException] = []
+    killed = threading.Event()
+
+    def read_until_two_rounds_after_the_kill() -> None:
+        try:
+            after_kill = 0
+            while after_kill < 2:
+                after_kill += killed.is_set()
+                for rel, data in files.items():
+                    assert fs.cat_file(f"{name}/{rel}") == data, rel
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    reader = threading.Thread(target=read_until_two_rounds_after_the_kill)
+    reader.start()
+    time.sleep(0.3)
+    ray.kill(ray.get_actor(f"cachefs-{victim['id']}", namespace=NAMESPACE), no_restart=True)
+    killed.set()
+    reader.join(timeout=120)
+    assert not reader.is_alive() and not errors, errors
+    after = wait_until(lambda: (s := cachefs_cluster.status())["epoch"] > epoch and len(s["nodes"]) == 2 and s,
+                       what="the ring to drop the dead node")
+    assert fs.blocks.origin_reads == 0  # the surviving nodes served everything
+    refetched = sum(n["misses"] for n in after["nodes"]) - (misses - victim["misses"])
+    assert 0 < refetched <= sum(1 for _ in files)  # its share, once
+    assert fs.cat([f"{name}/{p}" for p in files]) and fs.blocks.ring.epoch >= after["epoch"]
+    cachefs_cluster.ensure_nodes()
+    wait_until(lambda: len(cachefs_cluster.status()["nodes"]) == 3, what="the node to come back")
+    cachefs_cluster.remove_dataset(name)
+
+
+def test_a_restarted_coordinator_keeps_every_dataset(cachefs_cluster, sample_origin) -> None:
+    from server import hosting
+
+    name = cachefs_cluster.unique("persist")
+    info = cachefs_cluster.add_dataset(name, f"file://{sample_origin}")
+    epoch = cachefs_cluster.status()["epoch"]
+    ray.kill(ray.get_actor(hosting.COORDINATOR, namespace=NAMESPACE), no_restart=True)
+    hosting.up(cachefs_cluster.config, cachefs_cluster.env)
+    status = wait_until(lambda: (s := cachefs_cluster.status()) and len(s["nodes"]) == 3 and s,
+                        what="nodes to rejoin the new coordinator")
+    assert status["epoch"] > epoch
+    d = next(d for d in status["datasets"] if d["name"] == name)
+    assert d["snapshot"] == info.snapshot
+    assert cachefs_cluster.fs().cat_file(f"{name}/README.txt") == b"a small dataset for tests\n"
