@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -59,11 +61,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ray_temp_dir(port: int) -> str:
+    # short on purpose: Ray puts unix sockets under it (a path limit of ~107 bytes)
+    return f"/tmp/cachefs-ray-{port}"
+
+
 def start_local_ray(num_cpus: int | None = None) -> str:
-    """`ray start --head` in the background; returns its address."""
+    """`ray start --head` in the background, with a temp dir of its own; returns its address."""
     port = _free_port()
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
-           "--disable-usage-stats", "--include-dashboard=false", "--node-ip-address=127.0.0.1"]
+           f"--temp-dir={_ray_temp_dir(port)}", "--disable-usage-stats", "--include-dashboard=false",
+           "--node-ip-address=127.0.0.1"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
@@ -72,9 +80,49 @@ def start_local_ray(num_cpus: int | None = None) -> str:
     return f"127.0.0.1:{port}"
 
 
-def stop_local_ray() -> None:
-    subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True,
-                   timeout=120)
+def _local_ray_pids(port: int) -> list[int]:
+    """Processes of the Ray cluster `start_local_ray` started on `port`, and their children.
+
+    `ray stop` would stop every Ray cluster on the machine; this stops only ours.
+    """
+    marks = (_ray_temp_dir(port).encode(), f":{port}".encode())
+    parents: dict[int, int] = {}
+    ours: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(m in cmdline for m in marks):
+            ours.add(int(entry.name))
+    grew = True
+    while grew:
+        more = {pid for pid, ppid in parents.items() if ppid in ours} - ours
+        ours |= more
+        grew = bool(more)
+    ours.discard(os.getpid())
+    return sorted(ours)
+
+
+def stop_local_ray(address: str) -> None:
+    port = int(address.rsplit(":", 1)[1])
+    pids = _local_ray_pids(port)
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.1)
+        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
+        if not pids:
+            break
+    shutil.rmtree(_ray_temp_dir(port), ignore_errors=True)
 
 
 def connect(address: str, namespace: str) -> None:
@@ -225,7 +273,7 @@ def down(env: Mapping[str, str] = os.environ, namespace: str = "cachefs",
     if previous.get("started_ray"):
         say("stopping the local Ray cluster")
         ray.shutdown()
-        stop_local_ray()
+        stop_local_ray(previous["ray_address"])
     cluster_file(env).unlink(missing_ok=True)
     return found
 

@@ -51,20 +51,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say(f"writing a sample dataset to {origin_dir}")
         make_sample(origin_dir, SampleSpec(small_files=args.small_files))
         config = load(ClusterConfig, {"nodes": args.nodes, "memory_bytes": args.memory, "disk_bytes": args.disk})
+        if not was_running and not args.keep and not config.address and "RAY_ADDRESS" not in os.environ:
+            # A Ray cluster owned by this process: it cannot outlive the demo, whatever happens.
+            import ray
+
+            say("starting a local Ray cluster")
+            ray.init(namespace=config.namespace, logging_level="ERROR", log_to_driver=False,
+                     include_dashboard=False)
         handle = hosting.up(config, os.environ, say=say)
         figures = asyncio.run(_story(ClientConfig(endpoint=handle.endpoint, token=handle.token),
-                                     f"file://{origin_dir.resolve()}", args.json, say))
+                                     f"file://{origin_dir.resolve()}", args.json, say, args.keep))
     finally:
         if not args.keep and not was_running:
             say("stopping the cluster")
             hosting.down(os.environ)
+            import ray
+
+            ray.shutdown()
         if tmp is not None:
             tmp.cleanup()
     _print(figures, args.json)
     return 0 if figures["warm"]["state"] == "succeeded" and figures["verified"] else 1
 
 
-async def _story(config: ClientConfig, origin: str, as_json: bool, say: Any) -> dict[str, Any]:
+async def _story(config: ClientConfig, origin: str, as_json: bool, say: Any, keep: bool) -> dict[str, Any]:
     from cachefs.filesystem import CachefsFileSystem
 
     async with AdminClient(config) as admin:
@@ -98,6 +108,8 @@ async def _story(config: ClientConfig, origin: str, as_json: bool, say: Any) -> 
         finally:
             await fs._close()
         final = await admin.status()
+        if not keep:  # its origin is a temporary directory: leave no dangling registration
+            await admin.remove_dataset(DATASET)
 
     def total(doc: dict[str, Any], key: str) -> int:
         return sum(n[key] for n in doc["nodes"])

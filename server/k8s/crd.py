@@ -96,10 +96,12 @@ class DatasetSpec:
             raise InvalidSpec(
                 f"spec.origin {origin!r} is not an fsspec URL with a protocol, like s3://bucket/prefix or file:///data"
             )
-        secret_ref = spec.get("secretRef") or {}
-        secret_name = secret_ref.get("name", "") if isinstance(secret_ref, dict) else None
-        if secret_name is None or (secret_name and not _DNS_SUBDOMAIN_RE.match(secret_name)):
-            raise InvalidSpec(f"spec.secretRef must be {{name: <Secret name>}}, not {secret_ref!r}")
+        secret_name = ""
+        if "secretRef" in spec:
+            ref = spec["secretRef"]
+            secret_name = ref.get("name") if isinstance(ref, dict) else None
+            if not isinstance(secret_name, str) or not _DNS_SUBDOMAIN_RE.match(secret_name):
+                raise InvalidSpec(f"spec.secretRef must be {{name: <name of a Secret in this namespace>}}, not {ref!r}")
         options = spec.get("storageOptions") or {}
         if not isinstance(options, dict):
             raise InvalidSpec("spec.storageOptions must be an object of fsspec options")

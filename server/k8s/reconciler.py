@@ -208,7 +208,8 @@ class Reconciler:
         namespaces = spec.namespaces(res.key.namespace)
         info = await self._get(name)
         registered = str(known.get("registration") or "")
-        if info is not None and not registered and info.origin != spec.origin:
+        same_origin = info is not None and info.origin.rstrip("/") == spec.origin.rstrip("/")
+        if info is not None and not registered and not same_origin:
             raise _Blocked(
                 "NameConflict",
                 f"cachefs already has a dataset {name} with origin {info.origin} that this resource "
@@ -218,7 +219,7 @@ class Reconciler:
         if registered:
             # Ours: the fingerprint decides (comparing fields cachefs may normalise, like
             # replicas on a small cluster, would remove and add it on every pass).
-            stale = registered != fingerprint or (info is not None and info.origin != spec.origin)
+            stale = registered != fingerprint or (info is not None and not same_origin)
         else:
             # Registered before our status was written, or by hand with our origin: adopt
             # it if it matches, else register again.
@@ -283,7 +284,8 @@ class Reconciler:
         except (TimeoutError, asyncio.TimeoutError) as e:
             raise Retry(f"{res.key}: {what} of {name} took longer than {self.op_timeout:.0f}s") from e
         if not op.finished_ok:
-            raise _Blocked("OriginUnavailable" if op.state == "failed" else "Cancelled", f"{what} of {name} {op.state}: {op.message}")
+            reason = "RegistrationFailed" if what == "add" else "RefreshFailed"
+            raise _Blocked(reason, f"{what} of {name} {op.state}: {op.message}")
         if op.result.get("snapshot"):
             return DatasetInfo.from_json(op.result)
         info = await self._get(name)
@@ -389,9 +391,10 @@ class Reconciler:
             self._cluster_status = (time.monotonic(), doc)
         for d in doc.get("datasets") or ():
             if d.get("name") == name and "cached_bytes" in d:
-                if not info.bytes:
+                wanted = info.bytes * max(1, info.replicas)  # cached_bytes counts every copy
+                if not wanted:
                     return 1.0
-                return round(min(1.0, max(0.0, d["cached_bytes"] / info.bytes)), 4)
+                return round(min(1.0, max(0.0, d["cached_bytes"] / wanted)), 4)
         return None
 
     # ---- status --------------------------------------------------------------------

@@ -1,0 +1,24 @@
+"""`cachefs demo`, the first Quick start command, end to end in its own process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from conftest import run_cli
+
+
+def test_demo_tells_the_whole_story_and_leaves_nothing_running(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CACHEFS_", "RAY_ADDRESS"))}
+    env["CACHEFS_HOME"] = str(tmp_path / "home")
+    r = run_cli("demo", "--json", "--small-files", "120", "--memory", "64MiB", "--disk", "256MiB", env=env,
+                timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = json.loads(r.stdout)
+    assert f["verified"] is True
+    assert f["warm"]["state"] == "succeeded"
+    assert f["warm"]["origin_bytes"] == f["dataset"]["bytes"]  # the origin is read once, while warming
+    assert f["origin_bytes_during_reads"] == 0 and f["hit_ratio"] == 1.0
+    assert len(f["nodes"]) == 3 and abs(sum(n["share"] for n in f["nodes"]) - 1.0) < 1e-9
+    assert [r["round"] for r in f["reads"]] == [1, 2]
+    assert not (tmp_path / "home" / "cluster.json").exists()
