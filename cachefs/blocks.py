@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
-
 from cachefs import wire
 from cachefs.config import ClientConfig
 from cachefs.errors import (CachefsError, IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
@@ -82,15 +80,16 @@ class BlockReader:
             raise Unavailable(f"no cache node answers (tried {len(bases)}): {last}")
 
     # -- blocks --------------------------------------------------------------------------
-    async def read(self, view: DatasetView, entry: FileEntry, index: int, out: memoryview) -> None:
-        """Fill `out` with block `index` of `entry` (out has exactly the block's length)."""
+    async def read(self, view: DatasetView, entry: FileEntry, index: int) -> list[bytes]:
+        """Block `index` of `entry`, as chunks (join them once, where they are used)."""
         if self._gate is None:
             self._gate = asyncio.Semaphore(self.config.max_concurrency)
         async with self._gate:
-            await self._read(view, entry, index, out)
+            return await self._read(view, entry, index)
 
-    async def _read(self, view: DatasetView, entry: FileEntry, index: int, out: memoryview) -> None:
+    async def _read(self, view: DatasetView, entry: FileEntry, index: int) -> list[bytes]:
         info = view.info
+        start, end = block_bounds(index, entry.size, info.block_size)
         key = block_key(info.name, info.snapshot, entry.path, entry.version, index)
         params = {"snapshot": info.snapshot, "path": entry.path, "index": str(index)}
         failures: list[str] = []
@@ -102,28 +101,25 @@ class BlockReader:
             for node in live:
                 url = ring.member(node).url
                 try:
-                    digest = await self.transport.read_block(url, info.name, params, ring.epoch, out)
+                    return await self.transport.read_block(url, info.name, params, ring.epoch, end - start)
                 except StaleEpoch as e:
                     await self.refresh_ring(e.epoch)
                     break
-                except (NodeUnavailable, IntegrityError) as e:
+                except NodeUnavailable as e:
                     self._down[url] = time.monotonic() + DOWN_FOR
                     failures.append(str(e))
-                    continue
-                if digest and xxhash.xxh3_64_hexdigest(out) != digest:
-                    failures.append(f"block {index} of {entry.path} from {url} does not match its digest")
-                    continue
-                return
+                except IntegrityError as e:  # a bad copy on that node: try the next one
+                    failures.append(str(e))
             else:
                 try:  # every candidate failed: maybe the ring moved on without us
                     await self.refresh_ring(ring.epoch)
                 except Unavailable as e:
                     failures.append(str(e))
                     break
-        await self._read_origin(view, entry, index, out, failures)
+        return await self._read_origin(view, entry, index, failures)
 
-    async def _read_origin(self, view: DatasetView, entry: FileEntry, index: int, out: memoryview,
-                           failures: list[str]) -> None:
+    async def _read_origin(self, view: DatasetView, entry: FileEntry, index: int,
+                           failures: list[str]) -> list[bytes]:
         reason = failures[-1] if failures else "no cache node answered"
         if not self.config.origin_fallback:
             raise Unavailable(f"cannot read {view.info.name}/{entry.path}: {reason} "
@@ -138,9 +134,9 @@ class BlockReader:
         except OriginUnavailable as e:
             raise Unavailable(f"cannot read {view.info.name}/{entry.path}: the cache cluster failed ({reason}) "
                               f"and so did the origin ({e})") from e
-        out[:] = data
         self.origin_reads += 1
         log.warning("read block %d of %s/%s from the origin: %s", index, view.info.name, entry.path, reason)
+        return [data]
 
     async def close(self) -> None:
         for origin in self._origins.values():

@@ -9,12 +9,14 @@ snapshot; bytes come from the blocks' owners directly (cachefs/blocks.py).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import os
 import weakref
 from typing import Any
 
 from fsspec.asyn import AsyncFileSystem, sync, sync_wrapper
+from fsspec.caching import BaseCache
 from fsspec.spec import AbstractBufferedFile
 
 from cachefs import wire
@@ -155,21 +157,15 @@ class CachefsFileSystem(AsyncFileSystem):
         if start >= end:
             return b""
         bs = view.info.block_size
-        out = bytearray(end - start)
-        mv = memoryview(out)
+        indices = blocks_for_range(start, end, entry.size, bs)
+        parts = await asyncio.gather(*(self.blocks.read(view, entry, i) for i in indices))
+        first, last = block_bounds(indices[0], entry.size, bs)[0], block_bounds(indices[-1], entry.size, bs)[1]
+        if (first, last) == (start, end):
+            return b"".join(c for chunks in parts for c in chunks)  # the one copy
+        return b"".join(c for chunks in parts for c in chunks)[start - first:end - first]
 
-        async def one(index: int) -> None:
-            b0, b1 = block_bounds(index, entry.size, bs)
-            lo, hi = max(b0, start), min(b1, end)
-            if (lo, hi) == (b0, b1):  # the whole block is wanted: read it straight into place
-                await self.blocks.read(view, entry, index, mv[lo - start:hi - start])
-            else:
-                block = bytearray(b1 - b0)
-                await self.blocks.read(view, entry, index, memoryview(block))
-                mv[lo - start:hi - start] = memoryview(block)[lo - b0:hi - b0]
-
-        await asyncio.gather(*(one(i) for i in blocks_for_range(start, end, entry.size, bs)))
-        return bytes(out)
+    async def _block_bytes(self, view: DatasetView, entry: FileEntry, index: int) -> bytes:
+        return b"".join(await self.blocks.read(view, entry, index))
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         view, entry = await self._resolve(path)
@@ -216,6 +212,62 @@ class CachefsFileSystem(AsyncFileSystem):
         sync(self.loop, self._close)
 
 
+class BlockCache(BaseCache):
+    """The read path of an open file: whole blocks, fetched ahead, sliced on read.
+
+    A read wants block i: blocks i .. i+readahead are requested at once (concurrently,
+    from their owners) so the next ones are on their way while the caller works. Blocks
+    are kept as the bytes objects they arrived in, one block each: a block-sized read
+    returns it without a copy, and no allocation is larger than a block (large fresh
+    allocations cost page faults that here cost more than the copy itself).
+    """
+
+    name = "cachefs-blocks"
+
+    def __init__(self, fs: "CachefsFileSystem", view: DatasetView, entry: FileEntry) -> None:
+        super().__init__(view.info.block_size, _no_fetcher, entry.size)
+        self.fs, self.view, self.entry = fs, view, entry
+        self.bs = view.info.block_size
+        self.count = max(1, -(-entry.size // self.bs))
+        self.readahead = fs.config.readahead_blocks
+        self.timeout = fs.config.read_timeout * (fs.config.retries + 2)
+        self._blocks: dict[int, concurrent.futures.Future[bytes]] = {}
+
+    def _want(self, index: int) -> concurrent.futures.Future[bytes]:
+        fut = self._blocks.get(index)
+        if fut is None:
+            fut = asyncio.run_coroutine_threadsafe(self.fs._block_bytes(self.view, self.entry, index), self.fs.loop)
+            self._blocks[index] = fut
+        return fut
+
+    def _fetch(self, start: int | None, end: int | None) -> bytes:
+        start = 0 if start is None else start
+        end = self.size if end is None else min(end, self.size)
+        if start >= end:
+            return b""
+        first, last = start // self.bs, (end - 1) // self.bs
+        for i in range(first, min(last + 1 + self.readahead, self.count)):
+            self._want(i)
+        for i in [i for i in self._blocks if i < first - 1 or i > last + self.readahead]:
+            self._blocks.pop(i).cancel()  # a seek elsewhere: drop what no longer helps
+        parts = [self._blocks[i].result(self.timeout) for i in range(first, last + 1)]
+        self.total_requested_bytes += end - start
+        lo = start - first * self.bs
+        if len(parts) == 1:
+            block = parts[0]
+            return block if (lo, end - start) == (0, len(block)) else block[lo:lo + end - start]
+        return b"".join(parts)[lo:lo + end - start]
+
+    def close(self) -> None:
+        for fut in self._blocks.values():
+            fut.cancel()
+        self._blocks.clear()
+
+
+def _no_fetcher(start: int, end: int) -> bytes:
+    raise AssertionError("BlockCache fetches blocks itself")
+
+
 class CachefsFile(AbstractBufferedFile):
     """A file of a pinned snapshot: reopen to see a refreshed one."""
 
@@ -223,10 +275,14 @@ class CachefsFile(AbstractBufferedFile):
                  block_size: int | None = None, cache_type: str = "readahead",
                  cache_options: dict[str, Any] | None = None) -> None:
         self.view, self.entry = view, entry
-        # read ahead a few whole blocks at once: they are fetched concurrently
-        block_size = block_size or view.info.block_size * (1 + fs.config.readahead_blocks)
-        super().__init__(fs, path, mode="rb", block_size=block_size, cache_type=cache_type,
-                         cache_options=cache_options, size=entry.size)
+        super().__init__(fs, path, mode="rb", block_size=block_size or view.info.block_size, cache_type="none",
+                         size=entry.size)
+        self.cache = BlockCache(fs, view, entry)
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return sync(self.fs.loop, self.fs._read_range, self.view, self.entry, start, end)
+        return self.cache._fetch(start, end)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.cache.close()
+        super().close()

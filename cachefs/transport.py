@@ -12,6 +12,7 @@ import json
 from typing import Any, Mapping
 
 import aiohttp
+import xxhash
 
 from cachefs import wire
 from cachefs.config import ClientConfig
@@ -73,26 +74,36 @@ class Transport:
             raise CachefsError(f"{url} answered something that is not JSON: {body[:200]!r}") from e
 
     async def read_block(self, base: str, name: str, params: Mapping[str, str], epoch: int,
-                         out: memoryview) -> str:
-        """GET one whole block into `out` (its exact length); returns the server's digest.
+                         length: int) -> list[bytes]:
+        """GET one whole block as the chunks it arrived in, its digest checked on the way.
 
-        Reading with iter_any into a preallocated buffer keeps to one copy per byte: this
-        is the loop that has to run at loopback speed.
+        This is the loop that has to run at loopback speed: chunks are kept as received
+        (readchunk never joins), hashed as they come (xxh3 streams), and joined once by
+        the caller, so each byte is copied once after the kernel hands it over.
         """
         session = await self.session()
         url = base + wire.route(wire.BLOCK, name=name)
         try:
             async with session.get(url, params=params, headers={wire.EPOCH_HEADER: str(epoch)}) as resp:
                 await self._raise_for(resp)
-                pos = 0
-                async for chunk in resp.content.iter_any():
-                    n = len(chunk)
-                    if pos + n > len(out):
-                        raise IntegrityError(f"{url} sent more than the {len(out)} bytes of the block")
-                    out[pos:pos + n] = chunk
-                    pos += n
-                if pos != len(out):
-                    raise IntegrityError(f"{url} sent {pos} of the block's {len(out)} bytes")
-                return resp.headers.get(wire.DIGEST_HEADER, "")
+                chunks: list[bytes] = []
+                got = 0
+                digest = xxhash.xxh3_64()
+                while True:
+                    chunk, _ = await resp.content.readchunk()
+                    if not chunk:
+                        if resp.content.at_eof():
+                            break
+                        continue
+                    chunks.append(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+                if got != length:
+                    raise IntegrityError(f"{url} sent {got} bytes of a {length}-byte block")
+                expected = resp.headers.get(wire.DIGEST_HEADER, "")
+                if expected and digest.hexdigest() != expected:
+                    raise IntegrityError(f"block {params.get('index')} of {params.get('path')} from {base} "
+                                         "does not match its digest")
+                return chunks
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
             raise NodeUnavailable(f"cannot read a block from {base}: {type(e).__name__}: {e}") from e
