@@ -101,7 +101,11 @@ class CachefsFileSystem(AsyncFileSystem):
         return view
 
     async def _dataset_info(self, name: str) -> DatasetInfo:
-        return (await self._view(name, reload=True)).info
+        """The dataset's current info, asked afresh (one small request, no manifest)."""
+        if not wire.DATASET_NAME_RE.match(name):
+            raise NotFound(f"no dataset named {name!r} (dataset names are lowercase)")
+        doc = await self.transport.json("GET", self.config.endpoint.rstrip("/") + wire.route(wire.DATASET, name=name))
+        return DatasetInfo.from_json(doc)
 
     dataset_info = sync_wrapper(_dataset_info)
 

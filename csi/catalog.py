@@ -55,7 +55,8 @@ class ClusterCatalog:
         try:
             return future.result(timeout=self.timeout)
         except FutureTimeout:
-            raise NodeUnavailable(f"the cache cluster at {self.endpoint} did not answer within {self.timeout:.0f} s") from None
+            raise NodeUnavailable(
+                f"the cache cluster at {self.endpoint} did not answer within {self.timeout:.0f} s") from None
 
     def source(self, name: str) -> str:
         return f"cachefs://{name}"

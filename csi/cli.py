@@ -20,11 +20,15 @@ def register(subparsers: Any) -> None:
                     "datasets into pods as read-only volumes. Reaches the cache cluster with "
                     "CACHEFS_ENDPOINT / CACHEFS_TOKEN (or the cluster file).")
     p.add_argument("--endpoint", dest="csi_endpoint", default=os.environ.get("CSI_ENDPOINT"),
-                   help="unix socket to serve, e.g. unix:///csi/csi.sock (default: $CSI_ENDPOINT, then the config)")
-    p.add_argument("--node-id", default=None, help="this node's name as Kubernetes knows it (e.g. $NODE_NAME)")
+                   help="unix socket to serve, e.g. unix:///csi/csi.sock (default: $CSI_ENDPOINT, "
+                        "then the config)")
+    p.add_argument("--node-id", default=None,
+                   help="this node's name as Kubernetes knows it (e.g. $NODE_NAME)")
     p.add_argument("--state-dir", default=None, help="where mount records and logs live (default /var/lib/cachefs-csi)")
-    p.add_argument("--driver-name", default=None, help="CSI driver name (default csi.cachefs.io); must match the CSIDriver")
-    p.add_argument("--mount-timeout", type=float, default=None, help="seconds a new mount may take to answer (default 30)")
+    p.add_argument("--driver-name", default=None,
+                   help="CSI driver name (default cachefs.csi.io); must match the CSIDriver")
+    p.add_argument("--mount-timeout", type=float, default=None,
+                   help="seconds a new mount may take to answer (default 30)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_run_csi)
 
@@ -34,9 +38,11 @@ def register(subparsers: Any) -> None:
                     "and outlives this command; remove it with `cachefs unmount MOUNTPOINT`.")
     p.add_argument("dataset", metavar="DATASET", help="a registered dataset name")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="directory to mount on (created if missing)")
-    p.add_argument("--foreground", "-f", action="store_true", help="serve in this process until unmounted or interrupted")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="serve in this process until unmounted or interrupted")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the mount to answer (default 30)")
-    p.add_argument("--attr-timeout", type=float, default=None, help="seconds the kernel may cache attributes and entries")
+    p.add_argument("--attr-timeout", type=float, default=None,
+                   help="seconds the kernel may cache attributes and entries")
     p.add_argument("--op-timeout", type=float, default=None, help="seconds before a stuck read answers EIO")
     p.set_defaults(func=_run_mount)
 
@@ -62,8 +68,9 @@ def _run_csi(args: argparse.Namespace) -> int:
     from csi.server import run
 
     _logging(args.log_level)
-    config = load(CsiConfig, {"csi_endpoint": args.csi_endpoint, "node_id": args.node_id, "csi_state_dir": args.state_dir,
-                              "driver_name": args.driver_name, "mount_timeout": args.mount_timeout})
+    config = load(CsiConfig, {"csi_endpoint": args.csi_endpoint, "node_id": args.node_id,
+                              "csi_state_dir": args.state_dir, "driver_name": args.driver_name,
+                              "mount_timeout": args.mount_timeout})
     catalog = ClusterCatalog(load(ClientConfig), timeout=config.lookup_timeout)
     return run(config, load(MountConfig), catalog)
 

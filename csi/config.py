@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from cachefs.errors import ConfigError
 
-DRIVER_NAME = "csi.cachefs.io"  # must equal the CSIDriver object's name in the Helm chart
+DRIVER_NAME = "cachefs.csi.io"  # must equal the CSIDriver object's name in the Helm chart
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, with the terminating NUL
 _DRIVER_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$")
 
@@ -63,7 +63,8 @@ class CsiConfig:
 
     def __post_init__(self) -> None:
         if not self.node_id:
-            raise ConfigError("the CSI plugin needs a node id: pass --node-id or set CACHEFS_NODE_ID (the Kubernetes node name)")
+            raise ConfigError("the CSI plugin needs a node id: pass --node-id or set CACHEFS_NODE_ID "
+                              "(the Kubernetes node name)")
         socket_path(self.csi_endpoint)  # validates it
         if not _DRIVER_NAME_RE.match(self.driver_name):
             raise ConfigError(f"driver_name {self.driver_name!r} is not a DNS-style name of at most 63 characters")

@@ -197,7 +197,8 @@ class DatasetOperations(fuse.Operations):
         finally:
             handle.lock.release()
         if len(data) != size:
-            raise OSError(errno.EIO, f"short read: {len(data)} of {size} bytes at {offset}; the file is {handle.size} bytes in the snapshot")
+            raise OSError(errno.EIO, f"short read: {len(data)} of {size} bytes at {offset}; "
+                                     f"the file has {handle.size} bytes in the snapshot")
         return data
 
     def release(self, path: str, fi: Any) -> int:

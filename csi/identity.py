@@ -24,7 +24,8 @@ class IdentityService(pb_grpc.IdentityServicer):
         self.driver_name = driver_name
 
     @rpc
-    def GetPluginInfo(self, request: pb.GetPluginInfoRequest, context: grpc.ServicerContext) -> pb.GetPluginInfoResponse:
+    def GetPluginInfo(self, request: pb.GetPluginInfoRequest,
+                      context: grpc.ServicerContext) -> pb.GetPluginInfoResponse:
         return pb.GetPluginInfoResponse(name=self.driver_name, vendor_version=vendor_version())
 
     @rpc

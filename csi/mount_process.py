@@ -29,11 +29,13 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m csi.mount_process", description="Serve one read-only cachefs FUSE mount.")
+    p = argparse.ArgumentParser(prog="python -m csi.mount_process",
+                                description="Serve one read-only cachefs FUSE mount.")
     p.add_argument("--source", required=True, help="fsspec URL of the snapshot, e.g. cachefs://imagenet")
     p.add_argument("--target", required=True, help="existing empty directory to mount on")
     p.add_argument("--fsname", default="", help="name shown in /proc/mounts (default: the source)")
-    p.add_argument("--mtime", type=float, default=0.0, help="modification time to show for every entry (the snapshot's creation time)")
+    p.add_argument("--mtime", type=float, default=0.0,
+                   help="modification time to show for every entry (the snapshot's creation time)")
     defaults = MountConfig()
     p.add_argument("--attr-timeout", type=float, default=defaults.attr_timeout)
     p.add_argument("--op-timeout", type=float, default=defaults.op_timeout)

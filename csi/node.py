@@ -49,7 +49,8 @@ def parse_publish(req: pb.NodePublishVolumeRequest) -> PublishRequest:
         raise errors.InvalidArgument("volume_capability is required")
     cap = req.volume_capability
     if cap.WhichOneof("access_type") != "mount":
-        raise errors.InvalidArgument("cachefs volumes are filesystems: use access type mount (volumeMode: Filesystem), not block")
+        raise errors.InvalidArgument(
+            "cachefs volumes are filesystems: use access type mount (volumeMode: Filesystem), not block")
     mode = cap.access_mode.mode
     if mode == Mode.UNKNOWN:
         raise errors.InvalidArgument("volume_capability.access_mode is required")
@@ -61,7 +62,8 @@ def parse_publish(req: pb.NodePublishVolumeRequest) -> PublishRequest:
         raise errors.InvalidArgument(f"fs_type {cap.mount.fs_type!r} is not supported; leave it empty")
     bad_flags = sorted(set(cap.mount.mount_flags) - ACCEPTED_MOUNT_FLAGS)
     if bad_flags:
-        raise errors.InvalidArgument(f"mount flags {bad_flags} are not supported; accepted: {sorted(ACCEPTED_MOUNT_FLAGS)}")
+        raise errors.InvalidArgument(
+            f"mount flags {bad_flags} are not supported; accepted: {sorted(ACCEPTED_MOUNT_FLAGS)}")
 
     ctx = dict(req.volume_context)
     unknown = sorted(k for k in ctx if "/" not in k and k not in KNOWN_KEYS)
@@ -131,8 +133,10 @@ class NodeService(pb_grpc.NodeServicer):
     # ---- not offered: no STAGE_UNSTAGE_VOLUME, no EXPAND_VOLUME capability ---------------
 
     @rpc
-    def NodeStageVolume(self, request: pb.NodeStageVolumeRequest, context: grpc.ServicerContext) -> pb.NodeStageVolumeResponse:
-        raise errors.Unimplemented("cachefs does not stage volumes (no STAGE_UNSTAGE_VOLUME capability); call NodePublishVolume")
+    def NodeStageVolume(self, request: pb.NodeStageVolumeRequest,
+                        context: grpc.ServicerContext) -> pb.NodeStageVolumeResponse:
+        raise errors.Unimplemented(
+            "cachefs does not stage volumes (no STAGE_UNSTAGE_VOLUME capability); call NodePublishVolume")
 
     @rpc
     def NodeUnstageVolume(self, request: pb.NodeUnstageVolumeRequest,

@@ -47,7 +47,7 @@ class SnapshotTree:
     @classmethod
     def from_fs(cls, fs: Any, root: str) -> "SnapshotTree":
         """List `root` of an fsspec filesystem once (for cachefs: from the manifest)."""
-        root = root.rstrip("/")
+        root = fs._strip_protocol(root).rstrip("/")  # the spelling find() answers with
         listing = fs.find(root, withdirs=True, detail=True)
         prefix = root + "/" if root else ""
 

@@ -113,7 +113,8 @@ class VolumeManager:
         except ValueError as e:
             raise errors.InvalidArgument(f"dataset {dataset!r}: {e}") from None
         except OSError as e:  # NodeUnavailable, timeouts, connection errors: all retryable
-            raise errors.Unavailable(f"cannot ask the cache cluster at {endpoint} about dataset {dataset!r}: {e}") from None
+            raise errors.Unavailable(
+                f"cannot ask the cache cluster at {endpoint} about dataset {dataset!r}: {e}") from None
 
     def _authorize(self, info: DatasetInfo, namespace: str) -> None:
         allowed = info.allowed_namespaces

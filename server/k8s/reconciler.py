@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any, Callable, Mapping, Protocol
 
 from cachefs import errors
@@ -44,6 +43,7 @@ from server.k8s.crd import (
     now_rfc3339,
 )
 from server.k8s.kube import KubeApi, KubeError
+from server.k8s.warming import CachedFraction, WarmFollower
 
 log = logging.getLogger("cachefs.operator")
 
@@ -98,12 +98,8 @@ class Reconciler:
         self.admin = admin
         self.on_change = on_change  # asks the controller to reconcile a key again
         self.op_timeout = op_timeout  # longest wait for an add or a refresh (lists the origin)
-        self.status_ttl = status_ttl  # how long one GET /v1/status serves cachedFraction
-        self.warm_poll = warm_poll  # seconds between polls of a warm operation
-        self.warm_report = warm_report  # seconds between status updates while warming
-        self._warms: dict[Key, asyncio.Task[None]] = {}  # warm operations being waited on
-        self._warm_progress: dict[Key, OperationInfo] = {}  # last progress or final state
-        self._cluster_status: tuple[float, dict[str, Any]] = (0.0, {})
+        self.warms = WarmFollower(admin, on_change, poll=warm_poll, report=warm_report)
+        self.cached = CachedFraction(admin, ttl=status_ttl)
         # The status last meant for each resource, written or not. Decisions read it
         # rather than the object's status, so a failed status write followed by a retry
         # does not register, refresh or warm a second time.
@@ -127,16 +123,12 @@ class Reconciler:
             raise Retry(str(e)) from e
 
     def forget(self, key: Key) -> None:
-        """The resource is gone: stop waiting on its warm operation."""
+        """The resource is gone: stop following its warm operation, drop what we meant."""
         self._intent.pop(key, None)
-        task = self._warms.pop(key, None)
-        if task is not None:
-            task.cancel()
-        self._warm_progress.pop(key, None)
+        self.warms.forget(key)
 
     async def close(self) -> None:
-        for key in list(self._warms):
-            self.forget(key)
+        self.warms.close()
 
     # ---- delete ------------------------------------------------------------------
 
@@ -305,7 +297,7 @@ class Reconciler:
         requested = warm_request != str(known.get("lastWarmRequest") or "")
         unwarmed = spec.warm_on_create and status.get("warmedSnapshot") != info.snapshot
         op_id = str(status.get("warmOperation") or "")
-        if (requested or unwarmed) and res.key not in self._warms:
+        if (requested or unwarmed) and not self.warms.running(res.key):
             try:
                 op = await self.admin.warm_dataset(name)
             except errors.CachefsError as e:
@@ -316,18 +308,17 @@ class Reconciler:
             log.info("%s: warming %s (operation %s)", res.key, name, op.id)
             op_id = status["warmOperation"] = op.id
             status["warmedSnapshot"] = info.snapshot
-            self._warm_progress.pop(res.key, None)
-            self._watch_warm(res.key, op)
-        elif op_id and res.key not in self._warms and res.key not in self._warm_progress:
-            # An operation from before a restart of the operator: wait on it again.
-            self._watch_warm(res.key, OperationInfo(id=op_id, kind="warm", dataset=name))
+            self.warms.follow(res.key, op)
+        elif op_id and not self.warms.running(res.key) and self.warms.last(res.key) is None:
+            # An operation from before a restart of the operator: follow it again.
+            self.warms.follow(res.key, OperationInfo(id=op_id, kind="warm", dataset=name))
         status["lastWarmRequest"] = warm_request
-        fraction = await self._cached_fraction(name, info)
+        fraction = await self.cached.of(info)
         if fraction is not None:
             status["cachedFraction"] = fraction
         cached = status.get("cachedFraction")
-        progress = self._warm_progress.get(res.key)
-        if res.key in self._warms:
+        progress = self.warms.last(res.key)
+        if self.warms.running(res.key):
             done = format_size(progress.done_bytes) if progress else "0 B"
             total = format_size((progress.total_bytes if progress else 0) or info.bytes)
             self._set(status, res, WARM, False, "Warming", f"warming: {done} of {total} fetched")
@@ -344,58 +335,6 @@ class Reconciler:
             self._set(status, res, WARM, False, "Partial", f"{cached:.0%} of the snapshot is cached")
         else:
             self._set(status, res, WARM, None, "Unknown", "the cache did not report what it holds")
-
-    def _watch_warm(self, key: Key, op: OperationInfo) -> None:
-        """Follow a warm operation in the background; on its end, reconcile the key again.
-
-        Polls instead of AdminClient.wait, because cancelling wait() cancels the operation
-        and this task is cancelled whenever the operator stops: a restart of the operator
-        must not stop a warm half-way (the next operator picks it up by its id)."""
-        old = self._warms.pop(key, None)
-        if old is not None:
-            old.cancel()
-
-        async def follow() -> None:
-            current = op
-            last_report = time.monotonic()
-            while current.running:
-                await asyncio.sleep(self.warm_poll)
-                try:
-                    current = await self.admin.operation(op.id)
-                except errors.NotFound:
-                    current = OperationInfo(id=op.id, kind="warm", dataset=op.dataset, state="failed",
-                                            message="the cache cluster no longer knows this operation (restarted?)")
-                except errors.CachefsError as e:
-                    log.debug("%s: cannot read warm operation %s: %s", key, op.id, e)
-                    continue
-                self._warm_progress[key] = current
-                if time.monotonic() - last_report > self.warm_report:  # progress in status, not every poll
-                    last_report = time.monotonic()
-                    self.on_change(key)
-            self._warm_progress[key] = current
-            self._warms.pop(key, None)
-            log.info("%s: warm of %s %s", key, op.dataset, current.state)
-            self.on_change(key)
-
-        self._warms[key] = asyncio.create_task(follow(), name=f"warm {key}")
-
-    async def _cached_fraction(self, name: str, info: DatasetInfo) -> float | None:
-        """From GET /v1/status, cached for a moment: a resync asks once, not once per dataset."""
-        at, doc = self._cluster_status
-        if time.monotonic() - at > self.status_ttl:
-            try:
-                doc = await self.admin.status()
-            except errors.CachefsError as e:
-                log.debug("cannot read cluster status: %s", e)
-                return None
-            self._cluster_status = (time.monotonic(), doc)
-        for d in doc.get("datasets") or ():
-            if d.get("name") == name and "cached_bytes" in d:
-                wanted = info.bytes * max(1, info.replicas)  # cached_bytes counts every copy
-                if not wanted:
-                    return 1.0
-                return round(min(1.0, max(0.0, d["cached_bytes"] / wanted)), 4)
-        return None
 
     # ---- status --------------------------------------------------------------------
 
