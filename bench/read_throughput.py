@@ -114,6 +114,8 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=512, help="total dataset size")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=4, help="files read at once by each reader")
+    ap.add_argument("--tier", choices=["memory", "disk"], default="memory",
+                    help="where warm blocks live: Arrow buffers in RAM, or files sent with sendfile")
     ap.add_argument("--json", default="bench/results/read_throughput.json", help="where to write the figures")
     args = ap.parse_args()
     total = (64 if args.quick else args.size_mib) * MiB
@@ -143,6 +145,7 @@ def main() -> int:
     for i in range(args.files):
         s3.pipe_file(f"bench/data/file-{i:03d}.bin", blob)
     results: dict[str, Any] = {"bytes": per_file * args.files, "files": args.files, "nodes": args.nodes,
+                               "tier": args.tier,
                                "cpus": os.cpu_count()}
     try:
         results["loopback_sendfile"] = loopback_ceiling(str(local), streams=args.concurrency)
@@ -153,8 +156,9 @@ def main() -> int:
 
         ray.init(namespace="cachefs-bench", logging_level="ERROR", log_to_driver=False, include_dashboard=False)
         node_mem = max(256 * MiB, 2 * total // args.nodes)
-        handle = hosting.up(ClusterConfig(nodes=args.nodes, memory_bytes=node_mem, disk_bytes=0,
-                                          namespace="cachefs-bench"))
+        tiers = ({"memory_bytes": node_mem, "disk_bytes": 0} if args.tier == "memory" else
+                 {"memory_bytes": 16 * MiB, "disk_bytes": node_mem, "disk_root": str(work / "disk")})
+        handle = hosting.up(ClusterConfig(nodes=args.nodes, namespace="cachefs-bench", **tiers))
 
         fs = CachefsFileSystem(endpoint=handle.endpoint, token=handle.token, skip_instance_cache=True)
         paths = [f"bench/file-{i:03d}.bin" for i in range(args.files)]

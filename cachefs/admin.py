@@ -12,8 +12,8 @@ from typing import Any, Callable, Sequence
 
 from cachefs import wire
 from cachefs.config import ClientConfig
-from cachefs.errors import CachefsError, NodeUnavailable
-from cachefs.transport import Transport
+from cachefs.errors import CachefsError
+from cachefs.transport import Endpoints, Transport
 from cachefs.wire import DatasetInfo, OperationInfo
 
 Progress = Callable[[OperationInfo], None]
@@ -24,7 +24,8 @@ class AdminClient:
         config.require_endpoint()
         self.config = config
         self.transport = transport or Transport(config)
-        self._endpoints: list[str] = [config.endpoint.rstrip("/")]
+        self.endpoints = Endpoints(config.endpoints)
+        self._learned = False
 
     async def __aenter__(self) -> "AdminClient":
         return self
@@ -36,20 +37,11 @@ class AdminClient:
         await self.transport.close()
 
     async def _call(self, method: str, path: str, body: Any = None) -> Any:
-        last: NodeUnavailable | None = None
-        for base in list(self._endpoints):
-            try:
-                return await self.transport.json(method, base + path, body)
-            except NodeUnavailable as e:
-                last = e
-        assert last is not None
-        raise last
-
-    async def learn_endpoints(self) -> None:
-        """Remember every node's URL, so admin calls survive the loss of the first one."""
-        ring = await self._call("GET", wire.RING)
-        urls = [n["url"].rstrip("/") for n in ring.get("nodes", []) if n.get("url")]
-        self._endpoints = [self._endpoints[0], *[u for u in urls if u != self._endpoints[0]]]
+        if not self._learned:  # know every node, so admin calls survive the loss of the first
+            self._learned = True
+            ring = await self.endpoints.call(self.transport, "GET", wire.RING)
+            self.endpoints.learn([n.get("url", "") for n in ring.get("nodes", [])])
+        return await self.endpoints.call(self.transport, method, path, body)
 
     # -- datasets ------------------------------------------------------------------------
     async def list_datasets(self) -> list[DatasetInfo]:
@@ -118,5 +110,5 @@ class AdminClient:
         return await self._call("GET", wire.HEALTH)
 
     async def metrics(self) -> str:
-        body, _ = await self.transport.request("GET", self._endpoints[0] + wire.METRICS)
+        body, _ = await self.endpoints.call(self.transport, "GET", wire.METRICS, raw=True)
         return body.decode()

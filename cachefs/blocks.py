@@ -20,7 +20,7 @@ from cachefs.errors import (CachefsError, IntegrityError, NodeUnavailable, Origi
                             Unavailable)
 from cachefs.manifest import FileEntry, Manifest
 from cachefs.origin import Origin
-from cachefs.transport import Transport
+from cachefs.transport import Endpoints, Transport
 from cachefs.wire import DatasetInfo
 from shard import Ring, block_bounds, block_key
 
@@ -43,6 +43,7 @@ class BlockReader:
                  origin_options: dict[str, Any] | None = None) -> None:
         self.config = config
         self.transport = transport
+        self.endpoints = Endpoints(config.endpoints)
         self.origin_options = origin_options
         self.ring: Ring | None = None
         self._down: dict[str, float] = {}
@@ -59,25 +60,17 @@ class BlockReader:
         return self.ring
 
     async def refresh_ring(self, at_least: int = 0) -> Ring:
+        """Fetch the ring, unless one of epoch `at_least` or newer is already here."""
         if self._ring_lock is None:
             self._ring_lock = asyncio.Lock()
         async with self._ring_lock:
-            if self.ring is not None and self.ring.epoch > at_least and at_least:
+            if at_least and self.ring is not None and self.ring.epoch >= at_least:
                 return self.ring  # someone refreshed while we waited
-            bases = [self.config.endpoint.rstrip("/")]
-            if self.ring is not None:
-                bases += [m.url for m in self.ring.members if m.url and m.url not in bases]
-            last: CachefsError | None = None
-            for base in bases:
-                try:
-                    ring = Ring.from_json(await self.transport.json("GET", base + wire.RING))
-                except NodeUnavailable as e:
-                    last = e
-                    continue
-                if self.ring is None or ring.epoch >= self.ring.epoch:
-                    self.ring = ring
-                return self.ring
-            raise Unavailable(f"no cache node answers (tried {len(bases)}): {last}")
+            ring = Ring.from_json(await self.endpoints.call(self.transport, "GET", wire.RING))
+            self.endpoints.learn([m.url for m in ring.members])
+            if self.ring is None or ring.epoch >= self.ring.epoch:
+                self.ring = ring
+            return self.ring
 
     # -- blocks --------------------------------------------------------------------------
     async def read(self, view: DatasetView, entry: FileEntry, index: int) -> list[bytes]:
@@ -112,8 +105,8 @@ class BlockReader:
                     failures.append(str(e))
             else:
                 try:  # every candidate failed: maybe the ring moved on without us
-                    await self.refresh_ring(ring.epoch)
-                except Unavailable as e:
+                    await self.refresh_ring(ring.epoch + 1)
+                except NodeUnavailable as e:
                     failures.append(str(e))
                     break
         return await self._read_origin(view, entry, index, failures)

@@ -135,7 +135,7 @@ class ClientConfig:
     SECTION = "client"
     USES_CLUSTER_FILE = True
 
-    endpoint: str = ""
+    endpoint: str = ""  # one URL, or several separated by commas (any node answers metadata calls)
     token: str = ""
     connect_timeout: float = 5.0  # a node that does not accept in 5 s is treated as down
     read_timeout: float = 60.0  # covers a cold block read from a slow origin
@@ -145,13 +145,18 @@ class ClientConfig:
     origin_fallback: bool = True  # read the origin directly when no cache node answers
 
     def __post_init__(self) -> None:
-        if self.endpoint and not re.match(r"^https?://", self.endpoint):
-            raise ConfigError(f"endpoint {self.endpoint!r} must start with http:// or https://")
+        for url in self.endpoints:
+            if not re.match(r"^https?://[^\s/]+", url):
+                raise ConfigError(f"endpoint {url!r} must be a URL starting with http:// or https://")
         for name in ("connect_timeout", "read_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
         if self.max_concurrency < 1 or self.retries < 0 or self.readahead_blocks < 0:
             raise ConfigError("max_concurrency must be ≥ 1, retries and readahead_blocks ≥ 0")
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in self.endpoint.split(",") if u.strip()]
 
     def require_endpoint(self) -> None:
         if not self.endpoint:

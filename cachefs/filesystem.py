@@ -92,25 +92,27 @@ class CachefsFileSystem(AsyncFileSystem):
         if view is None or reload:
             if not wire.DATASET_NAME_RE.match(name):
                 raise NotFound(f"no dataset named {name!r} (dataset names are lowercase)")
-            base = self.config.endpoint.rstrip("/")
-            info = DatasetInfo.from_json(await self.transport.json("GET", base + wire.route(wire.DATASET, name=name)))
-            body, headers = await self.transport.request("GET", base + wire.route(wire.DATASET_MANIFEST, name=name))
+            info = DatasetInfo.from_json(await self._any_node("GET", wire.route(wire.DATASET, name=name)))
+            body, headers = await self._any_node("GET", wire.route(wire.DATASET_MANIFEST, name=name), raw=True)
             snapshot = headers.get(wire.SNAPSHOT_HEADER, info.snapshot)
             view = DatasetView(dataclasses.replace(info, snapshot=snapshot), Manifest(from_ipc(body), snapshot))
             self._views[name] = view
         return view
 
+    async def _any_node(self, method: str, path: str, raw: bool = False) -> Any:
+        """A metadata call: any node answers (the ones the ring taught us included)."""
+        return await self.blocks.endpoints.call(self.transport, method, path, raw=raw)
+
     async def _dataset_info(self, name: str) -> DatasetInfo:
         """The dataset's current info, asked afresh (one small request, no manifest)."""
         if not wire.DATASET_NAME_RE.match(name):
             raise NotFound(f"no dataset named {name!r} (dataset names are lowercase)")
-        doc = await self.transport.json("GET", self.config.endpoint.rstrip("/") + wire.route(wire.DATASET, name=name))
-        return DatasetInfo.from_json(doc)
+        return DatasetInfo.from_json(await self._any_node("GET", wire.route(wire.DATASET, name=name)))
 
     dataset_info = sync_wrapper(_dataset_info)
 
     async def _datasets(self) -> list[DatasetInfo]:
-        doc = await self.transport.json("GET", self.config.endpoint.rstrip("/") + wire.DATASETS)
+        doc = await self._any_node("GET", wire.DATASETS)
         return [DatasetInfo.from_json(d) for d in doc["datasets"]]
 
     def invalidate_cache(self, path: str | None = None) -> None:

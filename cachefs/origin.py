@@ -21,19 +21,33 @@ from cachefs.manifest import FileEntry, check_path
 
 
 def version_token(info: dict[str, Any]) -> str:
-    """The token that changes whenever a file's bytes change: ETag/VersionId, generation, or mtime."""
+    """The token that changes whenever a file's bytes change, tagged with its kind:
+    vid (S3 VersionId), gen (GCS generation), etag, or mtime (+ inode, for local files)."""
     size = info.get("size", 0)
-    for key in ("VersionId", "generation"):
-        if info.get(key):
-            return f"{size}:{info[key]}"
+    if info.get("VersionId"):
+        return f"vid:{size}:{info['VersionId']}"
+    if info.get("generation"):
+        return f"gen:{size}:{info['generation']}"
     for key in ("ETag", "etag", "md5Hash"):
         if info.get(key):
-            return f"{size}:{str(info[key]).strip(chr(34))}"
+            return f"etag:{size}:{info[key]}"
     for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
         if info.get(key) is not None:
             extra = f":{info['ino']}" if info.get("ino") else ""
-            return f"{size}:{info[key]}{extra}"
-    return f"{size}"
+            return f"mtime:{size}:{info[key]}{extra}"
+    return f"size:{size}"
+
+
+def _token_value(token: str, kind: str) -> str | None:
+    """The ETag or VersionId a token carries, if it is of that kind."""
+    tkind, _, rest = token.partition(":")
+    return rest.partition(":")[2] if tkind == kind else None
+
+
+def _s3_error_code(e: BaseException) -> str:
+    """The S3 error code behind an s3fs error (structured data, not message text)."""
+    response = getattr(e.__cause__, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
 
 
 def split_origin(url: str) -> tuple[str, str]:
@@ -87,6 +101,7 @@ class Origin:
                    cancelled: threading.Event | None = None) -> list[FileEntry]:
         """Every file under the prefix with its size and version token."""
         fs = self.sync_fs
+        fs.invalidate_cache()  # fsspec instances are shared and cache listings: a refresh must see today's
         try:
             if not fs.exists(self.root):
                 raise NotFound(f"origin {self.url} does not exist (or is empty)")
@@ -120,11 +135,15 @@ class Origin:
         try:
             async with asyncio.timeout(self.timeout):
                 afs = await self._afs()
+                if afs is not None and self.protocol in ("s3", "s3a") and end > start:
+                    return await self._read_s3_exact(afs, path, entry, start, end)
                 if afs is not None:
                     data = await afs._cat_file(path, start=start, end=end)
                     info = await afs._info(path)
                 else:
                     data, info = await asyncio.to_thread(self._read_sync, path, start, end)
+        except (OriginChanged, OriginUnavailable):
+            raise
         except FileNotFoundError as e:
             raise OriginChanged(f"{entry.path} is gone from the origin since the snapshot; "
                                 "run `cachefs dataset refresh` to take a new snapshot") from e
@@ -136,6 +155,33 @@ class Origin:
         if version_token(info) != entry.version:
             raise OriginChanged(f"{entry.path} changed in the origin since the snapshot was taken; "
                                 "run `cachefs dataset refresh` to serve the new version")
+        if len(data) != end - start:
+            raise OriginChanged(f"{entry.path} returned {len(data)} bytes for a {end - start}-byte range; "
+                                "the origin changed: run `cachefs dataset refresh`")
+        return data
+
+    async def _read_s3_exact(self, afs: AsyncFileSystem, path: str, entry: FileEntry, start: int, end: int) -> bytes:
+        """One GET that S3 itself refuses (412) if the object is no longer the snapshot's:
+        pinned by VersionId when the bucket is versioned, else conditional on the ETag."""
+        bucket, key, _ = afs.split_path(path)
+        version, etag = _token_value(entry.version, "vid"), _token_value(entry.version, "etag")
+        condition = {"VersionId": version} if version else {"IfMatch": etag} if etag else {}
+        try:
+            resp = await afs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}",
+                                      **condition)
+            try:
+                data = await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) or _s3_error_code(e) in ("PreconditionFailed", "412", "NoSuchVersion"):
+                raise OriginChanged(f"{entry.path} changed in the origin since the snapshot was taken; "
+                                    "run `cachefs dataset refresh` to serve the new version") from e
+            raise
+        if not condition:  # no token to pin the read to: check afterwards like other backends
+            if version_token(await afs._info(path)) != entry.version:
+                raise OriginChanged(f"{entry.path} changed in the origin since the snapshot was taken; "
+                                    "run `cachefs dataset refresh` to serve the new version")
         if len(data) != end - start:
             raise OriginChanged(f"{entry.path} returned {len(data)} bytes for a {end - start}-byte range; "
                                 "the origin changed: run `cachefs dataset refresh`")

@@ -19,6 +19,34 @@ from cachefs.config import ClientConfig
 from cachefs.errors import CachefsError, IntegrityError, NodeUnavailable, from_wire
 
 
+class Endpoints:
+    """The nodes a client may ask metadata of: configured ones first, then those learned
+    from the ring. A node that does not answer goes to the back of the line."""
+
+    def __init__(self, configured: list[str]) -> None:
+        self.bases = list(dict.fromkeys(configured))
+
+    def learn(self, urls: list[str]) -> None:
+        for url in urls:
+            url = url.rstrip("/")
+            if url and url not in self.bases:
+                self.bases.append(url)
+
+    async def call(self, transport: "Transport", method: str, path: str, body: Any = None,
+                   raw: bool = False) -> Any:
+        last: NodeUnavailable | None = None
+        for base in list(self.bases):
+            try:
+                if raw:
+                    return await transport.request(method, base + path)
+                return await transport.json(method, base + path, body)
+            except NodeUnavailable as e:
+                last = e
+                self.bases.remove(base)
+                self.bases.append(base)
+        raise NodeUnavailable(f"no cache node answers (tried {len(self.bases)}): {last}")
+
+
 class Transport:
     """An aiohttp session bound to the loop it was first used on."""
 

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 COORDINATOR = "cachefs-coordinator"
 NODE_PREFIX = "cachefs-"  # actor name = NODE_PREFIX + node id ("node-…")
 START_TIMEOUT = 120.0
-NODE_RESOURCE = "cachefs_node"
+NODE_RESOURCE = "cachefs_node"  # a Ray node that should host a cache node (the KubeRay worker group)
+COORDINATOR_RESOURCE = "cachefs_coordinator"  # the Ray node that keeps the coordinator's state (the head)
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,8 @@ class ClusterHandle:
     started_ray: bool
 
     def to_json(self) -> dict[str, Any]:
-        return {"endpoint": self.endpoint, "endpoints": list(self.endpoints), "token": self.token,
+        # every node, so that a client whose first node is gone asks the next
+        return {"endpoint": ",".join(self.endpoints), "endpoints": list(self.endpoints), "token": self.token,
                 "ray_address": self.ray_address, "namespace": self.namespace, "started_ray": self.started_ray}
 
 
@@ -141,10 +143,15 @@ def _actor(name: str, namespace: str) -> Any | None:
 def coordinator(config: ClusterConfig, env: Mapping[str, str]) -> Any:
     state_dir = config.state_dir or str(cachefs_home(env) / "state")
     remote_cls = ray.remote(Coordinator)
+    if any(n.get("Resources", {}).get(COORDINATOR_RESOURCE) for n in ray.nodes() if n.get("Alive")):
+        # its state dir is mounted there only: never anywhere else
+        placement: dict[str, Any] = {"resources": {COORDINATOR_RESOURCE: 0.01}}
+    else:
+        placement = {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)}
     return remote_cls.options(
         name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
-        num_cpus=0, max_concurrency=1000,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True),
+        num_cpus=0, max_concurrency=1000, **placement,
     ).remote(state_dir, config.block_size)
 
 
@@ -154,6 +161,8 @@ def _placements(config: ClusterConfig) -> dict[str, Any]:
         return {f"node-{i}": "SPREAD" for i in range(config.nodes)}
     alive = [n for n in ray.nodes() if n.get("Alive")]
     tagged = [n for n in alive if n.get("Resources", {}).get(NODE_RESOURCE)]
+    if not tagged:  # no worker advertises itself yet: any node but a dedicated coordinator node
+        tagged = [n for n in alive if not n.get("Resources", {}).get(COORDINATOR_RESOURCE)]
     return {f"node-{n['NodeID'][:10]}": NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
             for n in (tagged or alive)}
 

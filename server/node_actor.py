@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -95,14 +96,35 @@ class CacheNodeActor:
         self.runner = web.AppRunner(make_app(self.node, self.link, self.config.token), access_log=None,
                                     handle_signals=False)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.config.host, self.config.port, backlog=1024)
-        await site.start()
-        port = self.runner.addresses[0][1]
+        port = await self._listen()
         host = self.config.advertise_host or (
             self.config.host if self.config.host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address())
         self.url = f"http://{host}:{port}"
         await self._join()
         return self.url
+
+    async def _listen(self) -> int:
+        """Listen on the configured port; with port 0, on the port this node's disk used last
+        time, so that a restarted node comes back at the same URL (clients keep working)."""
+        assert self.runner is not None
+        remembered = Path(self.config.disk_dir) / ".port" if self.config.disk_dir else None
+        wanted = self.config.port
+        if wanted == 0 and remembered is not None and remembered.exists():
+            try:
+                wanted = int(remembered.read_text())
+            except ValueError:
+                wanted = 0
+        try:
+            await web.TCPSite(self.runner, self.config.host, wanted, backlog=1024).start()
+        except OSError:
+            if self.config.port:
+                raise
+            await web.TCPSite(self.runner, self.config.host, 0, backlog=1024).start()
+        port = int(self.runner.addresses[-1][1])
+        if remembered is not None:
+            remembered.parent.mkdir(parents=True, exist_ok=True)
+            remembered.write_text(str(port))
+        return port
 
     async def _join(self) -> None:
         self.coordinator = ray.get_actor(self.coordinator_name, namespace=self.namespace)

@@ -34,13 +34,18 @@ NAMESPACE = "cachefs-test"
 class TestCluster:
     """The session's cache cluster, as tests and the helpers' tests use it."""
 
-    endpoint: str
     token: str
     home: Path
     env: dict[str, str]
     config: Any  # ClusterConfig
     ray_cluster: Any
+    endpoints: tuple[str, ...] = ()
     names: list[str] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        """Every node, comma-separated: clients fail over when one is gone."""
+        return ",".join(self.endpoints)
 
     @property
     def client_config(self):  # -> ClientConfig
@@ -102,6 +107,7 @@ class TestCluster:
         from server import hosting
 
         urls = hosting.ensure_nodes(self.config, self.token, self.env)
+        self.endpoints = tuple(urls)
         return urls
 
     def unique(self, prefix: str) -> str:
@@ -173,7 +179,7 @@ def cachefs_cluster(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) 
                            namespace=NAMESPACE)
     handle = hosting.up(config, env)
     assert len(handle.endpoints) == 3
-    cluster = TestCluster(handle.endpoint, handle.token, home, env, config, ray_cluster)
+    cluster = TestCluster(handle.token, home, env, config, ray_cluster, handle.endpoints)
     try:
         yield cluster
     finally:

@@ -17,7 +17,7 @@ from cachefs import wire
 def ds(cachefs_cluster, sample_origin) -> dict[str, Any]:
     name = cachefs_cluster.unique("bad")
     info = cachefs_cluster.add_dataset(name, f"file://{sample_origin}")
-    return {"name": name, "snapshot": info.snapshot, "base": cachefs_cluster.endpoint,
+    return {"name": name, "snapshot": info.snapshot, "base": cachefs_cluster.endpoints[0],
             "auth": wire.bearer(cachefs_cluster.token)}
 
 
@@ -136,7 +136,7 @@ def test_origin_that_cannot_be_read_is_503_with_the_origins_error(cachefs_cluste
         info = cachefs_cluster.add_dataset(name, "s3://gone/d", storage_options=opts)
     finally:
         server.stop()
-    d = {"name": name, "snapshot": info.snapshot, "base": cachefs_cluster.endpoint}
+    d = {"name": name, "snapshot": info.snapshot, "base": cachefs_cluster.endpoints[0]}
     # ask the block's owner directly so the answer is the node's own, not a client fallback
     from shard import Ring, block_key
 

@@ -156,3 +156,26 @@ def test_a_restarted_coordinator_keeps_every_dataset(cachefs_cluster, sample_ori
     d = next(d for d in status["datasets"] if d["name"] == name)
     assert d["snapshot"] == info.snapshot
     assert cachefs_cluster.fs().cat_file(f"{name}/README.txt") == b"a small dataset for tests\n"
+
+
+def test_a_changed_s3_object_is_refused_by_the_conditional_read(cachefs_cluster, s3_server) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", aws_access_key_id="testing", aws_secret_access_key="testing", **s3_server["client_kwargs"])
+    s3.create_bucket(Bucket="changing")
+    s3.put_object(Bucket="changing", Key="d/a.bin", Body=b"a" * 5000)
+    s3.put_object(Bucket="changing", Key="d/b.bin", Body=b"b" * 5000)
+    name = cachefs_cluster.unique("s3changed")
+    cachefs_cluster.add_dataset(name, "s3://changing/d", storage_options=s3_server)
+    fs = cachefs_cluster.fs()
+    assert fs.cat_file(f"{name}/a.bin") == b"a" * 5000
+    s3.put_object(Bucket="changing", Key="d/b.bin", Body=b"B" * 5000)  # same size, new ETag
+    with pytest.raises(OriginChanged, match="refresh"):
+        fs.cat_file(f"{name}/b.bin")
+
+    async def refresh():
+        async with cachefs_cluster.admin() as a:
+            return await a.wait(await a.refresh_dataset(name), timeout=60)
+
+    assert asyncio.run(refresh()).result["changed"] is True
+    assert cachefs_cluster.fs().cat_file(f"{name}/b.bin") == b"B" * 5000

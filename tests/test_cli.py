@@ -110,5 +110,6 @@ def test_up_again_is_idempotent(env, cachefs_cluster) -> None:
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert sorted(doc["endpoints"]) == sorted(n["url"] for n in before["nodes"])
+    assert sorted(doc["endpoint"].split(",")) == sorted(doc["endpoints"])  # clients can fail over
     assert "token" not in doc
     assert cachefs_cluster.status()["epoch"] == before["epoch"]

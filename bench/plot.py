@@ -1,0 +1,175 @@
+"""Charts from the benches' JSON: PNGs for docs/benchmarks.md.
+
+    python bench/plot.py                       # bench/results/{epoch,accelerators}.json → docs/img/
+    python bench/plot.py --epoch E.json --accelerators A.json --out DIR
+
+Writes, for what it finds:
+  epoch-time.png     time of every epoch, per peer, one panel per dataset
+  epoch-origin.png   bytes read from the origin, cumulated over epochs, in datasets
+  eviction.png       per-epoch hit ratio of cachefs with LRU and Sticky, against capacity/dataset
+  accelerators.png   accelerator utilisation against accelerator count, one panel per workload
+
+Needs matplotlib, which is not among the project's dependencies: `pip install matplotlib`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+COLOURS = {"origin": "#c0392b", "pernode": "#e67e22", "cachefs": "#2471a3", "mount": "#17a589"}
+DASHED = {"per-node, no budget"}
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        sys.exit("bench/plot.py needs matplotlib, which is not installed (it is not among cachefs' dependencies): "
+                 "pip install matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(record: dict[str, Any]) -> dict[str, Any]:
+    return {"color": COLOURS.get(record["kind"], "grey"), "linestyle": "--" if record["peer"] in DASHED else "-"}
+
+
+def _by(records: list[dict[str, Any]], key: str) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        out.setdefault(r[key], []).append(r)
+    return out
+
+
+def _caption(doc: dict[str, Any]) -> str:
+    m = doc["machine"]
+    return f"{m['cpus']} cores, {m['memory_bytes'] / 2**30:.0f} GiB, shared" + (" — quick mode" if doc["quick"] else "")
+
+
+def epoch_charts(doc: dict[str, Any], out: Path) -> list[Path]:
+    plt = _pyplot()
+    datasets = doc["datasets"]
+    k = doc["params"]["nodes"]
+    written = []
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, (name, recs) in zip(axes[0], _by(doc["epochs"], "dataset").items()):
+        peers = _by(recs, "peer")
+        epochs = sorted({r["epoch"] for r in recs})
+        width = 0.8 / len(epochs)
+        for j, e in enumerate(epochs):
+            xs = [i + (j - (len(epochs) - 1) / 2) * width for i in range(len(peers))]
+            ys = [next(r["seconds"] for r in rs if r["epoch"] == e) for rs in peers.values()]
+            ax.bar(xs, ys, width, label=f"epoch {e}", alpha=0.45 + 0.55 * (j + 1) / len(epochs),
+                   color=[COLOURS.get(rs[0]["kind"], "grey") for rs in peers.values()], edgecolor="black", linewidth=0.3)
+        ax.set_xticks(range(len(peers)), [p.replace(" (S3 direct)", "\n(S3 direct)").replace(", ", ",\n")
+                                          for p in peers], fontsize=8)
+        d = datasets[name]
+        ax.set_title(f"{name}: {d['files']} files, {d['bytes'] / 2**20:.0f} MiB; {k} nodes")
+        ax.set_ylabel("epoch time (s); bars: epoch 1, 2, ...")
+    fig.suptitle(f"Shuffled epochs on {k} nodes, same cache budget per node ({_caption(doc)})", fontsize=10)
+    fig.tight_layout()
+    written.append(out / "epoch-time.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, (name, recs) in zip(axes[0], _by(doc["epochs"], "dataset").items()):
+        size = datasets[name]["bytes"]
+        for peer, rs in _by(recs, "peer").items():
+            rs = sorted(rs, key=lambda r: r["epoch"])
+            total, ys = 0, []
+            for r in rs:
+                total += r["origin_bytes"]
+                ys.append(total / size)
+            ax.plot([r["epoch"] for r in rs], ys, marker="o", label=peer, **_style(rs[0]))
+        ax.axhline(1, color="grey", linewidth=0.6)
+        ax.axhline(k, color="grey", linewidth=0.6, linestyle=":")
+        ax.set_title(f"{name}: bytes read from the origin")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("cumulated, in datasets (1 = read once)")
+        ax.set_xticks(sorted({r["epoch"] for r in recs}))
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Origin reads: cachefs reads the dataset once ({_caption(doc)})", fontsize=10)
+    fig.tight_layout()
+    written.append(out / "epoch-origin.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    if doc.get("eviction"):
+        ev = doc["eviction"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for peer, rs in _by(ev["epochs"], "peer").items():
+            rs = sorted(rs, key=lambda r: r["epoch"])
+            ax.plot([r["epoch"] for r in rs], [r["hit_ratio"] for r in rs], marker="o", label=peer,
+                    linestyle="-" if "sticky" in peer else "--", color=COLOURS["cachefs"])
+        ax.axhline(ev["expected_hit_ratio"], color="grey", linewidth=0.8, linestyle=":", label="capacity / dataset")
+        ax.set_ylim(0, 1)
+        ax.set_xticks(sorted({r["epoch"] for r in ev["epochs"]}))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("hit ratio (bytes)")
+        ax.set_title(f"A dataset twice the cache ({ev['dataset_bytes'] / 2**20:.0f} MiB on "
+                     f"{ev['cluster_budget_bytes'] / 2**20:.0f} MiB), shuffled epochs", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out / "eviction.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def accelerator_chart(doc: dict[str, Any], out: Path) -> list[Path]:
+    plt = _pyplot()
+    workloads = _by(doc["runs"], "workload")
+    threshold = doc["params"]["threshold"]
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4), squeeze=False)
+    for ax, (name, recs) in zip(axes[0], workloads.items()):
+        for peer, rs in _by(recs, "peer").items():
+            rs = sorted(rs, key=lambda r: r["accelerators"])
+            ax.plot([r["accelerators"] for r in rs], [r["au_mean"] for r in rs], marker="o", label=peer,
+                    **_style(rs[0]))
+        ax.axhline(threshold, color="grey", linewidth=0.8, linestyle=":", label=f"AU {threshold:.0%}")
+        ax.set_ylim(0, 1.05)
+        ax.set_xlabel("emulated accelerators on one node")
+        ax.set_ylabel("accelerator utilisation")
+        wl = doc["workloads"][name]
+        ax.set_title(f"{name} ({wl['sample_bytes'] / 1024:.0f} KiB samples)")
+        ax.set_xticks(doc["params"]["counts"])
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Accelerator utilisation, accelerators = A100 / {doc['params']['slowdown']:g} "
+                 f"({_caption(doc)})", fontsize=10)
+    fig.tight_layout()
+    path = out / "accelerators.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epoch", default="bench/results/epoch.json")
+    ap.add_argument("--accelerators", default="bench/results/accelerators.json")
+    ap.add_argument("--out", default="docs/img")
+    args = ap.parse_args()
+    _pyplot()  # fail first, and clearly, without matplotlib
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for path, chart in ((args.epoch, epoch_charts), (args.accelerators, accelerator_chart)):
+        if Path(path).exists():
+            written += chart(json.loads(Path(path).read_text()), out)
+        else:
+            print(f"no {path}: skipped (run the bench first)", file=sys.stderr)
+    for p in written:
+        print(f"wrote {p}")
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
