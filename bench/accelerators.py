@@ -22,7 +22,7 @@ Peers, on one training node, with the budgets of bench/epoch.py (dataset D, B = 
   cachefs (mount)     the same through `cachefs mount` (FUSE; page cache dropped per file)
 For each peer, accelerator counts go up until AU falls below --stop-below.
 
-    python bench/accelerators.py           # D = 96 MiB per workload, 1..16 accelerators
+    python bench/accelerators.py           # D = 128 MiB per workload, 1..32 accelerators
     python bench/accelerators.py --quick   # D = 24 MiB, 1 and 4 accelerators: for CI
 """
 
@@ -36,14 +36,16 @@ import shutil
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import (MiB, Cluster, Dataset, MeteredS3, MountUnavailable, Nodes, epoch_order, images,  # noqa: E402
-                           local_ray, machine, mib, mounted, table, upload, workdir, write_json)
+from bench.cluster import Cluster, MountUnavailable, local_ray, mounted  # noqa: E402
+from bench.harness import (MiB, Dataset, MeteredS3, Nodes, epoch_order, images, machine, table, upload,  # noqa: E402
+                           workdir, write_json)
 from bench.peers import PeerSpec  # noqa: E402
 
 BATCH_TIMEOUT = 300.0  # one batch; a loader that produces nothing for this long has failed
@@ -89,7 +91,7 @@ def accelerate(reader: Any, shares: Sequence[Sequence[tuple[str, int]]], batch: 
                     if j >= len(batches):
                         return
                     q.put(sum(reader.read(p, size) for p, size in batches[j]), timeout=BATCH_TIMEOUT)
-            except BaseException as e:  # hand the failure to the accelerator, which raises it
+            except Exception as e:  # hand the failure to the accelerator, which raises it
                 q.put(e)
 
         threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(workers, len(batches)))]
@@ -113,7 +115,7 @@ def accelerate(reader: Any, shares: Sequence[Sequence[tuple[str, int]]], batch: 
     def guarded(i: int, share: Sequence[tuple[str, int]]) -> None:
         try:
             accelerator(i, share)
-        except BaseException as e:
+        except Exception as e:  # raised below, in the caller's thread
             errors.append(e)
 
     threads = [threading.Thread(target=guarded, args=(i, s)) for i, s in enumerate(shares)]
@@ -132,14 +134,19 @@ def accelerate(reader: Any, shares: Sequence[Sequence[tuple[str, int]]], batch: 
 
 
 def shares_for(ds: Dataset, n: int, per_accelerator: int, seed: int) -> list[list[tuple[str, int]]]:
-    """n disjoint shares of consecutive shuffled epochs (a DistributedSampler over n ranks)."""
+    """What a DistributedSampler over n ranks gives them, epoch after epoch: each epoch's
+    shuffle (padded by wrapping to a multiple of n) split across the ranks, rank i taking
+    positions i, i+n, ... So the accelerators move through the epochs together."""
     sizes = dict(ds.files)
-    order: list[str] = []
+    shares: list[list[tuple[str, int]]] = [[] for _ in range(n)]
     epoch = seed
-    while len(order) < n * per_accelerator:
-        order += epoch_order(ds, epoch)
+    while min(len(s) for s in shares) < per_accelerator:
+        order = epoch_order(ds, epoch)
+        order += (order * n)[:-len(order) % n]
+        for i, share in enumerate(shares):
+            share += [(p, sizes[p]) for p in order[i::n]]
         epoch += 1
-    return [[(p, sizes[p]) for p in order[i::n][:per_accelerator]] for i in range(n)]
+    return [s[:per_accelerator] for s in shares]
 
 
 def sweep(nodes: Nodes, spec: PeerSpec, ds: Dataset, wl: Workload, args: argparse.Namespace, s3: MeteredS3,
@@ -147,6 +154,7 @@ def sweep(nodes: Nodes, spec: PeerSpec, ds: Dataset, wl: Workload, args: argpars
     batch = wl.batch if wl.batch == 1 else args.batch
     compute = batch * wl.sample_seconds * args.slowdown
     records = []
+    nodes.call(spec, "read", [ds.files[0]])  # not measured: sessions, manifest, mount lookups
     for run, n in enumerate(args.counts):
         shares = shares_for(ds, n, args.steps * batch, seed=1000 * run)
         meter0 = s3.meter()
@@ -177,23 +185,25 @@ def most_kept(records: list[dict[str, Any]], threshold: float) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="D = 24 MiB, 1 and 4 accelerators, 10 steps (for CI)")
-    ap.add_argument("--dataset-mib", type=int, default=None, help="dataset size per workload (default 96; quick 24)")
-    ap.add_argument("--counts", default=None, help="accelerator counts (default 1,2,3,4,6,8,12,16; quick 1,4)")
+    ap.add_argument("--dataset-mib", type=int, default=None, help="dataset size per workload (default 128; quick 24)")
+    ap.add_argument("--counts", default=None, help="accelerator counts (default 1,2,3,4,6,8,12,16,24,32; quick 1,4)")
     ap.add_argument("--steps", type=int, default=None, help="batches per accelerator per run (default 32; quick 10)")
     ap.add_argument("--batch", type=int, default=8, help="resnet50 batch size (MLPerf: 400); cosmoflow keeps 1")
-    ap.add_argument("--slowdown", type=float, default=10.0, help="emulated accelerator = an A100 this many times slower")
+    ap.add_argument("--slowdown", type=float, default=10.0,
+                    help="an emulated accelerator is an A100 this many times slower")
     ap.add_argument("--workloads", default="resnet50,cosmoflow")
     ap.add_argument("--cache-nodes", type=int, default=3)
-    ap.add_argument("--block-kib", type=int, default=1024, help="cachefs block size")
+    ap.add_argument("--block-kib", type=int, default=None, help="cachefs block size (default 8192; quick 1024)")
     ap.add_argument("--threshold", type=float, default=0.90, help="the AU an accelerator count must keep")
     ap.add_argument("--stop-below", type=float, default=0.5, help="stop a peer's sweep once AU falls below this")
     ap.add_argument("--no-mount", action="store_true", help="skip the FUSE mount peer")
     ap.add_argument("--json", default="bench/results/accelerators.json", help="where to write the figures")
     args = ap.parse_args()
-    args.counts = [int(c) for c in (args.counts or ("1,4" if args.quick else "1,2,3,4,6,8,12,16")).split(",")]
+    args.counts = [int(c) for c in (args.counts or ("1,4" if args.quick else "1,2,3,4,6,8,12,16,24,32")).split(",")]
     args.steps = args.steps or (10 if args.quick else 32)
-    total = (args.dataset_mib or (24 if args.quick else 96)) * MiB
+    total = (args.dataset_mib or (24 if args.quick else 128)) * MiB
     budget = math.ceil(total * 2 / 3)
+    block = (args.block_kib or (1024 if args.quick else 8192)) * 1024
     k = args.cache_nodes
     workloads = [WORKLOADS[w] for w in args.workloads.split(",")]
     datasets = {wl.name: images(wl.name, total, wl.sample_bytes, wl.sample_spread,
@@ -202,7 +212,7 @@ def main() -> int:
         "bench": "accelerators", "quick": args.quick, "machine": machine(),
         "params": {"slowdown": args.slowdown, "steps": args.steps, "resnet50_batch": args.batch, "counts": args.counts,
                    "threshold": args.threshold, "cache_nodes": k, "node_budget_bytes": budget,
-                   "block_size": args.block_kib * 1024},
+                   "block_size": block},
         "workloads": {wl.name: {**asdict(wl), "dataset": datasets[wl.name].describe()} for wl in workloads},
         "runs": [], "mount": "measured",
     }
@@ -222,7 +232,7 @@ def main() -> int:
             doc["runs"] += sweep(nodes, spec, ds, wl, args, s3)
             nodes.drop(spec)
             shutil.rmtree(spec.cache_dir, ignore_errors=True)
-        with local_ray(), Cluster(work, k, budget, "lru", args.block_kib * 1024, "cachefs-bench-au") as cluster:
+        with local_ray(), Cluster(work, k, budget, "lru", block, "cachefs-bench-au") as cluster:
             for wl in workloads:
                 ds = datasets[wl.name]
                 cluster.register(ds.name, f"s3://{ds.prefix}", so)

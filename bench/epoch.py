@@ -20,7 +20,7 @@ stable resident set and hits about capacity/dataset of its reads.
 Origin bytes: counted by each peer (cachefs: the nodes' `origin_bytes`), and by a meter
 on the origin itself, which every peer is held to.
 
-    python bench/epoch.py          # 192 MiB of images, 384 MiB of 64 MiB shards; 3 nodes, 3 epochs
+    python bench/epoch.py          # 192 MiB of images, 384 MiB of 64 MiB shards; 3 nodes, 5 epochs
     python bench/epoch.py --quick  # 24 MiB of each, 8 MiB shards: for CI, well under a minute
 """
 
@@ -36,8 +36,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import (KiB, MiB, Cluster, Dataset, MeteredS3, Nodes, epoch_order, images, local_ray,  # noqa: E402
-                           machine, mib, shards, table, upload, workdir, write_json)
+from bench.cluster import Cluster, local_ray  # noqa: E402
+from bench.harness import (KiB, MiB, Dataset, MeteredS3, Nodes, epoch_order, images, machine, mib,  # noqa: E402
+                           shards, table, upload, workdir, write_json)
 from bench.peers import PeerSpec  # noqa: E402
 
 
@@ -104,17 +105,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="24 MiB datasets and 8 MiB shards (for CI)")
     ap.add_argument("--nodes", type=int, default=3, help="training nodes = cache nodes (k ≥ 3)")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=None, help="default 5; quick 3")
     ap.add_argument("--images-mib", type=int, default=None, help="image dataset size (default 192; quick 24)")
     ap.add_argument("--sample-kib", type=int, default=100, help="image-like file size (± 20%%)")
     ap.add_argument("--shards-mib", type=int, default=None, help="shard dataset size (default 384; quick 24)")
     ap.add_argument("--shard-mib", type=int, default=None, help="shard size (default 64; quick 8)")
     ap.add_argument("--record-kib", type=int, default=1024, help="what one sample is inside a shard")
     ap.add_argument("--workers", type=int, default=4, help="loader threads per node")
-    ap.add_argument("--block-kib", type=int, default=1024, help="cachefs block size")
+    ap.add_argument("--block-kib", type=int, default=None,
+                    help="cachefs block size (default 8192, the production default; quick 1024, so that the "
+                         "few blocks of the small shards spread over the nodes)")
     ap.add_argument("--skip-eviction", action="store_true", help="skip the LRU vs Sticky part")
     ap.add_argument("--json", default="bench/results/epoch.json", help="where to write the figures")
     args = ap.parse_args()
+    args.epochs = args.epochs or (3 if args.quick else 5)
     if args.nodes < 3 or args.epochs < 2:
         ap.error("use at least 3 nodes and 2 epochs")
     shard = (args.shard_mib or (8 if args.quick else 64)) * MiB
@@ -123,7 +127,7 @@ def main() -> int:
                 shards("shards", (args.shards_mib or (24 if args.quick else 384)) * MiB, shard, args.record_kib * KiB)]
     # Per node, D = 1.5 B: more than one node holds, less than the cluster's k·B.
     budgets = {ds.name: math.ceil(ds.bytes * 2 / 3) for ds in datasets}
-    block = args.block_kib * KiB
+    block = (args.block_kib or (1024 if args.quick else 8192)) * KiB
     doc: dict[str, Any] = {
         "bench": "epoch", "quick": args.quick, "machine": machine(),
         "params": {"nodes": k, "epochs": epochs, "workers": args.workers, "block_size": block},

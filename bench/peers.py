@@ -22,10 +22,11 @@ import os
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO
 
 MiB = 1024 * 1024
 LOAD_TIMEOUT = 300.0  # one whole-file download from the origin

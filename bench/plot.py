@@ -67,7 +67,8 @@ def epoch_charts(doc: dict[str, Any], out: Path) -> list[Path]:
             xs = [i + (j - (len(epochs) - 1) / 2) * width for i in range(len(peers))]
             ys = [next(r["seconds"] for r in rs if r["epoch"] == e) for rs in peers.values()]
             ax.bar(xs, ys, width, label=f"epoch {e}", alpha=0.45 + 0.55 * (j + 1) / len(epochs),
-                   color=[COLOURS.get(rs[0]["kind"], "grey") for rs in peers.values()], edgecolor="black", linewidth=0.3)
+                   color=[COLOURS.get(rs[0]["kind"], "grey") for rs in peers.values()], edgecolor="black",
+                   linewidth=0.3)
         ax.set_xticks(range(len(peers)), [p.replace(" (S3 direct)", "\n(S3 direct)").replace(", ", ",\n")
                                           for p in peers], fontsize=8)
         d = datasets[name]

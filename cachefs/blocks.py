@@ -16,9 +16,10 @@ from typing import Any
 
 from cachefs import wire
 from cachefs.config import ClientConfig
-from cachefs.errors import (CachefsError, IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
+from cachefs.errors import (IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
                             Unavailable)
 from cachefs.manifest import FileEntry, Manifest
+from cachefs.ioloops import IOLoops
 from cachefs.origin import Origin
 from cachefs.transport import Endpoints, Transport
 from cachefs.wire import DatasetInfo
@@ -44,6 +45,7 @@ class BlockReader:
         self.config = config
         self.transport = transport
         self.endpoints = Endpoints(config.endpoints)
+        self.io = IOLoops(config, config.io_threads, transport.pool) if config.io_threads else None
         self.origin_options = origin_options
         self.ring: Ring | None = None
         self._down: dict[str, float] = {}
@@ -73,14 +75,18 @@ class BlockReader:
             return self.ring
 
     # -- blocks --------------------------------------------------------------------------
-    async def read(self, view: DatasetView, entry: FileEntry, index: int) -> list[bytes]:
-        """Block `index` of `entry`, as chunks (join them once, where they are used)."""
+    async def read(self, view: DatasetView, entry: FileEntry, index: int) -> memoryview | bytes:
+        """Block `index` of `entry`, in a pooled buffer: copy out what you need, then `release` it."""
         if self._gate is None:
             self._gate = asyncio.Semaphore(self.config.max_concurrency)
         async with self._gate:
             return await self._read(view, entry, index)
 
-    async def _read(self, view: DatasetView, entry: FileEntry, index: int) -> list[bytes]:
+    def release(self, block: memoryview | bytes) -> None:
+        if isinstance(block, memoryview):
+            self.transport.pool.give(block)
+
+    async def _read(self, view: DatasetView, entry: FileEntry, index: int) -> memoryview | bytes:
         info = view.info
         start, end = block_bounds(index, entry.size, info.block_size)
         key = block_key(info.name, info.snapshot, entry.path, entry.version, index)
@@ -94,7 +100,7 @@ class BlockReader:
             for node in live:
                 url = ring.member(node).url
                 try:
-                    return await self.transport.read_block(url, info.name, params, ring.epoch, end - start)
+                    return await self._fetch(url, info.name, params, ring.epoch, end - start)
                 except StaleEpoch as e:
                     await self.refresh_ring(e.epoch)
                     break
@@ -111,8 +117,13 @@ class BlockReader:
                     break
         return await self._read_origin(view, entry, index, failures)
 
+    async def _fetch(self, url: str, name: str, params: dict[str, str], epoch: int, length: int) -> memoryview:
+        if self.io is None:
+            return await self.transport.read_block(url, name, params, epoch, length)
+        return await self.io.run(lambda t: t.read_block(url, name, params, epoch, length))
+
     async def _read_origin(self, view: DatasetView, entry: FileEntry, index: int,
-                           failures: list[str]) -> list[bytes]:
+                           failures: list[str]) -> bytes:
         reason = failures[-1] if failures else "no cache node answered"
         if not self.config.origin_fallback:
             raise Unavailable(f"cannot read {view.info.name}/{entry.path}: {reason} "
@@ -129,9 +140,12 @@ class BlockReader:
                               f"and so did the origin ({e})") from e
         self.origin_reads += 1
         log.warning("read block %d of %s/%s from the origin: %s", index, view.info.name, entry.path, reason)
-        return [data]
+        return data
 
     async def close(self) -> None:
+        if self.io is not None:
+            io, self.io = self.io, None
+            await asyncio.to_thread(io.close)
         for origin in self._origins.values():
             await origin.close()
         self._origins.clear()

@@ -142,6 +142,7 @@ class ClientConfig:
     retries: int = 3
     max_concurrency: int = 16  # blocks in flight per filesystem
     readahead_blocks: int = 2
+    io_threads: int = 2  # event loops receiving block bytes in parallel (0: the filesystem's own loop)
     origin_fallback: bool = True  # read the origin directly when no cache node answers
 
     def __post_init__(self) -> None:
@@ -151,8 +152,8 @@ class ClientConfig:
         for name in ("connect_timeout", "read_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
-        if self.max_concurrency < 1 or self.retries < 0 or self.readahead_blocks < 0:
-            raise ConfigError("max_concurrency must be ≥ 1, retries and readahead_blocks ≥ 0")
+        if self.max_concurrency < 1 or self.retries < 0 or self.readahead_blocks < 0 or self.io_threads < 0:
+            raise ConfigError("max_concurrency must be ≥ 1; retries, readahead_blocks and io_threads ≥ 0")
 
     @property
     def endpoints(self) -> list[str]:

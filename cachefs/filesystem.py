@@ -165,13 +165,17 @@ class CachefsFileSystem(AsyncFileSystem):
         bs = view.info.block_size
         indices = blocks_for_range(start, end, entry.size, bs)
         parts = await asyncio.gather(*(self.blocks.read(view, entry, i) for i in indices))
-        first, last = block_bounds(indices[0], entry.size, bs)[0], block_bounds(indices[-1], entry.size, bs)[1]
-        if (first, last) == (start, end):
-            return b"".join(c for chunks in parts for c in chunks)  # the one copy
-        return b"".join(c for chunks in parts for c in chunks)[start - first:end - first]
+        first = block_bounds(indices[0], entry.size, bs)[0]
+        try:
+            if len(parts) == 1:
+                return bytes(parts[0][start - first:end - first])  # the one copy
+            return b"".join(parts)[start - first:end - first]
+        finally:
+            for part in parts:
+                self.blocks.release(part)
 
-    async def _block_bytes(self, view: DatasetView, entry: FileEntry, index: int) -> bytes:
-        return b"".join(await self.blocks.read(view, entry, index))
+    async def _block(self, view: DatasetView, entry: FileEntry, index: int) -> memoryview | bytes:
+        return await self.blocks.read(view, entry, index)
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         view, entry = await self._resolve(path)
@@ -223,9 +227,9 @@ class BlockCache(BaseCache):
 
     A read wants block i: blocks i .. i+readahead are requested at once (concurrently,
     from their owners) so the next ones are on their way while the caller works. Blocks
-    are kept as the bytes objects they arrived in, one block each: a block-sized read
-    returns it without a copy, and no allocation is larger than a block (large fresh
-    allocations cost page faults that here cost more than the copy itself).
+    are kept in the buffers they arrived in, one block each; a read copies out just what
+    it asked for, and no allocation is larger than a block (large fresh allocations cost
+    page faults that here cost more than the copy itself).
     """
 
     name = "cachefs-blocks"
@@ -237,37 +241,61 @@ class BlockCache(BaseCache):
         self.count = max(1, -(-entry.size // self.bs))
         self.readahead = fs.config.readahead_blocks
         self.timeout = fs.config.read_timeout * (fs.config.retries + 2)
-        self._blocks: dict[int, concurrent.futures.Future[bytes]] = {}
+        self._blocks: dict[int, concurrent.futures.Future[memoryview | bytes]] = {}
 
-    def _want(self, index: int) -> concurrent.futures.Future[bytes]:
+    def _want(self, index: int) -> concurrent.futures.Future[memoryview | bytes]:
         fut = self._blocks.get(index)
         if fut is None:
-            fut = asyncio.run_coroutine_threadsafe(self.fs._block_bytes(self.view, self.entry, index), self.fs.loop)
+            fut = asyncio.run_coroutine_threadsafe(self.fs._block(self.view, self.entry, index), self.fs.loop)
             self._blocks[index] = fut
         return fut
 
-    def _fetch(self, start: int | None, end: int | None) -> bytes:
-        start = 0 if start is None else start
-        end = self.size if end is None else min(end, self.size)
-        if start >= end:
-            return b""
+    def _blocks_for(self, start: int, end: int) -> list[memoryview | bytes]:
+        """The blocks holding [start, end), waited for; the next ones requested meanwhile."""
         first, last = start // self.bs, (end - 1) // self.bs
         for i in range(first, min(last + 1 + self.readahead, self.count)):
             self._want(i)
         for i in [i for i in self._blocks if i < first - 1 or i > last + self.readahead]:
-            self._blocks.pop(i).cancel()  # a seek elsewhere: drop what no longer helps
-        parts = [self._blocks[i].result(self.timeout) for i in range(first, last + 1)]
+            self._drop(i)  # a seek elsewhere: drop what no longer helps
         self.total_requested_bytes += end - start
-        lo = start - first * self.bs
+        return [self._blocks[i].result(self.timeout) for i in range(first, last + 1)]
+
+    def _drop(self, index: int) -> None:
+        fut = self._blocks.pop(index)
+        if not fut.cancel() and fut.done() and fut.exception() is None:
+            self.fs.blocks.release(fut.result())
+
+    def _range(self, start: int | None, end: int | None) -> tuple[int, int]:
+        start = 0 if start is None else start
+        end = self.size if end is None else min(end, self.size)
+        return start, max(start, end)
+
+    def _fetch(self, start: int | None, end: int | None) -> bytes:
+        start, end = self._range(start, end)
+        if start >= end:
+            return b""
+        parts = self._blocks_for(start, end)
+        lo = start - (start // self.bs) * self.bs
         if len(parts) == 1:
-            block = parts[0]
-            return block if (lo, end - start) == (0, len(block)) else block[lo:lo + end - start]
+            return bytes(parts[0][lo:lo + end - start])  # the one copy, of what was asked
         return b"".join(parts)[lo:lo + end - start]
 
+    def readinto(self, start: int, out: memoryview) -> int:
+        """Copy [start, start+len(out)) straight from the blocks into `out`: no bytes object."""
+        start, end = self._range(start, start + len(out))
+        if start >= end:
+            return 0
+        pos, offset = 0, start
+        for part in self._blocks_for(start, end):
+            lo = offset % self.bs
+            n = min(len(part) - lo, end - offset)
+            out[pos:pos + n] = part[lo:lo + n]
+            pos, offset = pos + n, offset + n
+        return pos
+
     def close(self) -> None:
-        for fut in self._blocks.values():
-            fut.cancel()
-        self._blocks.clear()
+        for i in list(self._blocks):
+            self._drop(i)
 
 
 def _no_fetcher(start: int, end: int) -> bytes:
@@ -287,6 +315,16 @@ class CachefsFile(AbstractBufferedFile):
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         return self.cache._fetch(start, end)
+
+    def readinto(self, b: Any) -> int:
+        """Fill `b` from the current position without building intermediate bytes objects
+        (the way to read at full speed into a buffer you reuse)."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
+        out = memoryview(b).cast("B")
+        n = self.cache.readinto(self.loc, out)
+        self.loc += n
+        return n
 
     def close(self) -> None:
         if not self.closed:

@@ -49,7 +49,7 @@ def build_table(entries: Iterable[FileEntry]) -> pa.Table:
 def snapshot_id(table: pa.Table) -> str:
     """A content id: the same listing always gives the same snapshot, a changed one never does."""
     h = xxhash.xxh3_128()
-    for path, size, version in zip(*(table.column(c).to_pylist() for c in ("path", "size", "version"))):
+    for path, size, version in zip(*(table.column(c).to_pylist() for c in ("path", "size", "version")), strict=True):
         h.update(f"{path}\0{size}\0{version}\n".encode())
     return h.hexdigest()[:20]
 
@@ -80,7 +80,7 @@ class Manifest:
         paths = table.column("path").to_pylist()
         sizes = table.column("size").to_pylist()
         versions = table.column("version").to_pylist()
-        self.files: dict[str, FileEntry] = {p: FileEntry(p, s, v) for p, s, v in zip(paths, sizes, versions)}
+        self.files: dict[str, FileEntry] = {p: FileEntry(p, s, v) for p, s, v in zip(paths, sizes, versions, strict=True)}
         children: dict[str, set[str]] = {"": set()}
         for p in paths:
             parts = p.split("/")

@@ -109,7 +109,7 @@ class Origin:
                 raise BadRequest(f"origin {self.url} is a file; give the prefix (folder) that holds the dataset")
             entries: list[FileEntry] = []
             total = 0
-            for dirpath, _dirs, files in fs.walk(self.root, detail=True):
+            for _dir, _subdirs, files in fs.walk(self.root, detail=True):
                 if cancelled is not None and cancelled.is_set():
                     raise Cancelled("listing cancelled")
                 for info in files.values():

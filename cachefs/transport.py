@@ -15,6 +15,7 @@ import aiohttp
 import xxhash
 
 from cachefs import wire
+from cachefs.blockproto import BlockClient, BufferPool
 from cachefs.config import ClientConfig
 from cachefs.errors import CachefsError, IntegrityError, NodeUnavailable, from_wire
 
@@ -50,9 +51,11 @@ class Endpoints:
 class Transport:
     """An aiohttp session bound to the loop it was first used on."""
 
-    def __init__(self, config: ClientConfig) -> None:
+    def __init__(self, config: ClientConfig, pool: BufferPool | None = None) -> None:
         self.config = config
+        self.pool = pool or BufferPool(wire.DEFAULT_BLOCK_SIZE)
         self._session: aiohttp.ClientSession | None = None
+        self._blocks: BlockClient | None = None
         self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout,
                                               sock_connect=config.connect_timeout, sock_read=config.read_timeout)
 
@@ -67,6 +70,9 @@ class Transport:
         return self._session
 
     async def close(self) -> None:
+        if self._blocks is not None:
+            self._blocks.close()
+            self._blocks = None
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
@@ -102,36 +108,23 @@ class Transport:
             raise CachefsError(f"{url} answered something that is not JSON: {body[:200]!r}") from e
 
     async def read_block(self, base: str, name: str, params: Mapping[str, str], epoch: int,
-                         length: int) -> list[bytes]:
-        """GET one whole block as the chunks it arrived in, its digest checked on the way.
+                         length: int) -> memoryview:
+        """GET one whole block into a buffer of its own, its digest checked.
 
-        This is the loop that has to run at loopback speed: chunks are kept as received
-        (readchunk never joins), hashed as they come (xxh3 streams), and joined once by
-        the caller, so each byte is copied once after the kernel hands it over.
+        This is the loop that has to run at loopback speed, so it does not go through
+        aiohttp: `BlockClient` has the kernel copy the bytes straight into the buffer.
         """
-        session = await self.session()
-        url = base + wire.route(wire.BLOCK, name=name)
-        try:
-            async with session.get(url, params=params, headers={wire.EPOCH_HEADER: str(epoch)}) as resp:
-                await self._raise_for(resp)
-                chunks: list[bytes] = []
-                got = 0
-                digest = xxhash.xxh3_64()
-                while True:
-                    chunk, _ = await resp.content.readchunk()
-                    if not chunk:
-                        if resp.content.at_eof():
-                            break
-                        continue
-                    chunks.append(chunk)
-                    digest.update(chunk)
-                    got += len(chunk)
-                if got != length:
-                    raise IntegrityError(f"{url} sent {got} bytes of a {length}-byte block")
-                expected = resp.headers.get(wire.DIGEST_HEADER, "")
-                if expected and digest.hexdigest() != expected:
-                    raise IntegrityError(f"block {params.get('index')} of {params.get('path')} from {base} "
-                                         "does not match its digest")
-                return chunks
-        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as e:
-            raise NodeUnavailable(f"cannot read a block from {base}: {type(e).__name__}: {e}") from e
+        if self._blocks is None:
+            self._blocks = BlockClient(self.config.token, self.config.connect_timeout, self.config.read_timeout,
+                                       self.pool)
+        headers, body = await self._blocks.get(base, wire.route(wire.BLOCK, name=name), params,
+                                               {wire.EPOCH_HEADER: str(epoch)})
+        if len(body) != length:
+            self.pool.give(body)
+            raise IntegrityError(f"{base} sent {len(body)} bytes of a {length}-byte block")
+        expected = headers.get(wire.DIGEST_HEADER.lower(), "")
+        if expected and xxhash.xxh3_64_hexdigest(body) != expected:
+            self.pool.give(body)
+            raise IntegrityError(f"block {params.get('index')} of {params.get('path')} from {base} "
+                                 "does not match its digest")
+        return body

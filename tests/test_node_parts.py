@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pyarrow as pa
 import pytest
@@ -110,3 +109,18 @@ async def test_single_flight_shares_a_failure() -> None:
 
     results = await asyncio.gather(*(group.do("k", load) for _ in range(3)), return_exceptions=True)
     assert all(isinstance(r, OSError) for r in results)
+
+
+def test_buffer_pool_reuses_block_buffers_and_sizes_views_exactly() -> None:
+    from cachefs.blockproto import BufferPool
+
+    pool = BufferPool(1024, keep=2)
+    a = pool.take(1000)
+    assert len(a) == 1000
+    base = a.obj
+    pool.give(a)
+    b = pool.take(10)
+    assert b.obj is base and len(b) == 10  # the same buffer, a view of the asked length
+    big = pool.take(4096)  # larger than a block: its own buffer, never pooled
+    pool.give(big)
+    assert pool.take(1024).obj is not big.obj

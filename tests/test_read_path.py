@@ -4,7 +4,6 @@ cluster, for a local origin and an S3 origin (moto on 127.0.0.1)."""
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import pytest
 
@@ -121,3 +120,14 @@ def test_fsspec_url_with_endpoint_from_environment(cachefs_cluster, local_datase
     monkeypatch.setenv("CACHEFS_TOKEN", cachefs_cluster.token)
     with fsspec.open(f"cachefs://{name}/train/cats/001.jpg", "rb", skip_instance_cache=True) as f:
         assert f.read() == files["train/cats/001.jpg"]
+
+
+def test_readinto_fills_a_reused_buffer_across_blocks(cachefs_cluster, local_dataset) -> None:
+    name, files = local_dataset
+    data = files["val/big.bin"]
+    buf = bytearray(700_000)  # not a divisor of the block size: reads straddle blocks
+    got = bytearray()
+    with cachefs_cluster.fs().open(f"{name}/val/big.bin") as f:
+        while n := f.readinto(buf):
+            got += buf[:n]
+    assert got == data
