@@ -358,10 +358,14 @@ class Reconciler:
     async def _write(self, res: Resource, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """Patch status if it changed; a merge patch, with null for fields that went away."""
         status = {k: v for k, v in status.items() if v not in (None, "")}
+        # What we wrote last may not be in `res` yet (a watch event older than our own
+        # patch): fields that went away must be nulled whichever of the two holds them.
+        previous = self._intent.get(res.key, {})
         self._intent[res.key] = status
         old = dict(res.status)
-        if status == old:
+        gone = {k for k in (*old, *previous) if k not in status}
+        if status == old and not gone:
             return obj
         patch: dict[str, Any] = {k: v for k, v in status.items() if old.get(k) != v}
-        patch.update({k: None for k in old if k not in status})
+        patch.update({k: None for k in gone})
         return await self.kube.patch_status(res.key, patch)
