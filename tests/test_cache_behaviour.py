@@ -179,3 +179,47 @@ def test_a_changed_s3_object_is_refused_by_the_conditional_read(cachefs_cluster,
 
     assert asyncio.run(refresh()).result["changed"] is True
     assert cachefs_cluster.fs().cat_file(f"{name}/b.bin") == b"B" * 5000
+
+
+def test_a_long_listing_can_be_cancelled_and_registers_nothing(cachefs_cluster, tmp_path) -> None:
+    origin = tmp_path / "wide"
+    for d in range(200):
+        (origin / f"d{d:03d}").mkdir(parents=True)
+        for f in range(100):
+            (origin / f"d{d:03d}" / f"{f}.bin").touch()
+    name = cachefs_cluster.unique("cancel")
+
+    async def add_then_cancel():
+        async with cachefs_cluster.admin() as a:
+            op = await a.add_dataset(name, f"file://{origin}")
+            await a.cancel(op.id)
+            return await a.wait(op, timeout=60), await a.list_datasets()
+
+    op, datasets = asyncio.run(add_then_cancel())
+    assert op.state == "cancelled", op
+    assert name not in [d.name for d in datasets]
+
+
+def test_metrics_count_hits_misses_and_bytes_per_dataset_and_node(cachefs_cluster, tmp_path) -> None:
+    from cachefs.admin import AdminClient
+
+    origin = write_tree(tmp_path / "o", {"m.bin": b"m" * 3000})
+    name = cachefs_cluster.unique("metrics")
+    cachefs_cluster.add_dataset(name, f"file://{origin}")
+    fs = cachefs_cluster.fs()
+    fs.cat_file(f"{name}/m.bin")
+    fs.cat_file(f"{name}/m.bin")
+
+    async def scrape() -> str:
+        texts = []
+        for url in cachefs_cluster.endpoints:  # one registry per node
+            async with AdminClient(cachefs_cluster.client_config.__class__(endpoint=url, token=cachefs_cluster.token)) as a:
+                texts.append(await a.metrics())
+        return "\n".join(texts)
+
+    text = asyncio.run(scrape())
+    lines = [line for line in text.splitlines() if f'dataset="{name}"' in line]
+    assert any(line.startswith("cachefs_misses_total") and line.endswith(" 1.0") for line in lines), lines
+    assert any(line.startswith("cachefs_hits_total") and 'tier="memory"' in line for line in lines), lines
+    assert any(line.startswith("cachefs_origin_bytes_total") and line.endswith(" 3000.0") for line in lines)
+    assert any(line.startswith("cachefs_served_bytes_total") and line.endswith(" 6000.0") for line in lines)

@@ -112,4 +112,5 @@ def test_up_again_is_idempotent(env, cachefs_cluster) -> None:
     assert sorted(doc["endpoints"]) == sorted(n["url"] for n in before["nodes"])
     assert sorted(doc["endpoint"].split(",")) == sorted(doc["endpoints"])  # clients can fail over
     assert "token" not in doc
+    assert (cachefs_cluster.home / "cluster.json").stat().st_mode & 0o077 == 0  # the token file is private
     assert cachefs_cluster.status()["epoch"] == before["epoch"]
