@@ -2,6 +2,7 @@
 
     python bench/plot.py                       # bench/results/{epoch,accelerators}.json → docs/img/
     python bench/plot.py --epoch E.json --accelerators A.json --out DIR
+    python bench/plot.py --tables              # the Markdown tables of docs/benchmarks.md instead
 
 Writes, for what it finds:
   epoch-time.png     time of every epoch, per peer, one panel per dataset
@@ -9,7 +10,7 @@ Writes, for what it finds:
   eviction.png       per-epoch hit ratio of cachefs with LRU and Sticky, against capacity/dataset
   accelerators.png   accelerator utilisation against accelerator count, one panel per workload
 
-Needs matplotlib, which is not among the project's dependencies: `pip install matplotlib`.
+Charts need matplotlib, which is not among the project's dependencies: `pip install matplotlib`.
 """
 
 from __future__ import annotations
@@ -152,12 +153,52 @@ def accelerator_chart(doc: dict[str, Any], out: Path) -> list[Path]:
     return [path]
 
 
+def epoch_tables(doc: dict[str, Any]) -> str:
+    rows = ["| dataset | peer | epoch 1 s | later epochs s | samples/s (later) | origin reads | copies held | "
+            "hit ratio (later) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in doc["summary"]:
+        mine = [r for r in doc["epochs"] if r["dataset"] == s["dataset"] and r["peer"] == s["peer"]]
+        later = mine[1:] or mine
+        held = mine[-1]["held_bytes"] / doc["datasets"][s["dataset"]]["bytes"]
+        rows.append(f"| {s['dataset']} | {s['peer']} | {s['first_epoch_seconds']:.1f} | {s['later_epoch_seconds']:.2f} "
+                    f"| {sum(r['samples_per_s'] for r in later) / len(later):.0f} "
+                    f"| {s['origin_reads_of_dataset']:.2f} | {held:.2f} | {s['later_hit_ratio']:.2f} |")
+    if doc.get("eviction"):
+        ev = doc["eviction"]
+        peers = _by(ev["epochs"], "peer")
+        epochs = sorted({r["epoch"] for r in ev["epochs"]})
+        rows += ["", "| eviction | " + " | ".join(f"epoch {e}" for e in epochs) + " |",
+                 "|---|" + "---:|" * len(epochs)]
+        for peer, rs in peers.items():
+            rows.append(f"| {peer.split('=')[-1]} | " + " | ".join(f"{r['hit_ratio']:.2f}" for r in rs) + " |")
+    return "\n".join(rows)
+
+
+def accelerator_table(doc: dict[str, Any]) -> str:
+    counts = doc["params"]["counts"]
+    rows = ["| workload | peer | " + " | ".join(map(str, counts)) + f" | most at {doc['params']['threshold']:.0%} |",
+            "|---|---|" + "---:|" * (len(counts) + 1)]
+    for s in doc["summary"]:
+        cells = []
+        for c in counts:
+            au = s["au_by_accelerators"].get(str(c))
+            cells.append("" if au is None else f"{au:.2f}" + ("*" if c in s.get("not_counted", []) else ""))
+        rows.append(f"| {s['workload']} | {s['peer']} | " + " | ".join(cells) + f" | **{s['max_accelerators']}** |")
+    return "\n".join(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epoch", default="bench/results/epoch.json")
     ap.add_argument("--accelerators", default="bench/results/accelerators.json")
     ap.add_argument("--out", default="docs/img")
+    ap.add_argument("--tables", action="store_true", help="print Markdown tables (no matplotlib needed)")
     args = ap.parse_args()
+    if args.tables:
+        for path, render in ((args.epoch, epoch_tables), (args.accelerators, accelerator_table)):
+            if Path(path).exists():
+                print(render(json.loads(Path(path).read_text())) + "\n")
+        return 0
     _pyplot()  # fail first, and clearly, without matplotlib
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -121,7 +121,8 @@ class BlockConnection(asyncio.BufferedProtocol):
     def _maybe_done(self) -> None:
         assert self._view is not None
         if self._got >= len(self._view) and self._done is not None and not self._done.done():
-            self._done.set_result(_Response(self._status, self._headers, self._view))
+            body, self._view, self._head_len = self._view, None, 0  # the buffer is the caller's now
+            self._done.set_result(_Response(self._status, self._headers, body))
 
     def _fail(self, exc: Exception) -> None:
         self.reusable = False
