@@ -67,7 +67,7 @@ async def test_a_connection_closed_after_a_response_is_dropped_without_a_fatal_e
     client = BlockClient("t0k", 2.0, 5.0, BufferPool(len(BODY)))
     _, body = await client.get(base, "/b", {"n": "1"}, {})
     client.pool.give(body)
-    await runner.shutdown()  # the server closes its idle keep-alive connections
+    await runner.cleanup()  # the server closes its idle keep-alive connections
     await asyncio.sleep(0.2)
     assert errors == []
     with pytest.raises(NodeUnavailable):
