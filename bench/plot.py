@@ -161,7 +161,7 @@ def epoch_tables(doc: dict[str, Any]) -> str:
         later = mine[1:] or mine
         held = mine[-1]["held_bytes"] / doc["datasets"][s["dataset"]]["bytes"]
         rows.append(f"| {s['dataset']} | {s['peer']} | {s['first_epoch_seconds']:.1f} | {s['later_epoch_seconds']:.2f} "
-                    f"| {sum(r['samples_per_s'] for r in later) / len(later):.0f} "
+                    f"| {later[0]['samples'] / s['later_epoch_seconds']:.0f} "
                     f"| {s['origin_reads_of_dataset']:.2f} | {held:.2f} | {s['later_hit_ratio']:.2f} |")
     if doc.get("eviction"):
         ev = doc["eviction"]

@@ -13,6 +13,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -162,7 +163,9 @@ def main() -> int:
         n, secs = stream_all(origin_fs, [f"bench/data/file-{i:03d}.bin" for i in range(args.files)], args.concurrency)
         results["origin_direct_s3"] = n / secs / 1e9
 
-        ray.init(namespace="cachefs-bench", logging_level="ERROR", log_to_driver=False, include_dashboard=False)
+        # address="local": a Ray of its own, never one that happens to run on this machine
+        ray.init(address="local", namespace="cachefs-bench", logging_level="ERROR", log_to_driver=False,
+                 include_dashboard=False)
         node_mem = max(256 * MiB, 2 * total // args.nodes)
         tiers = ({"memory_bytes": node_mem, "disk_bytes": 0} if args.tier == "memory" else
                  {"memory_bytes": 16 * MiB, "disk_bytes": node_mem, "disk_root": str(work / "disk")})
@@ -189,12 +192,14 @@ def main() -> int:
             n, secs = stream_all(fs, paths, args.concurrency, into=False)
             warm_read.append(n / secs / 1e9)
         results["cachefs_warm_read_bytes"] = max(warm_read)
+        fs.close()
         results["cachefs_warm"] = max(warm)
         results["cachefs_warm_runs"] = warm
     finally:
         hosting.down(os.environ, namespace="cachefs-bench")
         ray.shutdown()
         moto.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
     ceiling, origin_gbps = results["loopback_sendfile"], results["origin_direct_s3"]
     results["ratios"] = {
