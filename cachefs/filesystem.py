@@ -293,6 +293,14 @@ class BlockCache(BaseCache):
             pos, offset = pos + n, offset + n
         return pos
 
+    def ready(self, start: int, end: int) -> bool:
+        """Are the blocks of [start, end) here already (a read of them cannot wait on the network)?"""
+        start, end = self._range(start, end)
+        if start >= end:
+            return True
+        futs = [self._blocks.get(i) for i in range(start // self.bs, (end - 1) // self.bs + 1)]
+        return all(f is not None and f.done() and not f.cancelled() and f.exception() is None for f in futs)
+
     def close(self) -> None:
         for i in list(self._blocks):
             self._drop(i)
@@ -315,6 +323,10 @@ class CachefsFile(AbstractBufferedFile):
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         return self.cache._fetch(start, end)
+
+    def ready(self, start: int, end: int) -> bool:
+        """True when reading [start, end) needs no network: its blocks were read ahead."""
+        return self.cache.ready(start, end)
 
     def readinto(self, b: Any) -> int:
         """Fill `b` from the current position without building intermediate bytes objects

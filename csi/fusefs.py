@@ -183,6 +183,13 @@ class DatasetOperations(fuse.Operations):
         if offset >= handle.size or size <= 0:
             return b""
         size = min(size, handle.size - offset)
+        file = handle.file
+        if file is not None and file.ready(offset, offset + size) and handle.lock.acquire(blocking=False):
+            # read ahead already and nobody else reading this handle: no network, so no deadline hop
+            try:
+                return self._copy_out(handle, offset, size)
+            finally:
+                handle.lock.release()
         return self._remote(f"read {handle.path} [{offset}, {offset + size})", lambda: self._read(handle, offset, size))
 
     def _read(self, handle: Handle, offset: int, size: int) -> bytes:
@@ -192,10 +199,15 @@ class DatasetOperations(fuse.Operations):
         try:
             if handle.file is None:
                 handle.file = self.fs.open(handle.path, "rb")
-            handle.file.seek(offset)
-            data = handle.file.read(size)
+            return self._copy_out(handle, offset, size)
         finally:
             handle.lock.release()
+
+    @staticmethod
+    def _copy_out(handle: Handle, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the open file; the caller holds handle.lock."""
+        handle.file.seek(offset)
+        data = handle.file.read(size)
         if len(data) != size:
             raise OSError(errno.EIO, f"short read: {len(data)} of {size} bytes at {offset}; "
                                      f"the file has {handle.size} bytes in the snapshot")
