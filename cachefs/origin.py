@@ -44,6 +44,19 @@ def _token_value(token: str, kind: str) -> str | None:
     return rest.partition(":")[2] if tkind == kind else None
 
 
+def _changed(entry: FileEntry) -> OriginChanged:
+    return OriginChanged(f"{entry.path} changed in the origin since the snapshot was taken; "
+                         "run `cachefs dataset refresh` to serve the new version")
+
+
+def _whole(entry: FileEntry, data: bytes, want: int) -> bytes:
+    """The bytes of a range, refused if the origin gave fewer or more (it changed under us)."""
+    if len(data) != want:
+        raise OriginChanged(f"{entry.path} returned {len(data)} bytes for a {want}-byte range; "
+                            "the origin changed: run `cachefs dataset refresh`")
+    return data
+
+
 def _s3_error_code(e: BaseException) -> str:
     """The S3 error code behind an s3fs error (structured data, not message text)."""
     response = getattr(e.__cause__, "response", None) or {}
@@ -153,12 +166,8 @@ class Origin:
             raise OriginUnavailable(f"cannot read {entry.path} from origin {self.url}: {type(e).__name__}: {e}") from e
         # Checking after the read catches a change before or during it (tokens never repeat).
         if version_token(info) != entry.version:
-            raise OriginChanged(f"{entry.path} changed in the origin since the snapshot was taken; "
-                                "run `cachefs dataset refresh` to serve the new version")
-        if len(data) != end - start:
-            raise OriginChanged(f"{entry.path} returned {len(data)} bytes for a {end - start}-byte range; "
-                                "the origin changed: run `cachefs dataset refresh`")
-        return data
+            raise _changed(entry)
+        return _whole(entry, data, end - start)
 
     async def _read_s3_exact(self, afs: AsyncFileSystem, path: str, entry: FileEntry, start: int, end: int) -> bytes:
         """One GET that S3 itself refuses (412) if the object is no longer the snapshot's:
@@ -175,17 +184,11 @@ class Origin:
                 resp["Body"].close()
         except OSError as e:
             if isinstance(e, FileNotFoundError) or _s3_error_code(e) in ("PreconditionFailed", "412", "NoSuchVersion"):
-                raise OriginChanged(f"{entry.path} changed in the origin since the snapshot was taken; "
-                                    "run `cachefs dataset refresh` to serve the new version") from e
+                raise _changed(entry) from e
             raise
-        if not condition:  # no token to pin the read to: check afterwards like other backends
-            if version_token(await afs._info(path)) != entry.version:
-                raise OriginChanged(f"{entry.path} changed in the origin since the snapshot was taken; "
-                                    "run `cachefs dataset refresh` to serve the new version")
-        if len(data) != end - start:
-            raise OriginChanged(f"{entry.path} returned {len(data)} bytes for a {end - start}-byte range; "
-                                "the origin changed: run `cachefs dataset refresh`")
-        return data
+        if not condition and version_token(await afs._info(path)) != entry.version:
+            raise _changed(entry)  # no token to pin the read to: checked afterwards like other backends
+        return _whole(entry, data, end - start)
 
     def _read_sync(self, path: str, start: int, end: int) -> tuple[bytes, dict[str, Any]]:
         fs = self.sync_fs

@@ -39,8 +39,8 @@ class StoredBlock:
     path: str = ""  # disk tier
 
 
-class MemoryStore:
-    """Blocks as Arrow buffers within a byte budget. Owned by one event loop."""
+class _Tier:
+    """What both tiers share: a policy for the budget, and the blocks it admitted."""
 
     def __init__(self, budget: int, policy: str = "lru") -> None:
         self.policy: Policy = make_policy(policy, budget)
@@ -64,6 +64,13 @@ class MemoryStore:
             self.policy.touch(key)
         return block
 
+    def blocks(self) -> list[StoredBlock]:
+        return list(self._blocks.values())
+
+
+class MemoryStore(_Tier):
+    """Blocks as Arrow buffers within a byte budget. Owned by one event loop."""
+
     def put(self, block: StoredBlock) -> list[StoredBlock]:
         """Store (if the policy admits it); returns the blocks evicted to make room."""
         admitted, victims = self.policy.admit(block.key, block.size)
@@ -81,30 +88,15 @@ class MemoryStore:
             del self._blocks[k]
         return len(gone)
 
-    def blocks(self) -> list[StoredBlock]:
-        return list(self._blocks.values())
 
 
-class DiskStore:
+class DiskStore(_Tier):
     """Block files within a byte budget; file I/O runs in threads, never on the loop."""
 
     def __init__(self, root: str | os.PathLike[str], budget: int, policy: str = "lru") -> None:
+        super().__init__(budget, policy)
         self.root = Path(root)
-        self.policy: Policy = make_policy(policy, budget)
-        self._blocks: dict[str, StoredBlock] = {}
-        self.evictions = 0
         self.dropped_on_reindex = 0
-
-    @property
-    def used(self) -> int:
-        return self.policy.used
-
-    @property
-    def budget(self) -> int:
-        return self.policy.budget
-
-    def __len__(self) -> int:
-        return len(self._blocks)
 
     async def open(self) -> None:
         """Create the layout and re-index blocks left by an earlier run on this disk."""
@@ -137,12 +129,6 @@ class DiskStore:
                     block = StoredBlock(key, dataset_dir.name, snap_dir.name, len(data), digest, path=str(f))
                     found.append((f.stat().st_mtime, block))
         return [b for _, b in sorted(found, key=lambda t: t[0])]
-
-    def get(self, key: str) -> StoredBlock | None:
-        block = self._blocks.get(key)
-        if block is not None:
-            self.policy.touch(key)
-        return block
 
     async def put(self, block: StoredBlock, data: bytes | memoryview | pa.Buffer) -> list[StoredBlock]:
         """Write the block if the policy admits it; returns the blocks evicted for room."""
@@ -192,8 +178,6 @@ class DiskStore:
             if snap.name != keep_snapshot:
                 shutil.rmtree(snap, ignore_errors=True)
 
-    def blocks(self) -> list[StoredBlock]:
-        return list(self._blocks.values())
 
 
 def _unlink(path: str) -> None:
