@@ -22,7 +22,9 @@ from typing import Iterator
 import grpc
 import pytest
 
-from csi.mounter import find_mount, mount_pids, pid_alive, read_mounts
+from fuse_helpers import cleanup_mounts, origin_files
+
+from csi.mounter import find_mount, pid_alive
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc as pb_grpc
 
@@ -40,9 +42,6 @@ Code = grpc.StatusCode
 
 
 # ---- the origin, as the reader must see it ------------------------------------------------
-
-def origin_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def mounted_files(mount: Path) -> dict[str, bytes]:
@@ -154,17 +153,6 @@ def publish_request(target: Path, volume_id: str, *, dataset: str | None, namesp
     return pb.NodePublishVolumeRequest(**fields)
 
 
-def cleanup_mounts(root: Path) -> None:
-    """Leave nothing behind: lazily unmount every FUSE mount under root, kill its process."""
-    for point, entry in read_mounts().items():
-        if point.startswith(str(root)) and entry.fstype.startswith("fuse"):
-            pids = mount_pids(point)
-            subprocess.run(["fusermount3", "-uz", point], capture_output=True, timeout=10)
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 # ---- fixtures -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import mmap
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -24,7 +23,9 @@ from typing import Iterator
 
 import pytest
 
-from csi.mounter import find_mount, mount_pids, pid_alive, read_mounts
+from fuse_helpers import cleanup_mounts, origin_files
+
+from csi.mounter import find_mount, mount_pids, pid_alive
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -36,20 +37,7 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=CLI_TIMEOUT)
 
 
-def origin_files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
-
-def cleanup_mounts(root: Path) -> None:
-    for point, entry in read_mounts().items():
-        if point.startswith(str(root)) and entry.fstype.startswith("fuse"):
-            pids = mount_pids(point)
-            subprocess.run(["fusermount3", "-uz", point], capture_output=True, timeout=10)
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 @pytest.fixture(scope="module")
