@@ -10,7 +10,7 @@ Writes, for what it finds:
   eviction.png       per-epoch hit ratio of cachefs with LRU and Sticky, against capacity/dataset
   accelerators.png   accelerator utilisation against accelerator count, one panel per workload
 
-Charts need matplotlib, which is not among the project's dependencies: `pip install matplotlib`.
+Charts need matplotlib: `pip install -e '.[bench]'`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        sys.exit("bench/plot.py needs matplotlib, which is not installed (it is not among cachefs' dependencies): "
-                 "pip install matplotlib")
+        sys.exit("bench/plot.py needs matplotlib, which is not installed: "
+                 "pip install -e '.[bench]' (or pip install matplotlib)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
