@@ -94,7 +94,7 @@ class BlockReader:
         failures: list[str] = []
         for _attempt in range(self.config.retries + 1):
             ring = await self.get_ring()
-            prefs = ring.owners(key, len(ring))[: info.replicas + EXTRA_CANDIDATES]
+            prefs = ring.owners(key, info.replicas + EXTRA_CANDIDATES)  # the head of its preference list
             now = time.monotonic()
             live = [n for n in prefs if self._down.get(ring.member(n).url, 0) <= now] or prefs
             for node in live:

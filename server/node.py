@@ -27,6 +27,8 @@ from shard import Ring, block_bounds, block_count, block_key
 
 log = logging.getLogger(__name__)
 
+KEEP_WARMS = 100  # warm-up reports kept per node, for the coordinator to collect
+
 
 @dataclass(frozen=True)
 class OriginSpec:
@@ -191,19 +193,22 @@ class CacheNode:
         """Fetch every block this node owns; failures are counted by file, never raised."""
         progress = OperationInfo(op_id, "warm", name, started=time.time())
         warm = self._warms[op_id] = Warm(None, progress)
+        while len(self._warms) > KEEP_WARMS:  # the oldest reports go first
+            del self._warms[next(iter(self._warms))]
         try:
             state = await self.dataset(name)
             owned = self.owned_blocks(state)
+            bs = state.info.block_size
             progress.total_files = len({e.path for e, _ in owned})
-            progress.total_bytes = sum(block_bounds(i, e.size, state.info.block_size)[1]
-                                       - block_bounds(i, e.size, state.info.block_size)[0] for e, i in owned)
+            progress.total_bytes = sum(min(bs, e.size - i * bs) for e, i in owned)
             left_per_file: dict[str, int] = {}
             for e, _ in owned:
                 left_per_file[e.path] = left_per_file.get(e.path, 0) + 1
-            gate = asyncio.Semaphore(self.config.warm_concurrency)
+            todo = iter(owned)
 
-            async def one(entry: FileEntry, index: int) -> None:
-                async with gate:
+            async def worker() -> None:
+                # a few workers pulling from one iterator: memory stays flat however many blocks
+                for entry, index in todo:
                     if warm.cancelled:
                         return
                     try:
@@ -215,7 +220,7 @@ class CacheNode:
                     if left_per_file[entry.path] == 0:
                         progress.done_files += 1
 
-            warm.task = asyncio.ensure_future(asyncio.gather(*(one(e, i) for e, i in owned)))
+            warm.task = asyncio.ensure_future(asyncio.gather(*(worker() for _ in range(self.config.warm_concurrency))))
             await warm.task
             progress.state = "cancelled" if warm.cancelled else ("failed" if progress.failures else "succeeded")
         except asyncio.CancelledError:
