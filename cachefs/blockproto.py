@@ -9,12 +9,11 @@ other request (metadata, admin) goes through aiohttp in `Transport`.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections import defaultdict, deque
 from typing import Mapping
 from urllib.parse import urlencode, urlsplit
 
-from cachefs.errors import CachefsError, IntegrityError, NodeUnavailable, from_wire
+from cachefs.errors import IntegrityError, NodeUnavailable, from_body
 
 HEADER_LIMIT = 64 * 1024
 
@@ -186,13 +185,9 @@ class BlockClient:
         if conn.reusable:
             self._idle[(host, port)].append(conn)
         if resp.status >= 400:
-            try:
-                doc = json.loads(bytes(resp.body))
-                self.pool.give(resp.body)
-                code, message = doc.pop("error"), doc.pop("message")
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise CachefsError(f"HTTP {resp.status} from {base}: {bytes(resp.body[:300])!r}") from None
-            raise from_wire(code, message, **doc)
+            body = bytes(resp.body)
+            self.pool.give(resp.body)
+            raise from_body(resp.status, body, base)
         return resp.headers, resp.body
 
     def close(self) -> None:

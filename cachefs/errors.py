@@ -9,6 +9,7 @@ matching message text.
 from __future__ import annotations
 
 import errno
+import json
 
 
 class CachefsError(OSError):
@@ -153,3 +154,13 @@ _BY_CODE: dict[str, type[CachefsError]] = {
 def from_wire(code: str, message: str, **extra: object) -> CachefsError:
     """Rebuild the exception a server sent as {"error": code, "message": ...}."""
     return _BY_CODE.get(code, CachefsError)(message, **extra)
+
+
+def from_body(status: int, body: bytes, source: object) -> CachefsError:
+    """The exception an error response means: ours from its JSON body, else one naming the status."""
+    try:
+        doc = json.loads(body)
+        code, message = doc.pop("error"), doc.pop("message")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return CachefsError(f"HTTP {status} from {source}: {body[:300]!r}")
+    return from_wire(code, message, **doc)

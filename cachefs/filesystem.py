@@ -26,7 +26,7 @@ from cachefs.errors import BadRequest, NotFound, ReadOnlyError, SnapshotGone
 from cachefs.manifest import FileEntry, Manifest, check_path, from_ipc
 from cachefs.transport import Transport
 from cachefs.wire import DatasetInfo
-from shard import block_bounds, blocks_for_range
+from shard import blocks_for_range
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
 
@@ -165,17 +165,11 @@ class CachefsFileSystem(AsyncFileSystem):
         bs = view.info.block_size
         indices = blocks_for_range(start, end, entry.size, bs)
         parts = await asyncio.gather(*(self.blocks.read(view, entry, i) for i in indices))
-        first = block_bounds(indices[0], entry.size, bs)[0]
         try:
-            if len(parts) == 1:
-                return bytes(parts[0][start - first:end - first])  # the one copy
-            return b"".join(parts)[start - first:end - first]
+            return _cut(parts, start % bs, end - start)
         finally:
             for part in parts:
                 self.blocks.release(part)
-
-    async def _block(self, view: DatasetView, entry: FileEntry, index: int) -> memoryview | bytes:
-        return await self.blocks.read(view, entry, index)
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         view, entry = await self._resolve(path)
@@ -246,7 +240,7 @@ class BlockCache(BaseCache):
     def _want(self, index: int) -> concurrent.futures.Future[memoryview | bytes]:
         fut = self._blocks.get(index)
         if fut is None:
-            fut = asyncio.run_coroutine_threadsafe(self.fs._block(self.view, self.entry, index), self.fs.loop)
+            fut = asyncio.run_coroutine_threadsafe(self.fs.blocks.read(self.view, self.entry, index), self.fs.loop)
             self._blocks[index] = fut
         return fut
 
@@ -274,11 +268,7 @@ class BlockCache(BaseCache):
         start, end = self._range(start, end)
         if start >= end:
             return b""
-        parts = self._blocks_for(start, end)
-        lo = start - (start // self.bs) * self.bs
-        if len(parts) == 1:
-            return bytes(parts[0][lo:lo + end - start])  # the one copy, of what was asked
-        return b"".join(parts)[lo:lo + end - start]
+        return _cut(self._blocks_for(start, end), start % self.bs, end - start)
 
     def readinto(self, start: int, out: memoryview) -> int:
         """Copy [start, start+len(out)) straight from the blocks into `out`: no bytes object."""
@@ -304,6 +294,17 @@ class BlockCache(BaseCache):
     def close(self) -> None:
         for i in list(self._blocks):
             self._drop(i)
+
+
+def _cut(parts: list[memoryview | bytes], lo: int, n: int) -> bytes:
+    """`n` bytes from offset `lo` of consecutive blocks, copied once (no join-then-slice)."""
+    pieces, left = [], n
+    for i, part in enumerate(parts):
+        start = lo if i == 0 else 0
+        take = min(len(part) - start, left)
+        pieces.append(memoryview(part)[start:start + take])
+        left -= take
+    return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
 
 
 def _no_fetcher(start: int, end: int) -> bytes:

@@ -17,7 +17,7 @@ import xxhash
 from cachefs import wire
 from cachefs.blockproto import BlockClient, BufferPool
 from cachefs.config import ClientConfig
-from cachefs.errors import CachefsError, IntegrityError, NodeUnavailable, from_wire
+from cachefs.errors import CachefsError, IntegrityError, NodeUnavailable, from_body
 
 
 class Endpoints:
@@ -81,13 +81,7 @@ class Transport:
     async def _raise_for(resp: aiohttp.ClientResponse) -> None:
         if resp.status < 400:
             return
-        body = await resp.read()
-        try:
-            doc = json.loads(body)
-            code, message = doc.pop("error"), doc.pop("message")
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise CachefsError(f"HTTP {resp.status} from {resp.url}: {body[:300]!r}") from None
-        raise from_wire(code, message, **doc)
+        raise from_body(resp.status, await resp.read(), resp.url)
 
     async def request(self, method: str, url: str, *, json_body: Any = None,
                       params: Mapping[str, str] | None = None) -> tuple[bytes, Mapping[str, str]]:

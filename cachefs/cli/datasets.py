@@ -29,15 +29,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_add)
 
     p = dsub.add_parser("ls", help="list datasets", description="List registered datasets.")
-    add_client_flags(p)
-    add_json_flag(p)
+    _common(p)
     p.set_defaults(func=cmd_ls)
 
     p = dsub.add_parser("rm", help="remove a dataset and drop its cached blocks",
                         description="Remove NAME from the registry; every node drops its blocks. The origin is untouched.")
     p.add_argument("name")
-    add_client_flags(p)
-    add_json_flag(p)
+    _common(p)
     p.set_defaults(func=cmd_rm)
 
     p = dsub.add_parser("refresh", help="take a new snapshot of the origin",
