@@ -30,6 +30,7 @@ from cachefs.config import ClusterConfig, cachefs_home, cluster_file, read_clust
 from cachefs.errors import CachefsError, Unavailable
 from server.coordinator import Coordinator
 from server.node_actor import CacheNodeActor
+from server.ray_auth import RayAuth
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,13 @@ class ClusterHandle:
     ray_address: str
     namespace: str
     started_ray: bool
+    ray_auth: str = "disabled"  # how `down` and the next `up` must connect to that Ray
 
     def to_json(self) -> dict[str, Any]:
         # every node, so that a client whose first node is gone asks the next
         return {"endpoint": ",".join(self.endpoints), "endpoints": list(self.endpoints), "token": self.token,
-                "ray_address": self.ray_address, "namespace": self.namespace, "started_ray": self.started_ray}
+                "ray_address": self.ray_address, "namespace": self.namespace, "started_ray": self.started_ray,
+                "ray_auth": self.ray_auth}
 
 
 def _free_port() -> int:
@@ -68,18 +71,25 @@ def _ray_temp_dir(port: int) -> str:
     return f"/tmp/cachefs-ray-{port}"
 
 
-def start_local_ray(num_cpus: int | None = None) -> str:
-    """`ray start --head` in the background, with a temp dir of its own; returns its address."""
+def start_local_ray(auth: RayAuth, num_cpus: int | None = None) -> str:
+    """`ray start --head` in the background, with a temp dir of its own and the auth mode
+    decided for it; returns its address. A failed start leaves no process behind."""
     port = _free_port()
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
            f"--temp-dir={_ray_temp_dir(port)}", "--disable-usage-stats", "--include-dashboard=false",
            "--node-ip-address=127.0.0.1"]
     if num_cpus is not None:
         cmd.append(f"--num-cpus={num_cpus}")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    address = f"127.0.0.1:{port}"
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env={**os.environ, **auth.env()})
+    except subprocess.TimeoutExpired as e:
+        stop_local_ray(address)
+        raise Unavailable("a local Ray cluster did not start within 180 s; see `ray status`") from e
     if proc.returncode != 0:
+        stop_local_ray(address)
         raise Unavailable(f"could not start a local Ray cluster: {proc.stderr.strip()[-800:]}")
-    return f"127.0.0.1:{port}"
+    return address
 
 
 def _local_ray_pids(port: int) -> list[int]:
@@ -127,10 +137,28 @@ def stop_local_ray(address: str) -> None:
     shutil.rmtree(_ray_temp_dir(port), ignore_errors=True)
 
 
-def connect(address: str, namespace: str) -> None:
+def _reachable(address: str, timeout: float = 2.0) -> bool:
+    """Is anything listening at host:port? (ray.init spends 20 s retrying a dead address)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def connect(address: str, namespace: str, auth: RayAuth) -> None:
+    """Connect this process to Ray at `address` in the auth mode decided for it."""
     if ray.is_initialized():
         return
-    ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
+    auth.apply()
+    try:
+        ray.init(address=address, namespace=namespace, logging_level=logging.WARNING, log_to_driver=False)
+    except (ConnectionError, RuntimeError) as e:
+        hint = ("it may require Ray's token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)"
+                if auth.mode != "token" else
+                "check that the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH (or ~/.ray/auth_token) is the cluster's")
+        raise Unavailable(f"cannot connect to the Ray cluster at {address}: {e}; {hint}") from e
 
 
 def _actor(name: str, namespace: str) -> Any | None:
@@ -195,33 +223,47 @@ def resolve_token(env: Mapping[str, str]) -> str:
 
 def up(config: ClusterConfig, env: Mapping[str, str] = os.environ,
        say: Callable[[str], None] = lambda s: None) -> ClusterHandle:
-    """Bring the cache cluster up (or complete it); record endpoint and token (0600)."""
+    """Bring the cache cluster up (or complete it); record endpoint and token (0600).
+
+    If this call started a local Ray and then fails, it stops that Ray again: a failed
+    `up` leaves no process behind.
+    """
     token = resolve_token(env)
     address = config.address or env.get("RAY_ADDRESS", "")
-    started = False
+    started = reused = False
+    auth: RayAuth | None = None
     if not address and not ray.is_initialized():
         previous = read_cluster_file(env)
-        if previous.get("started_ray") and previous.get("ray_address"):
-            address = previous["ray_address"]
+        if previous.get("started_ray") and previous.get("ray_address") and _reachable(previous["ray_address"]):
+            auth = RayAuth.decide(env, starting=False, recorded=previous.get("ray_auth", ""))
             try:
-                connect(address, config.namespace)
-                started = True
-            except (ConnectionError, RuntimeError):
-                address = ""
+                connect(previous["ray_address"], config.namespace, auth)
+                address, reused = previous["ray_address"], True
+            except Unavailable as e:
+                log.warning("not reusing the local Ray cluster at %s: %s", previous["ray_address"], e)
         if not address:
             say("starting a local Ray cluster")
-            address = start_local_ray()
+            auth = RayAuth.decide(env, starting=True)
+            address = start_local_ray(auth)
             started = True
-    connect(address, config.namespace)
-    say("starting the coordinator")
-    coord = coordinator(config, env)
-    ray.get(coord.ping.remote(), timeout=START_TIMEOUT)
-    say("starting cache nodes")
-    urls = ensure_nodes(config, token, env)
-    if not urls:
-        raise CachefsError("no Ray node can host a cache node; check `ray status`")
+    auth = auth or RayAuth.decide(env, starting=False)
+    try:
+        connect(address, config.namespace, auth)
+        say("starting the coordinator")
+        coord = coordinator(config, env)
+        ray.get(coord.ping.remote(), timeout=START_TIMEOUT)
+        say("starting cache nodes")
+        urls = ensure_nodes(config, token, env)
+        if not urls:
+            raise CachefsError("no Ray node can host a cache node; check `ray status`")
+    except BaseException:
+        if started:
+            say("stopping the local Ray cluster this attempt started")
+            ray.shutdown()
+            stop_local_ray(address)
+        raise
     handle = ClusterHandle(urls[0], tuple(urls), token, address if address != "auto" else
-                           ray.get_runtime_context().gcs_address, config.namespace, started)
+                           ray.get_runtime_context().gcs_address, config.namespace, started or reused, auth.mode)
     write_cluster_file(handle, env)
     return handle
 
@@ -260,7 +302,9 @@ def down(env: Mapping[str, str] = os.environ, namespace: str = "cachefs",
         return False
     found = False
     try:
-        connect(address, namespace)
+        if previous.get("started_ray") and not _reachable(address):
+            raise ConnectionError(f"nothing listens at {address} any more")
+        connect(address, namespace, RayAuth.decide(env, starting=False, recorded=previous.get("ray_auth", "")))
         nodes = [a for a in ray.util.list_named_actors(all_namespaces=True)
                  if a["namespace"] == namespace and a["name"].startswith(NODE_PREFIX + "node-")]
         for entry in nodes:
@@ -277,8 +321,8 @@ def down(env: Mapping[str, str] = os.environ, namespace: str = "cachefs",
         if coord is not None:
             found = True
             ray.kill(coord, no_restart=True)
-    except ConnectionError:
-        pass
+    except (ConnectionError, Unavailable) as e:
+        say(f"could not reach Ray: {e}")
     if previous.get("started_ray"):
         say("stopping the local Ray cluster")
         ray.shutdown()
