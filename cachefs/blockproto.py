@@ -1,194 +1,264 @@
-"""The block fetch at loopback speed: HTTP/1.1 GETs over an asyncio.BufferedProtocol.
+"""The block fetch at loopback speed: batched reads over an asyncio.BufferedProtocol.
 
-The kernel copies a block's bytes straight into the one buffer that will hold it
-(`get_buffer` hands out the unfilled rest of it): no intermediate chunk objects, no
-joins. Only what the block path needs: GET, Content-Length bodies, keep-alive. Every
-other request (metadata, admin) goes through aiohttp in `Transport`.
+One POST of wire.READ asks a node for many byte ranges; the answer is one frame per item
+(wire.FRAME). The caller says up front where each item's bytes go (a slice of the bytes
+object `cat` returns, a block buffer, ...), and `get_buffer` hands the kernel exactly
+that place: each byte is copied once, from the socket into its destination, with no
+chunk objects and no joins. Every item's digest is checked as it lands.
+
+Only what the data path needs: POST, Content-Length bodies, keep-alive. Every other
+request (metadata, admin) goes through aiohttp in `Transport`.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict, deque
-from typing import Mapping
-from urllib.parse import urlencode, urlsplit
+import ssl
+from collections import defaultdict
+from typing import Sequence
+from urllib.parse import urlsplit
 
-from cachefs.errors import IntegrityError, NodeUnavailable, from_body
+import xxhash
+
+from cachefs import wire
+from cachefs.errors import CachefsError, IntegrityError, NodeUnavailable, from_body
 
 HEADER_LIMIT = 64 * 1024
+ERROR_LIMIT = 1024 * 1024  # an error body larger than this is not one of ours
+
+_HEAD, _FRAME_HEAD, _PAYLOAD, _ERROR_BODY, _DONE = range(5)
 
 
-class BufferPool:
-    """Block-sized buffers, reused: a fresh 8 MiB allocation costs zeroing and page faults
-    that cost more than receiving the bytes. Safe across threads (deque ops are atomic).
+class FrameConnection(asyncio.BufferedProtocol):
+    """One keep-alive connection carrying one batch request at a time."""
 
-    A buffer goes back with `give` only when nothing refers to it any more: every reader
-    copies out what it needs first.
-    """
-
-    def __init__(self, size: int, keep: int = 32) -> None:
-        self.size = size
-        self._free: deque[bytearray] = deque(maxlen=keep)
-
-    def take(self, length: int) -> memoryview:
-        """A view of exactly `length` bytes (its `.obj` is what `give` takes back)."""
-        if length > self.size:
-            return memoryview(bytearray(length))
-        try:
-            buf = self._free.pop()
-        except IndexError:
-            buf = bytearray(self.size)
-        return memoryview(buf)[:length]
-
-    def give(self, view: memoryview | bytes | bytearray) -> None:
-        buf = view.obj if isinstance(view, memoryview) else None
-        if isinstance(buf, bytearray) and len(buf) == self.size:
-            view.release()  # type: ignore[union-attr]
-            self._free.append(buf)
-
-
-class _Response:
-    def __init__(self, status: int, headers: dict[str, str], body: memoryview) -> None:
-        self.status, self.headers, self.body = status, headers, body
-
-
-class BlockConnection(asyncio.BufferedProtocol):
-    """One keep-alive connection carrying one request at a time."""
-
-    def __init__(self, pool: BufferPool) -> None:
-        self.pool = pool
+    def __init__(self, base: str) -> None:
+        self.base = base
         self.transport: asyncio.Transport | None = None
+        self.reusable = True
         self._head = bytearray(HEADER_LIMIT)
         self._head_len = 0
-        self._view: memoryview | None = None
+        self._frame = bytearray(wire.FRAME.size)
+        self._state = _DONE
+        self._done: asyncio.Future[list[CachefsError | None]] | None = None
+        self._dests: Sequence[memoryview] = ()
+        self._results: list[CachefsError | None] = []
+        self._item = 0  # the frame being received
+        self._view: memoryview = memoryview(self._frame)  # where the current recv lands
         self._got = 0
         self._status = 0
-        self._headers: dict[str, str] = {}
-        self._done: asyncio.Future[_Response] | None = None
-        self.reusable = True
+        self._digest = 0
+        self._error = bytearray()
+        self._left = 0  # body bytes still expected
 
     # -- asyncio callbacks ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._view is not None:
-            return self._view[self._got:]
-        return memoryview(self._head)[self._head_len:]
+        if self._state == _HEAD:
+            return memoryview(self._head)[self._head_len:]
+        if self._state == _DONE:  # bytes nobody asked for: take them, then drop the connection
+            self._head_len = 0
+            return memoryview(self._head)
+        return self._view[self._got:]
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self._view is not None:
+        if self._state == _HEAD:
+            self._head_len += nbytes
+            self._on_head()
+        elif self._state == _DONE:
+            self._fail(IntegrityError(f"{self.base} sent bytes after its response"))
+        else:
             self._got += nbytes
-            self._maybe_done()
-            return
-        self._head_len += nbytes
-        end = self._head.find(b"\r\n\r\n", 0, self._head_len)
-        if end < 0:
-            if self._head_len >= HEADER_LIMIT:
-                self._fail(IntegrityError("response headers larger than 64 KiB"))
-            return
-        try:
-            self._parse_head(bytes(self._head[:end]))
-            length = int(self._headers["content-length"])
-        except (ValueError, KeyError) as e:
-            self._fail(IntegrityError(f"a response without a usable Content-Length: {e}"))
-            return
-        self._view = self.pool.take(length)
-        extra = self._head_len - (end + 4)
-        if extra > length:
-            self._fail(IntegrityError("the server sent more than the response's length"))
-            return
-        self._view[:extra] = memoryview(self._head)[end + 4:self._head_len]
-        self._got = extra
-        self._maybe_done()
+            self._left -= nbytes
+            if self._got == len(self._view):
+                self._on_filled()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.reusable = False
-        self._fail(NodeUnavailable(f"connection closed before the response was complete: {exc}"))
+        self._fail(NodeUnavailable(f"{self.base} closed the connection before the response was complete: {exc}"))
 
-    # -- helpers ------------------------------------------------------------------------
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.decode("latin-1").split("\r\n")
-        self._status = int(lines[0].split(" ", 2)[1])
-        self._headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(":")
-            self._headers[name.strip().lower()] = value.strip()
-        if self._headers.get("connection", "").lower() == "close":
+    # -- the state machine ---------------------------------------------------------------
+    def _on_head(self) -> None:
+        end = self._head.find(b"\r\n\r\n", 0, self._head_len)
+        if end < 0:
+            if self._head_len >= HEADER_LIMIT:
+                self._fail(IntegrityError(f"{self.base} sent response headers larger than 64 KiB"))
+            return
+        try:
+            status, headers = _parse_head(bytes(self._head[:end]))
+            length = int(headers["content-length"])
+        except (ValueError, KeyError, IndexError) as e:
+            self._fail(IntegrityError(f"{self.base} sent a response without a usable Content-Length: {e}"))
+            return
+        if headers.get("connection", "").lower() == "close":
             self.reusable = False
+        self._left = length
+        if status != 200 or headers.get("content-type", "") != wire.FRAMES:
+            if length > ERROR_LIMIT:
+                self._fail(IntegrityError(f"{self.base} answered HTTP {status} with {length} bytes"))
+                return
+            self._status = status
+            self._expect(_ERROR_BODY, memoryview(bytearray(length)))
+        else:
+            self._expect(_FRAME_HEAD, memoryview(self._frame))
+        extra = memoryview(self._head)[end + 4:self._head_len]
+        if len(extra) > self._left:
+            self._fail(IntegrityError(f"{self.base} sent more than its response's length"))
+            return
+        self._feed(extra)
 
-    def _maybe_done(self) -> None:
-        assert self._view is not None
-        if self._got >= len(self._view) and self._done is not None and not self._done.done():
-            body, self._view, self._head_len = self._view, None, 0  # the buffer is the caller's now
-            self._done.set_result(_Response(self._status, self._headers, body))
+    def _feed(self, data: memoryview) -> None:
+        """Run bytes that arrived with the head through the state machine (copying them)."""
+        while len(data) and self._state not in (_DONE, _HEAD):
+            n = min(len(data), len(self._view) - self._got)
+            self._view[self._got:self._got + n] = data[:n]
+            data = data[n:]
+            self._got += n
+            self._left -= n
+            if self._got == len(self._view):
+                self._on_filled()
+
+    def _expect(self, state: int, view: memoryview) -> None:
+        self._state, self._view, self._got = state, view, 0
+        if len(view) == 0 and state != _FRAME_HEAD:
+            self._on_filled()
+
+    def _on_filled(self) -> None:
+        if self._state == _ERROR_BODY:
+            self._finish(from_body(self._status, bytes(self._view), self.base))
+        elif self._state == _FRAME_HEAD:
+            if self._item >= len(self._dests):
+                self._fail(IntegrityError(f"{self.base} sent more frames than items"))
+                return
+            status, _, item, length, digest = wire.FRAME.unpack(self._frame)
+            if item != self._item:
+                self._fail(IntegrityError(f"{self.base} sent frame {item} where {self._item} was due"))
+                return
+            self._status, self._digest = status, digest
+            if status == 200:
+                dest = self._dests[item]
+                if length != len(dest):
+                    self._fail(IntegrityError(f"{self.base} sent {length} bytes for an item of {len(dest)}"))
+                    return
+                self._expect(_PAYLOAD, dest)
+            elif length > ERROR_LIMIT:
+                self._fail(IntegrityError(f"{self.base} sent an error of {length} bytes"))
+            else:
+                self._expect(_PAYLOAD, memoryview(bytearray(length)))
+        elif self._state == _PAYLOAD:
+            if self._status == 200:
+                ok = xxhash.xxh3_64_intdigest(self._view) == self._digest
+                self._results.append(None if ok else IntegrityError(
+                    f"item {self._item} from {self.base} does not match its digest"))
+            else:
+                self._results.append(from_body(self._status, bytes(self._view), self.base))
+            self._item += 1
+            if self._item == len(self._dests):
+                if self._left:
+                    self._fail(IntegrityError(f"{self.base} sent {self._left} bytes more than its frames"))
+                else:
+                    self._finish(self._results)
+            else:
+                self._expect(_FRAME_HEAD, memoryview(self._frame))
+
+    def _finish(self, outcome: list[CachefsError | None] | CachefsError) -> None:
+        self._state = _DONE
+        self._dests = ()
+        done, self._done = self._done, None
+        if done is None or done.done():
+            return
+        if isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)
 
     def _fail(self, exc: Exception) -> None:
         self.reusable = False
-        if self._done is not None and not self._done.done():
-            self._done.set_exception(exc)
+        self._finish(exc)  # type: ignore[arg-type]
         if self.transport is not None:
             self.transport.close()
 
-    async def request(self, raw: bytes, timeout: float) -> _Response:
+    async def request(self, raw: bytes, dests: Sequence[memoryview], timeout: float) -> list[CachefsError | None]:
+        """Send one request; fill `dests` (one per item); each item's error or None."""
         assert self.transport is not None
-        self._head_len, self._view, self._got = 0, None, 0
+        self._head_len, self._item, self._results, self._dests = 0, 0, [], dests
+        self._state = _HEAD
         self._done = asyncio.get_running_loop().create_future()
         self.transport.write(raw)
         try:
             return await asyncio.wait_for(self._done, timeout)
         except BaseException:
             self.reusable = False
+            self._state, self._dests = _DONE, ()
             self.transport.close()
             raise
 
 
-class BlockClient:
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+class FrameClient:
     """Keep-alive connections per node, bound to the loop that first uses them."""
 
-    def __init__(self, token: str, connect_timeout: float, read_timeout: float, pool: BufferPool) -> None:
+    def __init__(self, token: str, connect_timeout: float, read_timeout: float,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.token = token
-        self.pool = pool
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._idle: dict[tuple[str, int], list[BlockConnection]] = defaultdict(list)
+        self.ssl_context = ssl_context
+        self._idle: dict[str, list[FrameConnection]] = defaultdict(list)
 
-    async def _connection(self, host: str, port: int) -> BlockConnection:
-        idle = self._idle[(host, port)]
+    async def _connection(self, base: str) -> FrameConnection:
+        idle = self._idle[base]
         while idle:
             conn = idle.pop()
             if conn.reusable and conn.transport is not None and not conn.transport.is_closing():
                 return conn
+        url = urlsplit(base)
+        host = url.hostname or "127.0.0.1"
+        tls = url.scheme == "https"
+        port = url.port or (443 if tls else 80)
         loop = asyncio.get_running_loop()
+        context = (self.ssl_context or ssl.create_default_context()) if tls else None
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: BlockConnection(self.pool), host, port),
-                                             self.connect_timeout)
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: FrameConnection(base), host, port, ssl=context,
+                                       server_hostname=host if tls else None),
+                self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
-            raise NodeUnavailable(f"cannot connect to {host}:{port}: {type(e).__name__}: {e}") from e
+            raise NodeUnavailable(f"cannot connect to {base}: {type(e).__name__}: {e}") from e
         return conn
 
-    async def get(self, base: str, path: str, params: Mapping[str, str],
-                  headers: Mapping[str, str]) -> tuple[dict[str, str], memoryview]:
-        """GET base+path?params; the body of a 2xx, or the error the server meant."""
+    async def read(self, base: str, name: str, body: bytes, epoch: int,
+                   dests: Sequence[memoryview]) -> list[CachefsError | None]:
+        """POST one batch to `base`; fills `dests`; per item, its error or None."""
         url = urlsplit(base)
-        host, port = url.hostname or "127.0.0.1", url.port or 80
-        target = f"{path}?{urlencode(params)}"
-        lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", f"Authorization: Bearer {self.token}",
-                 *(f"{k}: {v}" for k, v in headers.items()), "", ""]
-        conn = await self._connection(host, port)
+        head = (f"POST {wire.route(wire.READ, name=name)} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                f"Authorization: Bearer {self.token}\r\n{wire.EPOCH_HEADER}: {epoch}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+        conn = await self._connection(base)
         try:
-            resp = await conn.request("\r\n".join(lines).encode(), self.read_timeout)
+            results = await conn.request(head.encode() + body, dests, self.read_timeout)
         except asyncio.TimeoutError as e:
             raise NodeUnavailable(f"{base} did not answer within {self.read_timeout:.0f} s") from e
         except OSError as e:
+            if isinstance(e, CachefsError) and not isinstance(e, NodeUnavailable):
+                if conn.reusable:
+                    self._idle[base].append(conn)
+                raise  # the node's answer for the whole request (epoch, snapshot, token, ...)
             raise NodeUnavailable(f"cannot read from {base}: {e}") from e
         if conn.reusable:
-            self._idle[(host, port)].append(conn)
-        if resp.status >= 400:
-            body = bytes(resp.body)
-            self.pool.give(resp.body)
-            raise from_body(resp.status, body, base)
-        return resp.headers, resp.body
+            self._idle[base].append(conn)
+        return results
 
     def close(self) -> None:
         for conns in self._idle.values():

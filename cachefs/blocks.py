@@ -1,34 +1,40 @@
-"""Reading blocks: route each to its owner, fall back along the ring, check the digest.
+"""Reading slices: route each to its owner, batch per node, fall back along the ring.
 
 Owner order comes from the ring: the key's replicas first, then the next nodes clockwise
-(the ones that take over the key if a replica dies). A stale epoch refreshes the ring;
-an unreachable node is skipped for a few seconds; when no node answers, the origin is
-read directly (if allowed and the client can reach it).
+(the ones that take over the key if a replica dies). Slices for one node travel together
+(cachefs/batching.py); a stale epoch refreshes the ring; an unreachable node is skipped
+for a few seconds and its slices go to their next owner; a slice no node can serve is
+read from the origin directly (if allowed and the client can reach it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
 from cachefs import wire
+from cachefs.batching import NodeQueue
 from cachefs.config import ClientConfig
-from cachefs.errors import (IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
+from cachefs.errors import (CachefsError, IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
                             Unavailable)
-from cachefs.manifest import FileEntry, Manifest
 from cachefs.ioloops import IOLoops
+from cachefs.manifest import Manifest
 from cachefs.origin import Origin
+from cachefs.plan import Slice
 from cachefs.transport import Endpoints, Transport
 from cachefs.wire import DatasetInfo
-from shard import Ring, block_bounds, block_key
+from shard import Ring
 
 log = logging.getLogger(__name__)
 
 DOWN_FOR = 5.0  # seconds an unreachable node is skipped before it is tried again
 EXTRA_CANDIDATES = 2  # nodes past the replicas tried before giving up on the cluster
+IO_LOOP_BYTES = 1024 * 1024  # requests this large receive on an IO loop (another core); smaller stay here
 
 
 @dataclass(frozen=True)
@@ -39,20 +45,28 @@ class DatasetView:
     manifest: Manifest
 
 
+@dataclass(frozen=True)
+class _Routes:
+    ring: Ring
+    urls: dict[str, str]  # node id → URL (Ring.member is a scan)
+
+
 class BlockReader:
     def __init__(self, config: ClientConfig, transport: Transport,
                  origin_options: dict[str, Any] | None = None) -> None:
         self.config = config
         self.transport = transport
         self.endpoints = Endpoints(config.endpoints)
-        self.io = IOLoops(config, config.io_threads, transport.pool) if config.io_threads else None
+        self.io = IOLoops(config, config.io_threads) if config.io_threads else None
         self.origin_options = origin_options
         self.ring: Ring | None = None
+        self._routes: _Routes | None = None
         self._down: dict[str, float] = {}
         self._gate: asyncio.Semaphore | None = None
         self._ring_lock: asyncio.Lock | None = None
+        self._queues: dict[tuple[str, str, str], NodeQueue] = {}
         self._origins: dict[str, Origin] = {}
-        self.origin_reads = 0  # blocks this client had to read from the origin itself
+        self.origin_reads = 0  # slices this client had to read from the origin itself
 
     # -- ring ----------------------------------------------------------------------------
     async def get_ring(self) -> Ring:
@@ -72,75 +86,134 @@ class BlockReader:
             self.endpoints.learn([m.url for m in ring.members])
             if self.ring is None or ring.epoch >= self.ring.epoch:
                 self.ring = ring
+                self._routes = _Routes(ring, {m.id: m.url for m in ring.members})
             return self.ring
 
-    # -- blocks --------------------------------------------------------------------------
-    async def read(self, view: DatasetView, entry: FileEntry, index: int) -> memoryview | bytes:
-        """Block `index` of `entry`, in a pooled buffer: copy out what you need, then `release` it."""
+    # -- slices --------------------------------------------------------------------------
+    async def read(self, view: DatasetView, slices: list[Slice]) -> None:
+        """Fill every slice's `dest`, or set its `error`. Raises only for the whole read
+        (SnapshotGone: the caller reloads the dataset and starts again)."""
+        pending = [s for s in slices if len(s.dest)]
+        exhausted: list[Slice] = []
+        rounds = self.config.retries + view.info.replicas + EXTRA_CANDIDATES + 2
+        for _ in range(rounds):
+            if not pending:
+                break
+            await self.get_ring()
+            routes = self._routes
+            assert routes is not None
+            groups: dict[str, list[Slice]] = defaultdict(list)
+            for s in pending:
+                node = self._pick(routes, s, view.info.replicas)
+                if node is None:
+                    exhausted.append(s)
+                else:
+                    groups[node].append(s)
+            await asyncio.gather(*(self._queue(view, n, routes.urls[n]).read(g) for n, g in groups.items()))
+            pending = [s for s in pending if s.retry or s.stale]
+            stale = max((s.stale for s in pending), default=0)
+            for s in pending:
+                s.retry, s.stale = False, 0
+            if stale:
+                await self.refresh_ring(stale)
+            if exhausted and not pending:  # every candidate failed: maybe the ring moved on without us
+                before = routes.ring.epoch
+                try:
+                    ring = await self.refresh_ring(before + 1)
+                except NodeUnavailable:
+                    break
+                if ring.epoch > before:
+                    for s in exhausted:
+                        s.tried.clear()
+                    pending, exhausted = exhausted, []
+        for s in pending:  # rounds used up (a ring that keeps moving): last resort as well
+            exhausted.append(s)
+        if exhausted:
+            await self._read_origin(view, exhausted)
+
+    def _pick(self, routes: _Routes, s: Slice, replicas: int) -> str | None:
+        """The first owner of the slice's unit that has not failed it, preferring nodes that
+        are not marked down (when all are, try them anyway: they may be back)."""
+        prefs = [n for n in routes.ring.owners(s.key, replicas + EXTRA_CANDIDATES) if n not in s.tried]
+        if not prefs:
+            return None
+        now = time.monotonic()
+        for n in prefs:
+            if self._down.get(routes.urls[n], 0.0) <= now:
+                return n
+        return prefs[0]
+
+    def _queue(self, view: DatasetView, node: str, url: str) -> NodeQueue:
+        key = (url, view.info.name, view.info.snapshot)
+        queue = self._queues.get(key)
+        if queue is None:
+            c = self.config
+
+            async def send(url: str, chunk: list[Slice]) -> None:
+                await self._send(view, node, url, chunk)
+
+            queue = self._queues[key] = NodeQueue(url, send, c.node_requests, c.max_batch_items, c.max_batch_bytes)
+        return queue
+
+    async def _send(self, view: DatasetView, node: str, url: str, chunk: list[Slice]) -> None:
+        """One request for `chunk`; sets each slice's outcome (never raises for them)."""
+        info = view.info
+        body = json.dumps({"snapshot": info.snapshot, "items": [s.item for s in chunk]},
+                          separators=(",", ":")).encode()
+        dests = [s.dest for s in chunk]
+        epoch = self.ring.epoch if self.ring else 0
         if self._gate is None:
             self._gate = asyncio.Semaphore(self.config.max_concurrency)
-        async with self._gate:
-            return await self._read(view, entry, index)
-
-    def release(self, block: memoryview | bytes) -> None:
-        if isinstance(block, memoryview):
-            self.transport.pool.give(block)
-
-    async def _read(self, view: DatasetView, entry: FileEntry, index: int) -> memoryview | bytes:
-        info = view.info
-        start, end = block_bounds(index, entry.size, info.block_size)
-        key = block_key(info.name, info.snapshot, entry.path, entry.version, index)
-        params = {"snapshot": info.snapshot, "path": entry.path, "index": str(index)}
-        failures: list[str] = []
-        for _attempt in range(self.config.retries + 1):
-            ring = await self.get_ring()
-            prefs = ring.owners(key, info.replicas + EXTRA_CANDIDATES)  # the head of its preference list
-            now = time.monotonic()
-            live = [n for n in prefs if self._down.get(ring.member(n).url, 0) <= now] or prefs
-            for node in live:
-                url = ring.member(node).url
-                try:
-                    return await self._fetch(url, info.name, params, ring.epoch, end - start)
-                except StaleEpoch as e:
-                    await self.refresh_ring(e.epoch)
-                    break
-                except NodeUnavailable as e:
-                    self._down[url] = time.monotonic() + DOWN_FOR
-                    failures.append(str(e))
-                except IntegrityError as e:  # a bad copy on that node: try the next one
-                    failures.append(str(e))
-            else:
-                try:  # every candidate failed: maybe the ring moved on without us
-                    await self.refresh_ring(ring.epoch + 1)
-                except NodeUnavailable as e:
-                    failures.append(str(e))
-                    break
-        return await self._read_origin(view, entry, index, failures)
-
-    async def _fetch(self, url: str, name: str, params: dict[str, str], epoch: int, length: int) -> memoryview:
-        if self.io is None:
-            return await self.transport.read_block(url, name, params, epoch, length)
-        return await self.io.run(lambda t: t.read_block(url, name, params, epoch, length))
-
-    async def _read_origin(self, view: DatasetView, entry: FileEntry, index: int,
-                           failures: list[str]) -> bytes:
-        reason = failures[-1] if failures else "no cache node answered"
-        if not self.config.origin_fallback:
-            raise Unavailable(f"cannot read {view.info.name}/{entry.path}: {reason} "
-                              "(origin fallback is off)")
-        origin = self._origins.get(view.info.name)
-        if origin is None:
-            origin = self._origins[view.info.name] = Origin(view.info.origin, self.origin_options,
-                                                            self.config.read_timeout)
-        start, end = block_bounds(index, entry.size, view.info.block_size)
         try:
-            data = await origin.read(entry, start, end)
-        except OriginUnavailable as e:
-            raise Unavailable(f"cannot read {view.info.name}/{entry.path}: the cache cluster failed ({reason}) "
-                              f"and so did the origin ({e})") from e
-        self.origin_reads += 1
-        log.warning("read block %d of %s/%s from the origin: %s", index, view.info.name, entry.path, reason)
-        return data
+            async with self._gate:
+                if self.io is not None and sum(len(d) for d in dests) >= IO_LOOP_BYTES:
+                    results = await self.io.run(lambda t: t.read_frames(url, info.name, body, epoch, dests))
+                else:
+                    results = await self.transport.read_frames(url, info.name, body, epoch, dests)
+        except StaleEpoch as e:
+            for s in chunk:
+                s.stale = max(e.epoch, epoch + 1)
+            return
+        except (NodeUnavailable, IntegrityError) as e:  # the node, or its answer, is broken: next owner
+            self._down[url] = time.monotonic() + DOWN_FOR
+            for s in chunk:
+                s.tried.add(node)
+                s.retry = True
+            log.debug("%s failed a batch of %d: %s", url, len(chunk), e)
+            return
+        except CachefsError as e:  # the node's answer for the whole request: token, dataset, snapshot
+            for s in chunk:
+                s.error = e
+            return
+        for s, result in zip(chunk, results, strict=True):
+            if result is None:
+                continue
+            if isinstance(result, IntegrityError):  # a bad copy on that node: try the next one
+                s.tried.add(node)
+                s.retry = True
+            else:
+                s.error = result
+
+    async def _read_origin(self, view: DatasetView, slices: list[Slice]) -> None:
+        name = view.info.name
+        if not self.config.origin_fallback:
+            for s in slices:
+                s.error = Unavailable(f"cannot read {name}/{s.entry.path}: no cache node answered "
+                                      "(origin fallback is off)")
+            return
+        origin = self._origins.get(name)
+        if origin is None:
+            origin = self._origins[name] = Origin(view.info.origin, self.origin_options, self.config.read_timeout)
+        results = await origin.read_many([(s.entry, s.file_start, s.file_start + len(s.dest)) for s in slices])
+        for s, got in zip(slices, results, strict=True):
+            if isinstance(got, CachefsError):
+                reason = "the cache cluster failed and so did the origin"
+                s.error = Unavailable(f"cannot read {name}/{s.entry.path}: {reason} ({got})") \
+                    if isinstance(got, OriginUnavailable) else got
+            else:
+                s.dest[:] = got
+                self.origin_reads += 1
+        log.warning("read %d slice(s) of %s from the origin: no cache node could serve them", len(slices), name)
 
     async def close(self) -> None:
         if self.io is not None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Mapping, TypeVar, get_type_hints
 
 from cachefs.errors import ConfigError
-from cachefs.wire import DEFAULT_BLOCK_SIZE, DEFAULT_PORT
+from cachefs.wire import DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BATCH_BYTES, MAX_BATCH_ITEMS
 
 T = TypeVar("T")
 
@@ -140,7 +140,10 @@ class ClientConfig:
     connect_timeout: float = 5.0  # a node that does not accept in 5 s is treated as down
     read_timeout: float = 60.0  # covers a cold block read from a slow origin
     retries: int = 3
-    max_concurrency: int = 16  # blocks in flight per filesystem
+    max_concurrency: int = 16  # requests in flight per filesystem
+    node_requests: int = 4  # requests in flight per node; reads arriving meanwhile leave together in the next
+    max_batch_items: int = 1024  # byte ranges in one request
+    max_batch_bytes: int = 16 * 1024**2  # bytes asked in one request (larger reads are split)
     readahead_blocks: int = 2
     io_threads: int = 2  # event loops receiving block bytes in parallel (0: the filesystem's own loop)
     origin_fallback: bool = True  # read the origin directly when no cache node answers
@@ -154,6 +157,10 @@ class ClientConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.max_concurrency < 1 or self.retries < 0 or self.readahead_blocks < 0 or self.io_threads < 0:
             raise ConfigError("max_concurrency must be ≥ 1; retries, readahead_blocks and io_threads ≥ 0")
+        if self.node_requests < 1 or not 1 <= self.max_batch_items <= MAX_BATCH_ITEMS:
+            raise ConfigError(f"node_requests must be ≥ 1 and max_batch_items from 1 to {MAX_BATCH_ITEMS}")
+        if not 4096 <= self.max_batch_bytes <= MAX_BATCH_BYTES:
+            raise ConfigError(f"max_batch_bytes must be from 4 KiB to {MAX_BATCH_BYTES // 1024**2} MiB")
 
     @property
     def endpoints(self) -> list[str]:

@@ -21,12 +21,13 @@ from fsspec.spec import AbstractBufferedFile
 
 from cachefs import wire
 from cachefs.blocks import BlockReader, DatasetView
+from cachefs.buffers import BufferPool, new_bytes
 from cachefs.config import ClientConfig, load
-from cachefs.errors import BadRequest, NotFound, ReadOnlyError, SnapshotGone
+from cachefs.errors import BadRequest, CachefsError, NotFound, ReadOnlyError, SnapshotGone
 from cachefs.manifest import FileEntry, Manifest, check_path, from_ipc
+from cachefs.plan import Slice, plan
 from cachefs.transport import Transport
 from cachefs.wire import DatasetInfo
-from shard import blocks_for_range
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
 
@@ -66,6 +67,7 @@ class CachefsFileSystem(AsyncFileSystem):
         self.config.require_endpoint()
         self.transport = Transport(self.config)
         self.blocks = BlockReader(self.config, self.transport, origin_storage_options)
+        self.pool = BufferPool(wire.DEFAULT_BLOCK_SIZE)  # open files' block buffers, reused
         self._views: dict[str, DatasetView] = {}
         if not asynchronous:  # like s3fs: close the session when the instance goes away
             weakref.finalize(self, _close_quietly, self.loop, self.blocks, self.transport)
@@ -95,7 +97,8 @@ class CachefsFileSystem(AsyncFileSystem):
             info = DatasetInfo.from_json(await self._any_node("GET", wire.route(wire.DATASET, name=name)))
             body, headers = await self._any_node("GET", wire.route(wire.DATASET_MANIFEST, name=name), raw=True)
             snapshot = headers.get(wire.SNAPSHOT_HEADER, info.snapshot)
-            view = DatasetView(dataclasses.replace(info, snapshot=snapshot), Manifest(from_ipc(body), snapshot))
+            table = await asyncio.to_thread(from_ipc, body) if len(body) > 1 << 20 else from_ipc(body)
+            view = DatasetView(dataclasses.replace(info, snapshot=snapshot), Manifest(table, snapshot))
             self._views[name] = view
         return view
 
@@ -126,7 +129,8 @@ class CachefsFileSystem(AsyncFileSystem):
     def _entry(name: str, rel: str, kind: str, size: int, view: DatasetView) -> dict[str, Any]:
         d: dict[str, Any] = {"name": f"{name}/{rel}" if rel else name, "size": size, "type": kind}
         if kind == "file":
-            d["version"] = view.manifest.files[rel].version
+            entry = view.manifest.get(rel)
+            d["version"] = entry.version if entry else ""
             d["snapshot"] = view.info.snapshot
         return d
 
@@ -149,38 +153,138 @@ class CachefsFileSystem(AsyncFileSystem):
             out = [self._entry(name, child, kind, size, view) for child, kind, size in view.manifest.list_dir(rel)]
         return out if detail else [o["name"] for o in out]
 
+    async def _find(self, path: str, maxdepth: int | None = None, withdirs: bool = False,
+                    detail: bool = False, **kwargs: Any) -> Any:
+        """Every file below `path`, from the manifest in one pass (no walk of `ls` calls)."""
+        path = self._strip_protocol(path)
+        if not path or maxdepth is not None or withdirs:
+            return await super()._find(path, maxdepth=maxdepth, withdirs=withdirs, detail=detail, **kwargs)
+        name, rel = self._split(path)
+        view = await self._view(name)
+        try:
+            found = {f"{name}/{e.path}": {"name": f"{name}/{e.path}", "size": e.size, "type": "file",
+                                          "version": e.version, "snapshot": view.info.snapshot}
+                     for e in view.manifest.walk_files(rel)}
+        except NotFound:
+            found = {}
+        return found if detail else sorted(found)
+
     # -- bytes ---------------------------------------------------------------------------
     async def _resolve(self, path: str) -> tuple[DatasetView, FileEntry]:
         name, rel = self._split(self._strip_protocol(path))
         view = await self._view(name)
-        if view.manifest.is_dir(rel):
-            raise IsADirectoryError(f"{path} is a directory")
-        return view, view.manifest.file(rel)
+        entry = view.manifest.get(rel)
+        if entry is None:
+            if view.manifest.is_dir(rel):
+                raise IsADirectoryError(f"{path} is a directory")
+            raise NotFound(f"no file {rel!r} in dataset {name} (snapshot {view.info.snapshot})")
+        return view, entry
 
-    async def _read_range(self, view: DatasetView, entry: FileEntry, start: int, end: int) -> bytes:
-        """Bytes [start, end) of one file of one snapshot, blocks fetched concurrently."""
-        start, end = max(0, start), min(end, entry.size)
-        if start >= end:
-            return b""
-        bs = view.info.block_size
-        indices = blocks_for_range(start, end, entry.size, bs)
-        parts = await asyncio.gather(*(self.blocks.read(view, entry, i) for i in indices))
-        try:
-            return _cut(parts, start % bs, end - start)
-        finally:
-            for part in parts:
-                self.blocks.release(part)
+    async def _fill(self, view: DatasetView, slices: list[Slice]) -> None:
+        """Fill the slices' destinations; raise the first slice's error, if any."""
+        await self.blocks.read(view, slices)
+        for s in slices:
+            if s.error is not None:
+                raise s.error
 
-    async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+    async def _read_into(self, path: str, start: int | None, end: int | None) -> bytes | bytearray:
+        """Bytes [start, end) of one file in one new buffer, filled in place by the receives."""
         view, entry = await self._resolve(path)
         start = 0 if start is None else (start if start >= 0 else max(0, entry.size + start))
         end = entry.size if end is None else (end if end >= 0 else max(0, entry.size + end))
+        start, end = max(0, start), min(end, entry.size)
+        if start >= end:
+            return b""
+        out, dest = new_bytes(end - start)
+        await self._fill(view, plan(view.info, entry, start, end, dest))
+        return out
+
+    async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         try:
-            return await self._read_range(view, entry, start, end)
+            return await self._read_into(path, start, end)  # type: ignore[return-value]
         except SnapshotGone:  # refreshed since the manifest was loaded: a fresh read sees the new one
-            self._views.pop(view.info.name, None)
-            view, entry = await self._resolve(path)
-            return await self._read_range(view, entry, start, min(end, entry.size))
+            self.invalidate_cache(path)
+            return await self._read_into(path, start, end)  # type: ignore[return-value]
+
+    async def _cat_ranges(self, paths: list[str], starts: list[int] | int | None, ends: list[int] | int | None,
+                          max_gap: Any = None, on_error: str = "return", **kwargs: Any) -> list[Any]:
+        """Many (path, start, end) reads as one batched read: grouped by node, sent at once."""
+        n = len(paths)
+        starts = starts if isinstance(starts, list) else [starts] * n  # type: ignore[list-item]
+        ends = ends if isinstance(ends, list) else [ends] * n  # type: ignore[list-item]
+        if not len(starts) == len(ends) == n:
+            raise BadRequest("cat_ranges needs as many starts and ends as paths")
+        for attempt in (0, 1):
+            try:
+                results = await self._read_many(list(zip(paths, starts, ends)))
+                break
+            except SnapshotGone:
+                if attempt:
+                    raise
+                self.invalidate_cache()
+        if on_error == "raise":
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        return results
+
+    async def _cat(self, path: Any, recursive: bool = False, on_error: str = "raise", batch_size: Any = None,
+                   **kwargs: Any) -> Any:
+        """Whole files, many at once (fsspec's `cat`): one batched read for all of them."""
+        paths = await self._expand_path(path, recursive=recursive)
+        files = [p for p in paths if not (await self._info(p))["type"] == "directory"] if recursive else paths
+        results = await self._cat_ranges(files, None, None, on_error="return")
+        out = dict(zip(files, results))
+        if on_error == "raise":
+            for r in results:
+                if isinstance(r, BaseException):
+                    raise r
+        if on_error == "omit":
+            out = {k: v for k, v in out.items() if not isinstance(v, BaseException)}
+        single = len(paths) == 1 and not isinstance(path, list) and paths[0] == self._strip_protocol(path)
+        return out[paths[0]] if single and paths[0] in out else out
+
+    async def _read_many(self, reads: list[tuple[str, int | None, int | None]]) -> list[Any]:
+        """Each read's bytes, or its exception; all their slices read together."""
+        results: list[Any] = [None] * len(reads)
+        work: dict[str, tuple[DatasetView, list[Slice], list[tuple[int, list[Slice]]]]] = {}
+        for i, (path, start, end) in enumerate(reads):
+            try:
+                view, entry = await self._resolve(path)
+            except (CachefsError, OSError) as e:
+                results[i] = e
+                continue
+            lo = 0 if start is None else (start if start >= 0 else max(0, entry.size + start))
+            hi = entry.size if end is None else (end if end >= 0 else max(0, entry.size + end))
+            lo, hi = max(0, lo), min(hi, entry.size)
+            if lo >= hi:
+                results[i] = b""
+                continue
+            out, dest = new_bytes(hi - lo)
+            results[i] = out
+            slices = plan(view.info, entry, lo, hi, dest)
+            _, all_slices, per_read = work.setdefault(view.info.name, (view, [], []))
+            all_slices.extend(slices)
+            per_read.append((i, slices))
+        await asyncio.gather(*(self.blocks.read(view, slices) for view, slices, _ in work.values()))
+        for _, _, per_read in work.values():
+            for i, slices in per_read:
+                error = next((s.error for s in slices if s.error is not None), None)
+                if error is not None:
+                    results[i] = error
+        return results
+
+    async def _chunk(self, view: DatasetView, entry: FileEntry, start: int, end: int) -> memoryview:
+        """Bytes [start, end) in a buffer of their own: a reused block buffer when large, an
+        exact-size one when small (a 110 KB file never holds an 8 MiB buffer)."""
+        n = end - start
+        buf = self.pool.take(n) if n > self.pool.size // 2 else memoryview(bytearray(n))
+        try:
+            await self._fill(view, plan(view.info, entry, start, end, buf))
+        except BaseException:
+            self.pool.give(buf)
+            raise
+        return buf
 
     async def _get_file(self, rpath: str, lpath: str, **kwargs: Any) -> None:
         if (await self._info(rpath))["type"] == "directory":
@@ -191,7 +295,8 @@ class CachefsFileSystem(AsyncFileSystem):
         step = view.info.block_size * max(1, self.config.max_concurrency // 2)
         with open(lpath, "wb") as f:
             for off in range(0, entry.size, step):
-                f.write(await self._read_range(view, entry, off, min(off + step, entry.size)))
+                data = await self._cat_file(rpath, off, min(off + step, entry.size))
+                await asyncio.to_thread(f.write, data)
 
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,
               cache_options: dict[str, Any] | None = None, **kwargs: Any) -> "CachefsFile":
@@ -235,12 +340,14 @@ class BlockCache(BaseCache):
         self.count = max(1, -(-entry.size // self.bs))
         self.readahead = fs.config.readahead_blocks
         self.timeout = fs.config.read_timeout * (fs.config.retries + 2)
-        self._blocks: dict[int, concurrent.futures.Future[memoryview | bytes]] = {}
+        self._blocks: dict[int, concurrent.futures.Future[memoryview]] = {}
 
-    def _want(self, index: int) -> concurrent.futures.Future[memoryview | bytes]:
+    def _want(self, index: int) -> concurrent.futures.Future[memoryview]:
         fut = self._blocks.get(index)
         if fut is None:
-            fut = asyncio.run_coroutine_threadsafe(self.fs.blocks.read(self.view, self.entry, index), self.fs.loop)
+            start = index * self.bs
+            chunk = self.fs._chunk(self.view, self.entry, start, min(start + self.bs, self.entry.size))
+            fut = asyncio.run_coroutine_threadsafe(chunk, self.fs.loop)
             self._blocks[index] = fut
         return fut
 
@@ -257,7 +364,7 @@ class BlockCache(BaseCache):
     def _drop(self, index: int) -> None:
         fut = self._blocks.pop(index)
         if not fut.cancel() and fut.done() and fut.exception() is None:
-            self.fs.blocks.release(fut.result())
+            self.fs.pool.give(fut.result())
 
     def _range(self, start: int | None, end: int | None) -> tuple[int, int]:
         start = 0 if start is None else start

@@ -11,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, TypeVar
 
 from cachefs.config import ClientConfig
-from cachefs.blockproto import BufferPool
 from cachefs.transport import Transport
 
 T = TypeVar("T")
 
 
 class IOLoops:
-    def __init__(self, config: ClientConfig, count: int, pool: BufferPool) -> None:
+    def __init__(self, config: ClientConfig, count: int) -> None:
         self._loops: list[asyncio.AbstractEventLoop] = []
         self._threads: list[threading.Thread] = []
         self.transports: list[Transport] = []
@@ -31,7 +30,7 @@ class IOLoops:
             thread.start()
             self._loops.append(loop)
             self._threads.append(thread)
-            self.transports.append(Transport(config, pool))
+            self.transports.append(Transport(config))
         self._turn = itertools.count()
 
     def __len__(self) -> int:
@@ -58,4 +57,4 @@ class IOLoops:
         self._loops.clear()
 
 
-__all__ = ["IOLoops", "Any"]
+__all__ = ["IOLoops"]

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
-from cachefs.errors import BadRequest, Cancelled, NotFound, OriginChanged, OriginUnavailable
+from cachefs.errors import BadRequest, CachefsError, Cancelled, NotFound, OriginChanged, OriginUnavailable
 from cachefs.manifest import FileEntry, check_path
 
 
@@ -144,30 +144,69 @@ class Origin:
     # -- reads (event loop; data path) -------------------------------------------------
     async def read(self, entry: FileEntry, start: int, end: int) -> bytes:
         """Bytes [start, end) of the file, checked against the snapshot's version token."""
-        path = self._full(entry.path)
+        (result,) = await self.read_many([(entry, start, end)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def read_many(self, reads: Sequence[tuple[FileEntry, int, int]],
+                        concurrency: int = 16) -> list[bytes | CachefsError]:
+        """Several ranges at once (the members of a pack): each answer is its bytes or its
+        own error, so one changed file never fails the others. A sync backend (local
+        files) reads them all in one thread hop; an async one, `concurrency` at a time."""
         try:
             async with asyncio.timeout(self.timeout):
                 afs = await self._afs()
-                if afs is not None and self.protocol in ("s3", "s3a") and end > start:
-                    return await self._read_s3_exact(afs, path, entry, start, end)
-                if afs is not None:
-                    data = await afs._cat_file(path, start=start, end=end)
-                    info = await afs._info(path)
-                else:
-                    data, info = await asyncio.to_thread(self._read_sync, path, start, end)
-        except (OriginChanged, OriginUnavailable):
-            raise
-        except FileNotFoundError as e:
-            raise OriginChanged(f"{entry.path} is gone from the origin since the snapshot; "
-                                "run `cachefs dataset refresh` to take a new snapshot") from e
-        except TimeoutError as e:
-            raise OriginUnavailable(f"origin {self.url} did not answer within {self.timeout:.0f} s") from e
-        except Exception as e:  # a backend's own error type (botocore, aiohttp, OSError...)
-            raise OriginUnavailable(f"cannot read {entry.path} from origin {self.url}: {type(e).__name__}: {e}") from e
+                if afs is None:
+                    return await asyncio.to_thread(self._read_many_sync, reads)
+                gate = asyncio.Semaphore(concurrency)
+
+                async def one(entry: FileEntry, start: int, end: int) -> bytes | CachefsError:
+                    async with gate:
+                        try:
+                            return await self._read_async(afs, entry, start, end)
+                        except Exception as e:  # noqa: BLE001 - translated once, below
+                            return self._error(entry, e)
+
+                return list(await asyncio.gather(*(one(*r) for r in reads)))
+        except TimeoutError:
+            err = OriginUnavailable(f"origin {self.url} did not answer within {self.timeout:.0f} s")
+            return [err for _ in reads]
+
+    def _error(self, entry: FileEntry, e: BaseException) -> CachefsError:
+        """Any backend's failure of one read, as the error the reader gets."""
+        if isinstance(e, (OriginChanged, OriginUnavailable)):
+            return e
+        if isinstance(e, FileNotFoundError):
+            return OriginChanged(f"{entry.path} is gone from the origin since the snapshot; "
+                                 "run `cachefs dataset refresh` to take a new snapshot")
+        if isinstance(e, TimeoutError):
+            return OriginUnavailable(f"origin {self.url} did not answer within {self.timeout:.0f} s")
+        return OriginUnavailable(f"cannot read {entry.path} from origin {self.url}: {type(e).__name__}: {e}")
+
+    async def _read_async(self, afs: AsyncFileSystem, entry: FileEntry, start: int, end: int) -> bytes:
+        path = self._full(entry.path)
+        if self.protocol in ("s3", "s3a") and end > start:
+            return await self._read_s3_exact(afs, path, entry, start, end)
+        data = await afs._cat_file(path, start=start, end=end)
         # Checking after the read catches a change before or during it (tokens never repeat).
-        if version_token(info) != entry.version:
+        if version_token(await afs._info(path)) != entry.version:
             raise _changed(entry)
         return _whole(entry, data, end - start)
+
+    def _read_many_sync(self, reads: Sequence[tuple[FileEntry, int, int]]) -> list[bytes | CachefsError]:
+        fs = self.sync_fs
+        out: list[bytes | CachefsError] = []
+        for entry, start, end in reads:
+            path = self._full(entry.path)
+            try:
+                data = fs.cat_file(path, start=start, end=end)
+                if version_token(fs.info(path)) != entry.version:
+                    raise _changed(entry)
+                out.append(_whole(entry, data, end - start))
+            except Exception as e:  # noqa: BLE001 - translated once
+                out.append(self._error(entry, e))
+        return out
 
     async def _read_s3_exact(self, afs: AsyncFileSystem, path: str, entry: FileEntry, start: int, end: int) -> bytes:
         """One GET that S3 itself refuses (412) if the object is no longer the snapshot's:
@@ -189,10 +228,6 @@ class Origin:
         if not condition and version_token(await afs._info(path)) != entry.version:
             raise _changed(entry)  # no token to pin the read to: checked afterwards like other backends
         return _whole(entry, data, end - start)
-
-    def _read_sync(self, path: str, start: int, end: int) -> tuple[bytes, dict[str, Any]]:
-        fs = self.sync_fs
-        return fs.cat_file(path, start=start, end=end), fs.info(path)
 
     async def close(self) -> None:
         fs, self._async_fs = self._async_fs, None

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import aiohttp
-import xxhash
 
 from cachefs import wire
-from cachefs.blockproto import BlockClient, BufferPool
+from cachefs.blockproto import FrameClient
 from cachefs.config import ClientConfig
-from cachefs.errors import CachefsError, IntegrityError, NodeUnavailable, from_body
+from cachefs.errors import CachefsError, NodeUnavailable, from_body
 
 
 class Endpoints:
@@ -51,11 +50,10 @@ class Endpoints:
 class Transport:
     """An aiohttp session bound to the loop it was first used on."""
 
-    def __init__(self, config: ClientConfig, pool: BufferPool | None = None) -> None:
+    def __init__(self, config: ClientConfig) -> None:
         self.config = config
-        self.pool = pool or BufferPool(wire.DEFAULT_BLOCK_SIZE)
         self._session: aiohttp.ClientSession | None = None
-        self._blocks: BlockClient | None = None
+        self._frames: FrameClient | None = None
         self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout,
                                               sock_connect=config.connect_timeout, sock_read=config.read_timeout)
 
@@ -70,9 +68,9 @@ class Transport:
         return self._session
 
     async def close(self) -> None:
-        if self._blocks is not None:
-            self._blocks.close()
-            self._blocks = None
+        if self._frames is not None:
+            self._frames.close()
+            self._frames = None
         if self._session is not None and not self._session.closed:
             await self._session.close()
         self._session = None
@@ -101,24 +99,13 @@ class Transport:
         except ValueError as e:
             raise CachefsError(f"{url} answered something that is not JSON: {body[:200]!r}") from e
 
-    async def read_block(self, base: str, name: str, params: Mapping[str, str], epoch: int,
-                         length: int) -> memoryview:
-        """GET one whole block into a buffer of its own, its digest checked.
+    async def read_frames(self, base: str, name: str, body: bytes, epoch: int,
+                          dests: Sequence[memoryview]) -> list[CachefsError | None]:
+        """One batch read (wire.READ): fills `dests`; per item, its error or None.
 
         This is the loop that has to run at loopback speed, so it does not go through
-        aiohttp: `BlockClient` has the kernel copy the bytes straight into the buffer.
+        aiohttp: `FrameClient` has the kernel copy each item straight into its destination.
         """
-        if self._blocks is None:
-            self._blocks = BlockClient(self.config.token, self.config.connect_timeout, self.config.read_timeout,
-                                       self.pool)
-        headers, body = await self._blocks.get(base, wire.route(wire.BLOCK, name=name), params,
-                                               {wire.EPOCH_HEADER: str(epoch)})
-        if len(body) != length:
-            self.pool.give(body)
-            raise IntegrityError(f"{base} sent {len(body)} bytes of a {length}-byte block")
-        expected = headers.get(wire.DIGEST_HEADER.lower(), "")
-        if expected and xxhash.xxh3_64_hexdigest(body) != expected:
-            self.pool.give(body)
-            raise IntegrityError(f"block {params.get('index')} of {params.get('path')} from {base} "
-                                 "does not match its digest")
-        return body
+        if self._frames is None:
+            self._frames = FrameClient(self.config.token, self.config.connect_timeout, self.config.read_timeout)
+        return await self._frames.read(base, name, body, epoch, dests)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ DATASET_REFRESH = "/v1/datasets/{name}/refresh"
 DATASET_WARM = "/v1/datasets/{name}/warm"
 OPERATION = "/v1/operations/{op_id}"
 BLOCK = "/v1/blocks/{name}"
+READ = "/v1/datasets/{name}/read"  # POST: many byte ranges of blocks and packs, answered as frames
 
 # Headers.
 AUTHORIZATION = "Authorization"
@@ -35,9 +37,24 @@ SNAPSHOT_HEADER = "X-Cachefs-Snapshot"
 BLOCK_SIZE_HEADER = "X-Cachefs-Block-Size"
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
+FRAMES = "application/vnd.cachefs.frames"
 
 DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024  # 8 MiB: large enough to reach the loopback ceiling
 DEFAULT_PORT = 8477
+
+# -- batched reads (POST READ) -------------------------------------------------------------
+# Body: {"snapshot": S, "items": [ITEM, ...]}, header X-Cachefs-Epoch. An ITEM is
+#   ["b", PATH, INDEX, START, END]: bytes [START, END) of block INDEX of file PATH
+#   ["p", PACK, START, END]:        bytes [START, END) of pack PACK (small files laid end to end)
+# The answer is 200 with one frame per item, in item order: a FRAME header, then LENGTH
+# bytes: the item's bytes when STATUS is 200 (DIGEST is their xxh3-64), else that item's
+# JSON error body (DIGEST 0). An error of the whole request (token, epoch, snapshot) is an
+# ordinary JSON error response instead.
+FRAME = struct.Struct("<HHIQQ")  # status, reserved (0), item index, length, digest
+ITEM_BLOCK = "b"
+ITEM_PACK = "p"
+MAX_BATCH_ITEMS = 4096
+MAX_BATCH_BYTES = 256 * 1024 * 1024  # a client splits larger reads into several requests
 
 DATASET_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
@@ -97,6 +114,8 @@ class DatasetInfo:
     block_size: int = DEFAULT_BLOCK_SIZE
     allowed_namespaces: tuple[str, ...] = ()
     created: float = 0.0
+    packs: int = 0  # packs of small files in this snapshot (manifest columns `pack`, `offset`)
+    pack_threshold: int = 0  # files below this many bytes were packed (0: none)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -144,7 +144,7 @@ class Coordinator:
     async def refresh_dataset(self, name: str) -> dict[str, Any]:
         old = self.registry.get(name)
         spec = DatasetSpec(name, old.info.origin, old.storage_options, old.info.replicas,
-                           old.info.allowed_namespaces, old.info.block_size)
+                           old.info.allowed_namespaces, old.info.block_size, old.info.pack_threshold)
 
         async def run(op: Operation) -> None:
             record = await self._snapshot(op, spec)

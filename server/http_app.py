@@ -14,12 +14,14 @@ import logging
 import os
 from typing import Any, Awaitable, Callable, Protocol
 
+import xxhash
 from aiohttp import web
 
 from cachefs import wire
 from cachefs.errors import BadRequest, CachefsError, NotFound, RangeNotSatisfiable, Unauthorized
 from cachefs.wire import DatasetInfo, OperationInfo
 from server.node import BlockRead, CacheNode
+from server.stores import read_ranges
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +117,10 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    return web.Response(body=request.app[NODE].metrics.render(), content_type="text/plain")
+    node = request.app[NODE]
+    tiers = {"memory": node.memory} | ({"disk": node.disk} if node.disk is not None else {})
+    node.metrics.tiers({t: s.used for t, s in tiers.items()}, {t: s.budget for t, s in tiers.items()})
+    return web.Response(body=node.metrics.render(), content_type="text/plain")
 
 
 # -- datasets ----------------------------------------------------------------------------
@@ -170,22 +175,48 @@ async def cancel_operation(request: web.Request) -> web.Response:
 
 
 # -- blocks ------------------------------------------------------------------------------
-def _block_args(request: web.Request) -> tuple[str, str, str, int, int | None]:
-    q = request.query
-    missing = [k for k in ("snapshot", "path", "index") if k not in q]
-    if missing:
-        raise BadRequest(f"missing query parameter(s) {missing}: a block is named by snapshot, path and index")
+def _int(value: str, what: str) -> int:
     try:
-        index = int(q["index"])
-        epoch = int(request.headers[wire.EPOCH_HEADER]) if wire.EPOCH_HEADER in request.headers else None
-    except ValueError as e:
-        raise BadRequest(f"index and {wire.EPOCH_HEADER} must be integers: {e}") from e
-    if index < 0:
-        raise RangeNotSatisfiable(f"block index {index} is negative")
-    return _name(request), q["snapshot"], q["path"], index, epoch
+        return int(value)
+    except ValueError:
+        raise BadRequest(f"{what} must be an integer, not {value!r}") from None
+
+
+def _epoch(request: web.Request) -> int | None:
+    value = request.headers.get(wire.EPOCH_HEADER)
+    return None if value is None else _int(value, wire.EPOCH_HEADER)
+
+
+async def block(request: web.Request) -> web.StreamResponse:
+    """GET one block of a file (?path=&index=) or one pack (?pack=), whole or a byte range."""
+    node = request.app[NODE]
+    name, q = _name(request), request.query
+    if "snapshot" not in q or not ("pack" in q or ("path" in q and "index" in q)):
+        raise BadRequest("missing query parameter(s): a block is named by snapshot, path and index "
+                         "(or snapshot and pack)")
+    epoch = _epoch(request)
+    if "pack" in q:
+        read_it = lambda: node.read_pack(name, q["snapshot"], _int(q["pack"], "pack"), epoch)  # noqa: E731
+    else:
+        index = _int(q["index"], "index")
+        if index < 0:
+            raise RangeNotSatisfiable(f"block index {index} is negative")
+        read_it = lambda: node.read_block(name, q["snapshot"], q["path"], index, epoch)  # noqa: E731
+    read = await read_it()
+    try:
+        return await _send_block(request, read)
+    except FileNotFoundError:  # evicted between lookup and open: read it again (now a miss)
+        return await _send_block(request, await read_it())
 
 
 def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
+    """The part of a block of `size` bytes that is asked for: ?start=&end=, or a Range header."""
+    q = request.query
+    if "start" in q or "end" in q:
+        start, stop = _int(q.get("start", "0"), "start"), _int(q.get("end", str(size)), "end")
+        if not 0 <= start <= stop <= size:
+            raise RangeNotSatisfiable(f"range [{start}, {stop}) is outside the block of {size} bytes")
+        return start, stop
     try:
         rng = request.http_range
     except ValueError as e:
@@ -202,34 +233,31 @@ def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
     return start, stop
 
 
-async def block(request: web.Request) -> web.StreamResponse:
-    node = request.app[NODE]
-    name, snapshot, path, index, epoch = _block_args(request)
-    read = await node.read_block(name, snapshot, path, index, epoch)
-    try:
-        return await _send_block(request, read)
-    except FileNotFoundError:  # evicted between lookup and open: read it again (now a miss)
-        return await _send_block(request, await node.read_block(name, snapshot, path, index, epoch))
-
-
 async def _send_block(request: web.Request, read: BlockRead) -> web.StreamResponse:
-    size = read.block.size
+    size = read.end - read.start  # a packed file's block is its range of the pack
     start, stop = _byte_range(request, size)
     partial = (start, stop) != (0, size)
+    lo, hi = read.start + start, read.start + stop
+    whole = (lo, hi) == (0, read.block.size)
+    body: memoryview | bytes | None = None
+    if read.data is not None:
+        body = memoryview(read.data)[lo:hi]
+    elif not whole:  # a range of a disk block: its digest needs its bytes
+        (body,) = await asyncio.to_thread(read_ranges, [(read.block.path, lo, hi)])
+    digest = read.block.digest if whole else xxhash.xxh3_64_hexdigest(body)  # type: ignore[arg-type]
     resp = web.StreamResponse(status=206 if partial else 200, headers={
-        wire.DIGEST_HEADER: read.block.digest,
+        wire.DIGEST_HEADER: digest,
         wire.SOURCE_HEADER: read.source,
         "Accept-Ranges": "bytes",
         "Content-Type": "application/octet-stream",
     })
     if partial:
         resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-    resp.content_length = stop - start
-    if read.data is not None:
+    resp.content_length = hi - lo
+    if body is not None:
         await resp.prepare(request)
-        view = memoryview(read.data)[start:stop]
-        for off in range(0, len(view), CHUNK):
-            await resp.write(view[off:off + CHUNK])
+        for off in range(0, len(body), CHUNK):
+            await resp.write(body[off:off + CHUNK])
     else:
         fd = os.open(read.block.path, os.O_RDONLY)  # local disk: microseconds, no thread hop needed
         with os.fdopen(fd, "rb") as f:
@@ -237,9 +265,55 @@ async def _send_block(request: web.Request, read: BlockRead) -> web.StreamRespon
             transport = request.transport
             if transport is None:
                 raise ConnectionResetError("client went away")
-            await asyncio.get_running_loop().sendfile(transport, f, start, stop - start)
+            await asyncio.get_running_loop().sendfile(transport, f, lo, hi - lo)
     await resp.write_eof()
-    request.app[NODE].metrics.served(read.block.dataset, stop - start)
+    request.app[NODE].metrics.served(read.block.dataset, hi - lo)
+    return resp
+
+
+def _wants(doc: Any) -> tuple[str, list[tuple]]:
+    """The snapshot and items of a batch read, checked for shape (the node checks meaning)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("snapshot"), str) or not isinstance(doc.get("items"), list):
+        raise BadRequest('a batch read is {"snapshot": S, "items": [["b", PATH, INDEX, START, END] or '
+                         '["p", PACK, START, END], ...]}')
+    items = doc["items"]
+    if len(items) > wire.MAX_BATCH_ITEMS:
+        raise BadRequest(f"{len(items)} items in one batch; send at most {wire.MAX_BATCH_ITEMS} per request")
+    wants: list[tuple] = []
+    total = 0
+    for n, item in enumerate(items):
+        ok = isinstance(item, list) and (
+            (len(item) == 5 and item[0] == wire.ITEM_BLOCK and isinstance(item[1], str)
+             and all(type(x) is int for x in item[2:]))
+            or (len(item) == 4 and item[0] == wire.ITEM_PACK and all(type(x) is int for x in item[1:])))
+        if not ok:
+            raise BadRequest(f"item {n} is {item!r}; an item is [\"b\", PATH, INDEX, START, END] "
+                             "or [\"p\", PACK, START, END] with integers")
+        total += max(0, item[-1] - item[-2])
+        wants.append(tuple(item))
+    if total > wire.MAX_BATCH_BYTES:
+        raise BadRequest(f"the batch asks for {total} bytes; split it into requests of at most "
+                         f"{wire.MAX_BATCH_BYTES} bytes")
+    return doc["snapshot"], wants
+
+
+async def read_many(request: web.Request) -> web.StreamResponse:
+    """POST a batch of byte ranges; the answer streams one frame per item (wire.FRAME)."""
+    name = _name(request)
+    try:
+        doc = json.loads(await request.read())
+    except ValueError as e:
+        raise BadRequest(f"the body is not JSON: {e}") from e
+    snapshot, wants = _wants(doc)
+    pieces = await request.app[NODE].read_ranges(name, snapshot, wants, _epoch(request))
+    resp = web.StreamResponse(status=200, headers={"Content-Type": wire.FRAMES})
+    resp.content_length = sum(wire.FRAME.size + len(p.payload) for p in pieces)
+    await resp.prepare(request)
+    for i, p in enumerate(pieces):
+        await resp.write(wire.FRAME.pack(p.status, 0, i, len(p.payload), p.digest))
+        if len(p.payload):
+            await resp.write(p.payload)
+    await resp.write_eof()
     return resp
 
 
@@ -265,6 +339,7 @@ def make_app(node: CacheNode, admin: Admin, token: str) -> web.Application:
     r.add_get(wire.OPERATION, get_operation)
     r.add_delete(wire.OPERATION, cancel_operation)
     r.add_get(wire.BLOCK, block)
+    r.add_post(wire.READ, read_many)
     return app
 
 

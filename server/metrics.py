@@ -1,10 +1,26 @@
-"""Prometheus metrics of one cache node, in a registry of its own (no process globals)."""
+"""Prometheus metrics of one cache node, in a registry of its own (no process globals).
+
+Label lookups (`.labels(...)`) cost microseconds each; the read path counts several
+things per request, so each dataset's counters are looked up once and kept.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 LABELS = ("dataset", "node")
+
+
+@dataclass(frozen=True)
+class _DatasetCounters:
+    memory_hits: Any
+    disk_hits: Any
+    misses: Any
+    origin_bytes: Any
+    served_bytes: Any
 
 
 class NodeMetrics:
@@ -22,20 +38,39 @@ class NodeMetrics:
                                  registry=r)
         self.used = Gauge("cachefs_tier_used_bytes", "Bytes held per tier", ("node", "tier"), registry=r)
         self.budget = Gauge("cachefs_tier_budget_bytes", "Byte budget per tier", ("node", "tier"), registry=r)
+        self._datasets: dict[str, _DatasetCounters] = {}
+
+    def _of(self, dataset: str) -> _DatasetCounters:
+        c = self._datasets.get(dataset)
+        if c is None:
+            labels = (dataset, self.node_id)
+            c = self._datasets[dataset] = _DatasetCounters(
+                self.hits.labels(*labels, "memory"), self.hits.labels(*labels, "disk"), self.misses.labels(*labels),
+                self.origin_bytes.labels(*labels), self.served_bytes.labels(*labels))
+        return c
 
     def hit(self, dataset: str, tier: str) -> None:
-        self.hits.labels(dataset, self.node_id, tier).inc()
+        c = self._of(dataset)
+        (c.memory_hits if tier == "memory" else c.disk_hits).inc()
         self.totals["hits"] += 1
 
     def miss(self, dataset: str, nbytes: int) -> None:
-        self.misses.labels(dataset, self.node_id).inc()
-        self.origin_bytes.labels(dataset, self.node_id).inc(nbytes)
+        c = self._of(dataset)
+        c.misses.inc()
+        c.origin_bytes.inc(nbytes)
         self.totals["misses"] += 1
         self.totals["origin_bytes"] += nbytes
 
     def served(self, dataset: str, nbytes: int) -> None:
-        self.served_bytes.labels(dataset, self.node_id).inc(nbytes)
+        self._of(dataset).served_bytes.inc(nbytes)
         self.totals["served_bytes"] += nbytes
+
+    def tiers(self, used: dict[str, int], budget: dict[str, int]) -> None:
+        """Set the tier gauges (called before each scrape)."""
+        for tier, n in used.items():
+            self.used.labels(self.node_id, tier).set(n)
+        for tier, n in budget.items():
+            self.budget.labels(self.node_id, tier).set(n)
 
     def evicted(self, dataset: str, tier: str, count: int = 1) -> None:
         self.evictions.labels(dataset, self.node_id, tier).inc(count)

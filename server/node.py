@@ -1,8 +1,9 @@
-"""A cache node's domain logic: find a block in a tier, or fetch it from the origin once.
+"""A cache node's domain logic: find a unit in a tier, or fetch it from the origin once.
 
 Knows nothing of HTTP or Ray: `server/http_app.py` serves it, `server/node_actor.py` hosts
 it. It learns datasets through a `Directory` (the coordinator, in production) and the
-ring through `set_ring`.
+ring through `set_ring`. Reads come one block at a time (`read_block`, `read_pack`) or as
+a batch of byte ranges (`read_ranges`) whose units are looked up, fetched and cut once.
 """
 
 from __future__ import annotations
@@ -11,23 +12,25 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 import pyarrow as pa
+import xxhash
 
+from cachefs import wire
 from cachefs.config import NodeConfig
-from cachefs.errors import (CachefsError, Cancelled, NotFound, RangeNotSatisfiable, SnapshotGone, StaleEpoch)
-from cachefs.manifest import FileEntry, Manifest, check_path, from_ipc
+from cachefs.errors import (BadRequest, CachefsError, NotFound, RangeNotSatisfiable, SnapshotGone, StaleEpoch)
+from cachefs.manifest import Manifest, check_path, from_ipc
+from cachefs.origin import Origin
 from cachefs.wire import DatasetInfo, OperationInfo
 from server.metrics import NodeMetrics
-from cachefs.origin import Origin
 from server.singleflight import Group
-from server.stores import DiskStore, MemoryStore, StoredBlock, digest_of
-from shard import Ring, block_bounds, block_count, block_key
+from server.stores import DiskStore, MemoryStore, StoredBlock, digest_of, read_ranges
+from server.units import Unit, block_unit, pack_unit, read_unit, transient
+from server.warmup import Warmups
+from shard import Ring, block_count
 
 log = logging.getLogger(__name__)
-
-KEEP_WARMS = 100  # warm-up reports kept per node, for the coordinator to collect
 
 
 @dataclass(frozen=True)
@@ -51,19 +54,45 @@ class DatasetState:
 
 
 @dataclass
-class Warm:
-    task: asyncio.Task[Any] | None
-    progress: OperationInfo
-    cancelled: bool = False
-
-
-@dataclass
 class BlockRead:
-    """What the HTTP layer sends: bytes in memory, or a file to sendfile."""
+    """What the HTTP layer sends for one block: bytes [start, end) of a unit in memory, or of
+    a file to sendfile; `digest` is of exactly those bytes."""
 
     block: StoredBlock
     source: str  # memory | disk | origin
     data: pa.Buffer | None = None
+    start: int = 0
+    end: int = -1
+
+    def __post_init__(self) -> None:
+        if self.end < 0:
+            self.end = self.block.size
+
+    @property
+    def whole(self) -> bool:
+        return (self.start, self.end) == (0, self.block.size)
+
+
+@dataclass
+class Piece:
+    """One item of a batch, ready to frame: its bytes (or JSON error body) and digest."""
+
+    status: int
+    payload: memoryview | bytes
+    digest: int = 0
+
+    @classmethod
+    def failed(cls, e: CachefsError) -> "Piece":
+        return cls(wire.STATUS_OF_CODE.get(e.code, 500), wire.error_body(e.code, e.message, **e.extra))
+
+
+Want = tuple  # ("b", path, index, start, end) | ("p", pack, start, end): wire.READ items, checked
+
+
+def _open_manifest(ipc: bytes, snapshot: str) -> Manifest:
+    manifest = Manifest(from_ipc(ipc), snapshot)
+    _ = manifest.packs  # index the packs now, off the event loop
+    return manifest
 
 
 class CacheNode:
@@ -77,8 +106,8 @@ class CacheNode:
         self.ring = Ring()
         self._datasets: dict[str, DatasetState] = {}
         self._loads: Group[DatasetState] = Group()
-        self._fetches: Group[BlockRead] = Group()
-        self._warms: dict[str, Warm] = {}
+        self._fetches: Group[tuple[StoredBlock, str]] = Group()
+        self.warmups = Warmups(self)
         self.started = time.time()
 
     async def open(self) -> None:
@@ -86,9 +115,7 @@ class CacheNode:
             await self.disk.open()
 
     async def close(self) -> None:
-        for w in self._warms.values():
-            if w.task is not None:
-                w.task.cancel()
+        self.warmups.cancel_all()
         for state in self._datasets.values():
             await state.origin.close()
 
@@ -124,122 +151,200 @@ class CacheNode:
         old = self._datasets.get(name)
         if old is not None and old.info.snapshot == info.snapshot:
             return old
-        state = DatasetState(info, Manifest(from_ipc(manifest_ipc), info.snapshot),
-                             Origin(spec.url, spec.storage_options, self.config.origin_timeout), manifest_ipc)
+        manifest = await asyncio.to_thread(_open_manifest, manifest_ipc, info.snapshot)
+        state = DatasetState(info, manifest, Origin(spec.url, spec.storage_options, self.config.origin_timeout),
+                             manifest_ipc)
         self._datasets[name] = state
         if old is not None:
             await self.forget(name, keep_snapshot=info.snapshot)
             self._datasets[name] = state
         return state
 
-    # -- blocks --------------------------------------------------------------------------
-    async def read_block(self, name: str, snapshot: str, path: str, index: int,
-                         epoch: int | None = None) -> BlockRead:
+    def _check_epoch(self, epoch: int | None) -> None:
         if epoch is not None and epoch < self.ring.epoch:
             raise StaleEpoch(f"ring epoch {epoch} is stale; the current epoch is {self.ring.epoch}",
                              epoch=self.ring.epoch)
-        state = await self.dataset(name, snapshot)
+
+    # -- what an item names --------------------------------------------------------------
+    @staticmethod
+    def _file_block(state: DatasetState, path: str, index: int) -> tuple[Unit, int, int]:
+        """(unit, start, end) of block `index` of a file; a packed file's one block is its
+        range of its pack, so readers with an older manifest keep working."""
         entry = state.manifest.file(check_path(path))
         count = block_count(entry.size, state.info.block_size)
         if not 0 <= index < count:
             raise RangeNotSatisfiable(f"block {index} is outside {path!r}, which has {count} block(s)")
-        return await self._block(state, entry, index)
+        if entry.packed:
+            unit = pack_unit(state.info, state.manifest, entry.pack)
+            return unit, entry.offset, entry.offset + entry.size
+        unit = block_unit(state.info, entry, index)
+        return unit, 0, unit.length
 
-    async def _block(self, state: DatasetState, entry: FileEntry, index: int) -> BlockRead:
-        info = state.info
-        key = block_key(info.name, info.snapshot, entry.path, entry.version, index)
-        block = self.memory.get(key)
+    @staticmethod
+    def _pack(state: DatasetState, pack: int) -> tuple[Unit, int, int]:
+        if not 0 <= pack < state.manifest.packs:
+            raise RangeNotSatisfiable(f"pack {pack} is outside snapshot {state.info.snapshot}, "
+                                      f"which has {state.manifest.packs} pack(s)")
+        unit = pack_unit(state.info, state.manifest, pack)
+        return unit, 0, unit.length
+
+    # -- one block (GET /v1/blocks) ------------------------------------------------------
+    async def read_block(self, name: str, snapshot: str, path: str, index: int,
+                         epoch: int | None = None) -> BlockRead:
+        self._check_epoch(epoch)
+        state = await self.dataset(name, snapshot)
+        unit, start, end = self._file_block(state, path, index)
+        return await self._read_one(state, unit, start, end)
+
+    async def read_pack(self, name: str, snapshot: str, pack: int, epoch: int | None = None) -> BlockRead:
+        self._check_epoch(epoch)
+        state = await self.dataset(name, snapshot)
+        unit, start, end = self._pack(state, pack)
+        return await self._read_one(state, unit, start, end)
+
+    async def _read_one(self, state: DatasetState, unit: Unit, start: int, end: int) -> BlockRead:
+        block, source = await self.unit(state, unit)
+        _raise_hole(block, start, end)
+        data = block.buffer if source != "disk" else None
+        return BlockRead(block, source, data, start, end)
+
+    # -- many ranges (POST /v1/datasets/{name}/read) -------------------------------------
+    async def read_ranges(self, name: str, snapshot: str, wants: Sequence[Want],
+                          epoch: int | None = None) -> list[Piece]:
+        """Every item's bytes or its own error; units shared by items are read once."""
+        self._check_epoch(epoch)
+        state = await self.dataset(name, snapshot)
+        asked: list[tuple[Unit, int, int] | CachefsError] = []
+        for want in wants:
+            try:
+                asked.append(self._resolve(state, want))
+            except CachefsError as e:
+                asked.append(e)
+        units = {a[0].key: a[0] for a in asked if not isinstance(a, CachefsError)}
+        partial = {k for k, u in units.items() if self._partial(u)}
+        keys = [k for k in units if k not in partial]
+        got = await asyncio.gather(*(self.unit(state, units[k]) for k in keys), return_exceptions=True)
+        blocks = dict(zip(keys, got))
+        members = await self._members(state, [a for a in asked if not isinstance(a, CachefsError)
+                                               and a[0].key in partial])
+        disk = [(i, a) for i, a in enumerate(asked) if not isinstance(a, CachefsError) and a[0].key in blocks
+                and not isinstance(blocks[a[0].key], BaseException) and blocks[a[0].key][1] == "disk"
+                and not blocks[a[0].key][0].holes]
+        from_disk: dict[int, bytes] = {}
+        if disk:  # ranges of disk blocks, read in one thread hop
+            data = await asyncio.to_thread(read_ranges, [(blocks[a[0].key][0].path, a[1], a[2]) for _, a in disk])
+            from_disk = {i: d for (i, _), d in zip(disk, data, strict=True)}
+        pieces: list[Piece] = []
+        served = 0
+        for i, a in enumerate(asked):
+            try:
+                if isinstance(a, CachefsError):
+                    raise a
+                unit, start, end = a
+                if unit.key in partial:
+                    payload = members[(unit.key, start)]
+                    if isinstance(payload, BaseException):
+                        raise payload
+                else:
+                    result = blocks[unit.key]
+                    if isinstance(result, BaseException):
+                        raise _as_error(result)
+                    block = result[0]
+                    _raise_hole(block, start, end)
+                    payload = from_disk[i] if i in from_disk else memoryview(block.buffer)[start:end]  # type: ignore[arg-type]
+            except CachefsError as e:
+                pieces.append(Piece.failed(e))
+                continue
+            pieces.append(Piece(200, payload, xxhash.xxh3_64_intdigest(payload)))
+            served += len(payload)
+        self.metrics.served(name, served)
+        return pieces
+
+    def _resolve(self, state: DatasetState, want: Want) -> tuple[Unit, int, int]:
+        """(unit, start, end): the bytes of a unit an item asks for."""
+        if want[0] == wire.ITEM_PACK:
+            unit, lo, hi = self._pack(state, want[1])
+            start, end = want[2], want[3]
+        else:
+            unit, lo, hi = self._file_block(state, want[1], want[2])
+            start, end = want[3], want[4]
+        if not 0 <= start <= end <= hi - lo:
+            raise RangeNotSatisfiable(f"range [{start}, {end}) is outside the {hi - lo} bytes of that block")
+        return unit, lo + start, lo + end
+
+    def _partial(self, unit: Unit) -> bool:
+        """Is this a pack that is not here and would not be kept if fetched? Then only the
+        files asked for are read from the origin: fetching all of it would read every
+        member for nothing (a Sticky cache that is full, a pack larger than the budget)."""
+        if unit.pack < 0 or unit.key in self.memory or unit.key in self._fetches:
+            return False
+        if self.disk is not None and (unit.key in self.disk or self.disk.would_keep(unit.length)):
+            return False
+        return not self.memory.would_keep(unit.length)
+
+    async def _members(self, state: DatasetState, asked: list[tuple[Unit, int, int]]
+                       ) -> dict[tuple[str, int], bytes | CachefsError]:
+        """The files that ranges of packs name, read from the origin (not kept)."""
+        out: dict[tuple[str, int], bytes | CachefsError] = {}
+        reads, where = [], []
+        for unit, start, end in asked:
+            member = next((m for m in unit.members if m.offset == start and m.offset + m.size == end), None)
+            if member is None:
+                out[(unit.key, start)] = BadRequest(f"[{start}, {end}) is not one file of pack {unit.pack}; "
+                                                    "ask for whole files, or for the pack when it can be cached")
+                continue
+            reads.append((member, 0, member.size))
+            where.append((unit.key, start))
+        if reads:
+            results = await state.origin.read_many(reads)
+            for key, got in zip(where, results, strict=True):
+                out[key] = got
+                if not isinstance(got, CachefsError):
+                    self.metrics.miss(state.info.name, len(got))
+        return out
+
+    # -- the tiers and the origin ----------------------------------------------------------
+    async def unit(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
+        """The unit from memory, disk, or the origin (once, however many ask at the same time)."""
+        name = state.info.name
+        block = self.memory.get(unit.key)
         if block is not None:
-            self.metrics.hit(info.name, "memory")
-            return BlockRead(block, "memory", block.buffer)
+            self.metrics.hit(name, "memory")
+            return block, "memory"
         if self.disk is not None:
-            block = self.disk.get(key)
+            block = self.disk.get(unit.key)
             if block is not None:
-                self.metrics.hit(info.name, "disk")
-                return BlockRead(block, "disk")
-        return await self._fetches.do(key, lambda: self._fetch(state, entry, index, key))
+                self.metrics.hit(name, "disk")
+                return block, "disk"
+        return await self._fetches.do(unit.key, lambda: self._fetch(state, unit))
 
-    async def _fetch(self, state: DatasetState, entry: FileEntry, index: int, key: str) -> BlockRead:
+    async def _fetch(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
         info = state.info
-        start, end = block_bounds(index, entry.size, info.block_size)
-        data = await state.origin.read(entry, start, end)
-        self.metrics.miss(info.name, len(data))
+        data, holes = await read_unit(state.origin, unit)
+        self.metrics.miss(info.name, len(data) - sum(h.end - h.start for h in holes))
         buffer = pa.py_buffer(data)
-        block = StoredBlock(key, info.name, info.snapshot, len(data), digest_of(data), buffer=buffer)
-        if self._datasets.get(info.name) is not state:
-            return BlockRead(block, "origin", buffer)  # refreshed or removed meanwhile: serve, don't keep
+        block = StoredBlock(unit.key, info.name, info.snapshot, len(data), digest_of(buffer), buffer=buffer,
+                            holes=holes)
+        if self._datasets.get(info.name) is not state or transient(holes):
+            return block, "origin"  # refreshed or removed meanwhile, or worth another try: serve, don't keep
         evicted = self.memory.put(block)
         if evicted:
             self.metrics.evicted(info.name, "memory", len(evicted))
-        if self.disk is not None:
+        if self.disk is not None and not holes:  # holes live in memory only: the disk keeps whole blocks
             evicted = await self.disk.put(block, buffer)
             if evicted:
                 self.metrics.evicted(info.name, "disk", len(evicted))
-        return BlockRead(block, "origin", buffer)
+        return block, "origin"
 
-    # -- warm-up -------------------------------------------------------------------------
-    def owned_blocks(self, state: DatasetState) -> list[tuple[FileEntry, int]]:
-        """The (file, block index) pairs this node holds a replica of under the current ring."""
-        info, ring, me = state.info, self.ring, self.node_id
-        mine = []
-        for entry in state.manifest.files.values():
-            for index in range(block_count(entry.size, info.block_size)):
-                key = block_key(info.name, info.snapshot, entry.path, entry.version, index)
-                if me in ring.owners(key, info.replicas):
-                    mine.append((entry, index))
-        return mine
-
+    # -- warm-up (server/warmup.py) ------------------------------------------------------
     async def warm(self, op_id: str, name: str) -> OperationInfo:
-        """Fetch every block this node owns; failures are counted by file, never raised."""
-        progress = OperationInfo(op_id, "warm", name, started=time.time())
-        warm = self._warms[op_id] = Warm(None, progress)
-        while len(self._warms) > KEEP_WARMS:  # the oldest reports go first
-            del self._warms[next(iter(self._warms))]
-        try:
-            state = await self.dataset(name)
-            owned = self.owned_blocks(state)
-            bs = state.info.block_size
-            progress.total_files = len({e.path for e, _ in owned})
-            progress.total_bytes = sum(min(bs, e.size - i * bs) for e, i in owned)
-            left_per_file: dict[str, int] = {}
-            for e, _ in owned:
-                left_per_file[e.path] = left_per_file.get(e.path, 0) + 1
-            todo = iter(owned)
-
-            async def worker() -> None:
-                # a few workers pulling from one iterator: memory stays flat however many blocks
-                for entry, index in todo:
-                    if warm.cancelled:
-                        return
-                    try:
-                        got = await self._block(state, entry, index)
-                        progress.done_bytes += got.block.size
-                    except CachefsError as e:
-                        progress.failures[entry.path] = str(e)
-                    left_per_file[entry.path] -= 1
-                    if left_per_file[entry.path] == 0:
-                        progress.done_files += 1
-
-            warm.task = asyncio.ensure_future(asyncio.gather(*(worker() for _ in range(self.config.warm_concurrency))))
-            await warm.task
-            progress.state = "cancelled" if warm.cancelled else ("failed" if progress.failures else "succeeded")
-        except asyncio.CancelledError:
-            progress.state = "cancelled"
-        except CachefsError as e:
-            progress.state, progress.message = "failed", str(e)
-        progress.finished = time.time()
-        return progress
+        return await self.warmups.run(op_id, name)
 
     def warm_progress(self, op_id: str) -> OperationInfo | None:
-        w = self._warms.get(op_id)
-        return w.progress if w else None
+        return self.warmups.progress(op_id)
 
     def cancel_warm(self, op_id: str) -> None:
-        w = self._warms.get(op_id)
-        if w is not None:
-            w.cancelled = True
-            if w.task is not None:
-                w.task.cancel()
+        self.warmups.cancel(op_id)
 
     # -- reporting -----------------------------------------------------------------------
     def cached_bytes(self, name: str) -> int:
@@ -268,4 +373,18 @@ class CacheNode:
         }
 
 
-__all__ = ["CacheNode", "BlockRead", "Directory", "OriginSpec", "Cancelled", "NotFound"]
+def _raise_hole(block: StoredBlock, start: int, end: int) -> None:
+    """A read that touches a member that failed gets that member's error."""
+    for hole in block.holes:
+        if hole.start < end and start < hole.end:
+            raise hole.error
+
+
+def _as_error(e: BaseException) -> CachefsError:
+    if isinstance(e, CachefsError):
+        return e
+    log.error("internal error while reading a unit: %s: %s", type(e).__name__, e, exc_info=e)
+    return CachefsError(f"internal error: {type(e).__name__}: {e}")
+
+
+__all__ = ["CacheNode", "BlockRead", "Piece", "Directory", "OriginSpec", "NotFound", "BadRequest"]

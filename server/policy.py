@@ -24,6 +24,7 @@ class Policy(Protocol):
     def __len__(self) -> int: ...
     def touch(self, key: str) -> None: ...
     def admit(self, key: str, size: int) -> tuple[bool, list[str]]: ...
+    def would_admit(self, size: int) -> bool: ...
     def remove(self, key: str) -> int: ...
 
 
@@ -61,6 +62,10 @@ class LRU:
         self.used += size
         return True, victims
 
+    def would_admit(self, size: int) -> bool:
+        """Would a new block of `size` bytes be kept (evicting others if need be)?"""
+        return size <= self.budget
+
     def remove(self, key: str) -> int:
         size = self._sizes.pop(key, 0)
         self.used -= size
@@ -78,6 +83,9 @@ class Sticky(LRU):
         self._sizes[key] = size
         self.used += size
         return True, []
+
+    def would_admit(self, size: int) -> bool:
+        return self.used + size <= self.budget
 
 
 def make_policy(name: str, budget: int) -> Policy:

@@ -20,6 +20,7 @@ from cachefs.errors import BadRequest, Conflict, NotFound
 from cachefs.manifest import build_table, snapshot_id, to_ipc
 from cachefs.wire import DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, DatasetInfo
 from cachefs.origin import Origin, split_origin
+from shard import default_threshold
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,18 @@ class DatasetSpec:
     replicas: int = 1
     allowed_namespaces: tuple[str, ...] = ()
     block_size: int = DEFAULT_BLOCK_SIZE
+    pack_threshold: int = -1  # files below this many bytes share packs; -1: the default for the block size
+
+    def __post_init__(self) -> None:
+        if self.pack_threshold < 0:
+            object.__setattr__(self, "pack_threshold", default_threshold(self.block_size))
 
     @classmethod
     def parse(cls, body: dict[str, Any], block_size: int = DEFAULT_BLOCK_SIZE) -> "DatasetSpec":
-        unknown = set(body) - {"name", "origin", "storage_options", "replicas", "allowed_namespaces"}
+        unknown = set(body) - {"name", "origin", "storage_options", "replicas", "allowed_namespaces", "pack_threshold"}
         if unknown:
             raise BadRequest(f"unknown field(s) {sorted(unknown)}; a dataset takes name, origin, "
-                             "storage_options, replicas, allowed_namespaces")
+                             "storage_options, replicas, allowed_namespaces, pack_threshold")
         name, origin = body.get("name"), body.get("origin")
         if not isinstance(name, str) or not DATASET_NAME_RE.match(name):
             raise BadRequest(f"{name!r} is not a dataset name: use lowercase letters, digits, '.', '_' and '-' "
@@ -55,7 +61,13 @@ class DatasetSpec:
         allowed = body.get("allowed_namespaces") or []
         if not isinstance(allowed, list) or not all(isinstance(x, str) for x in allowed):
             raise BadRequest("allowed_namespaces must be a list of namespace names")
-        return cls(name, origin, opts, replicas, tuple(allowed), block_size)
+        threshold = body.get("pack_threshold", -1)
+        if threshold is None:
+            threshold = -1
+        if not isinstance(threshold, int) or isinstance(threshold, bool) or not -1 <= threshold <= block_size:
+            raise BadRequest(f"pack_threshold must be a number of bytes from 0 (no packing) to the block size "
+                             f"({block_size}), not {threshold!r}")
+        return cls(name, origin, opts, replicas, tuple(allowed), block_size, threshold)
 
 
 @dataclass(frozen=True)
@@ -69,11 +81,14 @@ def take_snapshot(spec: DatasetSpec, progress: Callable[[int, int], None] | None
                   cancelled: threading.Event | None = None) -> DatasetRecord:
     """List the origin once and freeze it as a manifest. Blocking: run it in a thread."""
     entries = Origin(spec.origin, spec.storage_options).list_files(progress, cancelled)
-    table = build_table(entries)
+    table = build_table(entries, spec.block_size, spec.pack_threshold)
+    layout = f"packed:{spec.block_size}:{spec.pack_threshold}" if spec.pack_threshold else ""
+    packs = max(table.column("pack").to_pylist(), default=-1) + 1
     info = DatasetInfo(
-        name=spec.name, origin=spec.origin, snapshot=snapshot_id(table), files=len(entries),
+        name=spec.name, origin=spec.origin, snapshot=snapshot_id(table, layout), files=len(entries),
         bytes=sum(e.size for e in entries), replicas=spec.replicas, block_size=spec.block_size,
-        allowed_namespaces=spec.allowed_namespaces, created=time.time(),
+        allowed_namespaces=spec.allowed_namespaces, created=time.time(), packs=packs,
+        pack_threshold=spec.pack_threshold,
     )
     return DatasetRecord(info, dict(spec.storage_options), to_ipc(table))
 

@@ -21,6 +21,10 @@ class Group(Generic[T]):
     def __len__(self) -> int:
         return len(self._calls)
 
+    def __contains__(self, key: str) -> bool:
+        """Is a load of `key` in flight?"""
+        return key in self._calls
+
     def _done(self, key: str, task: asyncio.Task[T]) -> None:
         if self._calls.get(key) is task:
             del self._calls[key]

@@ -37,6 +37,7 @@ class StoredBlock:
     digest: str
     buffer: pa.Buffer | None = None  # memory tier
     path: str = ""  # disk tier
+    holes: tuple = ()  # server.units.Hole: pack members that failed (memory tier only)
 
 
 class _Tier:
@@ -58,6 +59,9 @@ class _Tier:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._blocks
+
     def get(self, key: str) -> StoredBlock | None:
         block = self._blocks.get(key)
         if block is not None:
@@ -66,6 +70,9 @@ class _Tier:
 
     def blocks(self) -> list[StoredBlock]:
         return list(self._blocks.values())
+
+    def would_keep(self, size: int) -> bool:
+        return self.policy.would_admit(size)
 
 
 class MemoryStore(_Tier):
@@ -178,6 +185,19 @@ class DiskStore(_Tier):
             if snap.name != keep_snapshot:
                 shutil.rmtree(snap, ignore_errors=True)
 
+
+
+def read_ranges(ranges: list[tuple[str, int, int]]) -> list[bytes]:
+    """Bytes [start, end) of block files, for a batch served from the disk tier (run it in a
+    thread: even page-cache reads may wait on the disk)."""
+    out = []
+    for path, start, end in ranges:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            out.append(os.pread(fd, end - start, start))
+        finally:
+            os.close(fd)
+    return out
 
 
 def _unlink(path: str) -> None:

@@ -1,7 +1,8 @@
 """Placement only: the ring, block keys, owners(key, r). Pure, no I/O, nothing of ours."""
 
-from shard.keys import BlockRef, block_bounds, block_count, block_key, blocks_for_range, key_hash
+from shard.keys import block_bounds, block_count, block_key, blocks_for_range, key_hash, pack_key
+from shard.packing import NOT_PACKED, default_threshold, pack_layout
 from shard.ring import DEFAULT_VNODES, Member, Ring
 
-__all__ = ["BlockRef", "Member", "Ring", "DEFAULT_VNODES", "block_bounds", "block_count", "block_key",
-           "blocks_for_range", "key_hash"]
+__all__ = ["Member", "Ring", "DEFAULT_VNODES", "NOT_PACKED", "block_bounds", "block_count", "block_key",
+           "blocks_for_range", "default_threshold", "key_hash", "pack_key", "pack_layout"]

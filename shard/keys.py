@@ -6,35 +6,18 @@ changed file can never be served from an old block even if a snapshot id were re
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import xxhash
-
-
-@dataclass(frozen=True)
-class BlockRef:
-    """One block: file `path` of `dataset`@`snapshot`, bytes [start, end)."""
-
-    dataset: str
-    snapshot: str
-    path: str
-    version: str
-    index: int
-    start: int
-    end: int
-
-    @property
-    def length(self) -> int:
-        return self.end - self.start
-
-    @property
-    def key(self) -> str:
-        return block_key(self.dataset, self.snapshot, self.path, self.version, self.index)
 
 
 def block_key(dataset: str, snapshot: str, path: str, version: str, index: int) -> str:
     """16 hex digits of xxh3-64 over the block's identity (NUL-separated: no field has NUL)."""
     return xxhash.xxh3_64_hexdigest(f"{dataset}\0{snapshot}\0{path}\0{version}\0{index}".encode())
+
+
+def pack_key(dataset: str, snapshot: str, pack: int) -> str:
+    """A pack (small files laid end to end, shard/packing.py) is named by its snapshot and
+    number: the snapshot id already hashes every member's path, size and version token."""
+    return xxhash.xxh3_64_hexdigest(f"{dataset}\0{snapshot}\0\0pack\0{pack}".encode())
 
 
 def key_hash(key: str) -> int:

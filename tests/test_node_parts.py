@@ -112,7 +112,7 @@ async def test_single_flight_shares_a_failure() -> None:
 
 
 def test_buffer_pool_reuses_block_buffers_and_sizes_views_exactly() -> None:
-    from cachefs.blockproto import BufferPool
+    from cachefs.buffers import BufferPool
 
     pool = BufferPool(1024, keep=2)
     a = pool.take(1000)

@@ -1,0 +1,49 @@
+"""What bytes a read needs from which cached unit, and where each byte goes.
+
+A file range becomes slices: byte ranges of units (a block of the file, or the file's
+range of its pack), each with a destination view into the caller's buffer. The read
+path routes, batches and retries slices; it never copies a byte a second time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from cachefs import wire
+from cachefs.errors import CachefsError
+from cachefs.manifest import FileEntry
+from cachefs.wire import DatasetInfo
+from shard import block_key, blocks_for_range, pack_key
+
+
+@dataclass(eq=False)
+class Slice:
+    """Bytes a reader wants from one unit: `item` on the wire, landing in `dest`."""
+
+    key: str  # the unit's key: routes the slice to its owner
+    item: list  # the wire.READ item
+    dest: memoryview
+    entry: FileEntry  # for the origin fallback: the file, and ...
+    file_start: int  # ... the offset in it of dest[0]
+    tried: set[str] = field(default_factory=set)  # node ids that failed this slice
+    error: CachefsError | None = None
+    retry: bool = False  # set by a send: route it again
+    stale: int = 0  # set by a send: the node knows a newer ring epoch
+    done: asyncio.Future[None] | None = None
+
+
+def plan(info: DatasetInfo, entry: FileEntry, start: int, end: int, dest: memoryview) -> list[Slice]:
+    """Slices that fill `dest` (end - start bytes) with bytes [start, end) of `entry`."""
+    if entry.packed:
+        item = [wire.ITEM_PACK, entry.pack, entry.offset + start, entry.offset + end]
+        return [Slice(pack_key(info.name, info.snapshot, entry.pack), item, dest, entry, start)]
+    bs = info.block_size
+    out = []
+    for index in blocks_for_range(start, end, entry.size, bs):
+        first = index * bs
+        lo, hi = max(start, first), min(end, first + bs)
+        item = [wire.ITEM_BLOCK, entry.path, index, lo - first, hi - first]
+        key = block_key(info.name, info.snapshot, entry.path, entry.version, index)
+        out.append(Slice(key, item, dest[lo - start:hi - start], entry, lo))
+    return out

@@ -1,0 +1,88 @@
+"""What one cached block is made of, and how it is read from the origin.
+
+A unit is what a key names and a tier stores: either one block of one large file, or a
+pack (small files laid end to end, shard/packing.py). A pack is read from the origin
+member by member; a member that is gone or changed leaves a *hole* carrying its error, so
+the other members are still served and only readers of that file see the failure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cachefs.errors import CachefsError, OriginUnavailable
+from cachefs.manifest import FileEntry, Manifest
+from cachefs.origin import Origin
+from cachefs.wire import DatasetInfo
+from shard import block_bounds, block_count, block_key, pack_key
+
+
+@dataclass(frozen=True)
+class Hole:
+    """Bytes [start, end) of a pack that could not be read: a reader of them gets `error`."""
+
+    start: int
+    end: int
+    error: CachefsError
+
+
+@dataclass(frozen=True)
+class Unit:
+    key: str
+    length: int
+    members: tuple[FileEntry, ...]  # the file (a block) or the pack's files, in offset order
+    start: int = 0  # a file block's first byte in its file
+    pack: int = -1
+
+    @property
+    def files(self) -> int:
+        return len(self.members)
+
+
+def block_unit(info: DatasetInfo, entry: FileEntry, index: int) -> Unit:
+    start, end = block_bounds(index, entry.size, info.block_size)
+    return Unit(block_key(info.name, info.snapshot, entry.path, entry.version, index), end - start, (entry,), start)
+
+
+def pack_unit(info: DatasetInfo, manifest: Manifest, pack: int) -> Unit:
+    members = tuple(manifest.pack_members(pack))
+    length = members[-1].offset + members[-1].size if members else 0
+    return Unit(pack_key(info.name, info.snapshot, pack), length, members, 0, pack)
+
+
+def all_units(info: DatasetInfo, manifest: Manifest) -> list[Unit]:
+    """Every unit of a snapshot: its packs, then the blocks of files with blocks of their own.
+    O(files): run it off the event loop."""
+    units = [pack_unit(info, manifest, p) for p in range(manifest.packs)]
+    for row in range(len(manifest)):
+        entry = manifest.at(row)
+        if not entry.packed:
+            units += [block_unit(info, entry, i) for i in range(block_count(entry.size, info.block_size))]
+    return units
+
+
+async def read_unit(origin: Origin, unit: Unit) -> tuple[bytes | bytearray, tuple[Hole, ...]]:
+    """The unit's bytes from the origin, and the holes of members that failed.
+
+    A file block fails as a whole (raises). A pack fails only if every member failed.
+    """
+    if unit.pack < 0:
+        (entry,) = unit.members
+        return await origin.read(entry, unit.start, unit.start + unit.length), ()
+    buf = bytearray(unit.length)
+    holes: list[Hole] = []
+    results = await origin.read_many([(m, 0, m.size) for m in unit.members])
+    for member, got in zip(unit.members, results, strict=True):
+        if isinstance(got, CachefsError):
+            holes.append(Hole(member.offset, member.offset + member.size, got))
+        else:
+            buf[member.offset:member.offset + member.size] = got
+    if holes and len(holes) == len(unit.members):
+        raise holes[0].error
+    return buf, tuple(holes)
+
+
+def transient(holes: tuple[Hole, ...]) -> bool:
+    """Holes that a later read may fill (the origin was down), as opposed to files that are
+    gone or changed for the rest of this snapshot."""
+    return any(isinstance(h.error, OriginUnavailable) for h in holes)

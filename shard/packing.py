@@ -1,0 +1,42 @@
+"""Small files laid end to end into block-sized packs, decided once per snapshot.
+
+A dataset of 110 KB images would otherwise be a million tiny blocks: a million keys to
+place, warm, evict and request. Packed, it is a few thousand block-sized units, and a
+read of one small file is a byte range of its pack. Files are packed in path order, so
+files read together (one directory) tend to share packs. Pure: sizes in, layout out.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+NOT_PACKED = -1
+
+
+def default_threshold(block_size: int) -> int:
+    """Files below 1 MiB (or a quarter block, if blocks are small) are packed: above that a
+    file fills enough of a block on its own, and a pack still holds at least four files."""
+    return min(1024 * 1024, block_size // 4)
+
+
+def pack_layout(sizes: Iterable[int], block_size: int, threshold: int) -> tuple[list[int], list[int], int]:
+    """(pack of each file, offset in its pack, number of packs), files in the order given.
+
+    A file of 1 byte to `threshold - 1` bytes joins the current pack, or opens the next one
+    when it would not fit. Empty files need no bytes and larger files keep blocks of their
+    own: both get NOT_PACKED and offset 0.
+    """
+    packs: list[int] = []
+    offsets: list[int] = []
+    count, fill = 0, block_size  # `fill` of the open pack; starting "full" opens pack 0 on demand
+    for size in sizes:
+        if not 0 < size < threshold:
+            packs.append(NOT_PACKED)
+            offsets.append(0)
+            continue
+        if fill + size > block_size:
+            count, fill = count + 1, 0
+        packs.append(count - 1)
+        offsets.append(fill)
+        fill += size
+    return packs, offsets, count
