@@ -36,12 +36,13 @@ class Cluster:
             hosting.down(self.env, namespace=namespace)  # whatever part of it started
             raise
         self.endpoint, self.token = self.handle.endpoint, self.handle.token
+        self.admin_token = self.handle.admin_token
 
     def _admin(self) -> Any:
         from cachefs.admin import AdminClient
         from cachefs.config import ClientConfig
 
-        return AdminClient(ClientConfig(endpoint=self.endpoint, token=self.token))
+        return AdminClient(ClientConfig(endpoint=self.endpoint, token=self.token, admin_token=self.admin_token))
 
     def register(self, name: str, origin: str, storage_options: dict[str, Any]) -> Any:
         async def go() -> Any:

@@ -178,7 +178,7 @@ def main() -> int:
             from cachefs.admin import AdminClient
             from cachefs.config import ClientConfig
 
-            async with AdminClient(ClientConfig(endpoint=handle.endpoint, token=handle.token)) as a:
+            async with AdminClient(ClientConfig(endpoint=handle.endpoint, admin_token=handle.admin_token)) as a:
                 op = await a.wait(await a.add_dataset("bench", "s3://bench/data", opts), timeout=120)
                 assert op.finished_ok, op
 

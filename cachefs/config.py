@@ -2,7 +2,7 @@
 
 Precedence, highest first: explicit values (flags, storage options) → `CACHEFS_<FIELD>`
 environment variables → the config file (`$CACHEFS_HOME/config.toml`, one table per
-component) → the cluster file that `cachefs up` writes (endpoint and token) → defaults.
+component) → the cluster file that `cachefs up` writes (endpoint and tokens) → defaults.
 Every object is validated when built, so a bad value fails at start with its name.
 """
 
@@ -136,7 +136,8 @@ class ClientConfig:
     USES_CLUSTER_FILE = True
 
     endpoint: str = ""  # one URL, or several separated by commas (any node answers metadata calls)
-    token: str = ""
+    token: str = ""  # the reader token: blocks, manifests, listings (what training pods get)
+    admin_token: str = ""  # the admin token: datasets, warm-up, refresh (the CLI and the operator only)
     connect_timeout: float = 5.0  # a node that does not accept in 5 s is treated as down
     read_timeout: float = 60.0  # covers a cold block read from a slow origin
     retries: int = 3
@@ -183,7 +184,8 @@ class NodeConfig:
     eviction: str = "lru"  # lru | sticky (keeps a stable resident set under shuffled epochs)
     origin_timeout: float = 60.0
     warm_concurrency: int = 8
-    token: str = ""
+    token: str = ""  # the reader token
+    admin_token: str = ""
 
     def __post_init__(self) -> None:
         if self.memory_bytes < 0 or self.disk_bytes < 0:
@@ -225,7 +227,7 @@ class ClusterConfig:
         if self.nodes < 0:
             raise ConfigError("nodes must be ≥ 0 (0 means one per Ray node)")
 
-    def node_config(self, token: str, disk_dir: str) -> NodeConfig:
+    def node_config(self, token: str, admin_token: str, disk_dir: str) -> NodeConfig:
         port = self.port if self.port in (0,) or self.nodes <= 1 else 0
         return NodeConfig(
             memory_bytes=self.memory_bytes,
@@ -236,6 +238,7 @@ class ClusterConfig:
             block_size=self.block_size,
             eviction=self.eviction,
             token=token,
+            admin_token=admin_token,
         )
 
 

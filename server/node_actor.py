@@ -93,8 +93,8 @@ class CacheNodeActor:
             await self._join()
             return self.url
         await self.node.open()
-        self.runner = web.AppRunner(make_app(self.node, self.link, self.config.token), access_log=None,
-                                    handle_signals=False)
+        app = make_app(self.node, self.link, self.config.token, self.config.admin_token)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         port = await self._listen()
         host = self.config.advertise_host or (

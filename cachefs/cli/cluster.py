@@ -14,7 +14,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start (or complete) the cache cluster on Ray",
                        description="Start the coordinator and the cache nodes on Ray. Idempotent: running it "
                        "again starts only what is missing. Without --address or RAY_ADDRESS it starts a local "
-                       "Ray cluster. Records the endpoint and a new token in $CACHEFS_HOME/cluster.json (0600).")
+                       "Ray cluster. Records the endpoint, a reader token and an admin token in $CACHEFS_HOME/cluster.json "
+                       "(0600).")
     p.add_argument("--nodes", type=int, help="cache nodes to run (0: one per Ray node; default 0)")
     p.add_argument("--memory", dest="memory_bytes", help="memory tier per node, e.g. 256MiB")
     p.add_argument("--disk", dest="disk_bytes", help="disk tier per node, e.g. 1GiB (0: memory only)")
@@ -58,6 +59,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.json:
         doc = handle.to_json()
         doc.pop("token")
+        doc.pop("admin_token")
         print_json(doc)
     else:
         stdout().print(f"cachefs is up: {len(handle.endpoints)} cache node(s), endpoint {handle.endpoint}\n"

@@ -59,7 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ray.init(namespace=config.namespace, logging_level="ERROR", log_to_driver=False,
                      include_dashboard=False)
         handle = hosting.up(config, os.environ, say=say)
-        figures = asyncio.run(_story(ClientConfig(endpoint=handle.endpoint, token=handle.token),
+        figures = asyncio.run(_story(ClientConfig(endpoint=handle.endpoint, token=handle.token, admin_token=handle.admin_token),
                                      f"file://{origin_dir.resolve()}", args.json, say, args.keep))
     finally:
         if not args.keep and not was_running:
