@@ -29,7 +29,8 @@ class Cluster:
         # Inclusive tiers: the disk tier holds the budget, memory a hot quarter of it.
         config = ClusterConfig(nodes=nodes, memory_bytes=max(budget // 4, MiB), disk_bytes=budget,
                                disk_root=str(work / f"disk-{namespace}"), state_dir=str(work / f"state-{namespace}"),
-                               block_size=block_size, eviction=eviction, namespace=namespace)
+                               block_size=block_size, eviction=eviction, namespace=namespace,
+                               allowed_origin_hosts=("127.0.0.1",))  # the origins are S3 servers on loopback
         try:
             self.handle = hosting.up(config, self.env)
         except BaseException:

@@ -22,6 +22,11 @@ from cachefs.wire import DEFAULT_BLOCK_SIZE, DEFAULT_PORT
 
 T = TypeVar("T")
 
+# What `dataset add` may name by default: the object stores and the web. No file:// (a
+# local root must be listed), and never chained URLs (simplecache::...).
+DEFAULT_ALLOWED_ORIGINS = ("s3://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "hf://", "http://", "https://")
+_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.I)
 _UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
 
@@ -222,10 +227,30 @@ class ClusterConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     eviction: str = "lru"
     namespace: str = "cachefs"
+    # Origins that may be registered: bare protocols ("s3://"), URL prefixes
+    # ("s3://bucket/sets/"), local roots ("file:///data/").
+    # Enforced by the coordinator on add and refresh (server/origin_policy.py).
+    allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+    # Hosts (names, IPs, CIDRs) that http(s) origins and endpoint URLs may reach although
+    # they are loopback, link-local or cloud metadata addresses (refused otherwise).
+    allowed_origin_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        import ipaddress
+
         if self.nodes < 0:
             raise ConfigError("nodes must be ≥ 0 (0 means one per Ray node)")
+        for entry in self.allowed_origins:
+            if "://" not in entry or "::" in entry.partition("://")[0]:
+                raise ConfigError(f"allowed_origins entry {entry!r} must be a protocol or URL prefix such as s3:// "
+                                  "or file:///data/")
+        for host in self.allowed_origin_hosts:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                if not _HOST_RE.match(host):
+                    raise ConfigError(f"allowed_origin_hosts entry {host!r} is not a lowercase host name, an IP "
+                                      "address or a CIDR such as 10.0.0.0/8") from None
 
     def node_config(self, token: str, admin_token: str, disk_dir: str) -> NodeConfig:
         port = self.port if self.port in (0,) or self.nodes <= 1 else 0
@@ -242,4 +267,5 @@ class ClusterConfig:
         )
 
 
-__all__ = ["ClientConfig", "NodeConfig", "ClusterConfig", "load", "parse_size", "format_size", "DEFAULT_PORT"]
+__all__ = ["ClientConfig", "NodeConfig", "ClusterConfig", "load", "parse_size", "format_size", "DEFAULT_PORT",
+           "DEFAULT_ALLOWED_ORIGINS"]

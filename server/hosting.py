@@ -30,6 +30,7 @@ from cachefs.config import ClusterConfig, cachefs_home, cluster_file, read_clust
 from cachefs.errors import CachefsError, ConfigError, Unavailable
 from server.coordinator import Coordinator
 from server.node_actor import CacheNodeActor
+from server.origin_policy import OriginPolicy
 from server.ray_auth import RayAuth
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,11 @@ def coordinator(config: ClusterConfig, env: Mapping[str, str]) -> Any:
     return remote_cls.options(
         name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_concurrency=1000, **placement,
-    ).remote(state_dir, config.block_size)
+    ).remote(state_dir, config.block_size, origin_policy(config))
+
+
+def origin_policy(config: ClusterConfig) -> OriginPolicy:
+    return OriginPolicy(config.allowed_origins, config.allowed_origin_hosts)
 
 
 def _placements(config: ClusterConfig) -> dict[str, Any]:
@@ -274,7 +279,7 @@ def up(config: ClusterConfig, env: Mapping[str, str] = os.environ,
         connect(address, config.namespace, auth)
         say("starting the coordinator")
         coord = coordinator(config, env)
-        ray.get(coord.ping.remote(), timeout=START_TIMEOUT)
+        ray.get(coord.set_origin_policy.remote(origin_policy(config)), timeout=START_TIMEOUT)
         say("starting cache nodes")
         urls = ensure_nodes(config, tokens, env)
         if not urls:

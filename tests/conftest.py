@@ -169,16 +169,22 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def cachefs_cluster(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
     """cachefs on the 3-node Ray cluster: one cache node per Ray node."""
-    from cachefs.config import ClusterConfig
+    from cachefs.config import DEFAULT_ALLOWED_ORIGINS, ClusterConfig
     from server import hosting
 
     home = tmp_path_factory.mktemp("cachefs-home")
-    env = {**os.environ, "CACHEFS_HOME": str(home)}
+    # Local origins live under pytest's temporary directories and the S3 servers on
+    # loopback: both are refused by default, so this cluster allows them explicitly (in
+    # the environment too, so that a `cachefs up` run by a test keeps the same allowlist).
+    allowed = (*DEFAULT_ALLOWED_ORIGINS, f"file://{tmp_path_factory.getbasetemp().resolve()}/")
+    hosts = ("127.0.0.1",)
+    env = {**os.environ, "CACHEFS_HOME": str(home), "CACHEFS_ALLOWED_ORIGINS": ",".join(allowed),
+           "CACHEFS_ALLOWED_ORIGIN_HOSTS": ",".join(hosts)}
     env.pop("CACHEFS_TOKEN", None)
     env.pop("CACHEFS_ADMIN_TOKEN", None)
     config = ClusterConfig(nodes=0, memory_bytes=NODE_MEMORY, disk_bytes=NODE_DISK, disk_root=str(home / "disk"),
                            state_dir=str(home / "state"), address=ray_cluster.address, block_size=BLOCK,
-                           namespace=NAMESPACE)
+                           namespace=NAMESPACE, allowed_origins=allowed, allowed_origin_hosts=hosts)
     handle = hosting.up(config, env)
     assert len(handle.endpoints) == 3
     cluster = TestCluster(handle.token, handle.admin_token, home, env, config, ray_cluster, handle.endpoints)

@@ -82,7 +82,7 @@ CASES = [
     ("add with an unknown field", "POST", lambda d: f"{d['base']}/v1/datasets", "auth",
      {"json": {"name": "x5", "origin": "file:///tmp", "colour": "red"}}, 400, "bad_request"),
     ("add the same name with another origin", "POST", lambda d: f"{d['base']}/v1/datasets", "auth",
-     {"json": {"name": "__same__", "origin": "file:///somewhere/else"}}, 409, "conflict"),
+     {"json": {"name": "__same__", "origin": "s3://somewhere/else"}}, 409, "conflict"),
     ("unknown operation", "GET", lambda d: f"{d['base']}/v1/operations/nope", "auth", {}, 404, "not_found"),
     ("remove an unknown dataset", "DELETE", lambda d: f"{d['base']}/v1/datasets/nope-nope", "auth", {}, 404, "not_found"),
     ("wrong method", "PUT", lambda d: f"{d['base']}/v1/datasets", "auth", {}, 405, "bad_request"),
