@@ -48,6 +48,8 @@ DEFAULT_BLOCK_SIZE = 8 * 1024 * 1024  # 8 MiB: large enough to reach the loopbac
 DEFAULT_PORT = 8477
 
 DATASET_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a Kubernetes namespace (DNS label)
+ALL_NAMESPACES = "*"  # in allowed_namespaces: every namespace may mount the dataset (none named: none may)
 
 # Error codes carried in JSON error bodies: {"error": CODE, "message": TEXT}.
 BAD_REQUEST = "bad_request"

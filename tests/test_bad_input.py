@@ -83,6 +83,8 @@ CASES = [
      {"json": {"name": "x5", "origin": "file:///tmp", "colour": "red"}}, 400, "bad_request"),
     ("add the same name with another origin", "POST", lambda d: f"{d['base']}/v1/datasets", "auth",
      {"json": {"name": "__same__", "origin": "s3://somewhere/else"}}, 409, "conflict"),
+    ("add with a namespace that is not a namespace name", "POST", lambda d: f"{d['base']}/v1/datasets", "auth",
+     {"json": {"name": "x6", "origin": "s3://b/p", "allowed_namespaces": ["Team_A"]}}, 400, "bad_request"),
     ("unknown operation", "GET", lambda d: f"{d['base']}/v1/operations/nope", "auth", {}, 404, "not_found"),
     ("remove an unknown dataset", "DELETE", lambda d: f"{d['base']}/v1/datasets/nope-nope", "auth", {}, 404, "not_found"),
     ("wrong method", "PUT", lambda d: f"{d['base']}/v1/datasets", "auth", {}, 405, "bad_request"),
