@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
+from ssl import SSLContext
 from typing import Mapping
 from urllib.parse import urlencode, urlsplit
 
@@ -146,14 +147,17 @@ class BlockConnection(asyncio.BufferedProtocol):
 class BlockClient:
     """Keep-alive connections per node, bound to the loop that first uses them."""
 
-    def __init__(self, token: str, connect_timeout: float, read_timeout: float, pool: BufferPool) -> None:
+    def __init__(self, token: str, connect_timeout: float, read_timeout: float, pool: BufferPool,
+                 ssl: SSLContext | None = None, server_hostname: str | None = None) -> None:
         self.token = token
+        self.ssl = ssl  # for https:// bases; None: the system's CAs
+        self.server_hostname = server_hostname  # the name certificates are checked against; None: the URL's host
         self.pool = pool
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle: dict[tuple[str, int], list[BlockConnection]] = defaultdict(list)
 
-    async def _connection(self, host: str, port: int) -> BlockConnection:
+    async def _connection(self, host: str, port: int, tls: bool = False) -> BlockConnection:
         idle = self._idle[(host, port)]
         while idle:
             conn = idle.pop()
@@ -161,8 +165,10 @@ class BlockClient:
                 return conn
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(lambda: BlockConnection(self.pool), host, port),
-                                             self.connect_timeout)
+            tls_args = {"ssl": self.ssl or True, "server_hostname": self.server_hostname or host} if tls else {}
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(lambda: BlockConnection(self.pool), host, port, **tls_args),
+                self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise NodeUnavailable(f"cannot connect to {host}:{port}: {type(e).__name__}: {e}") from e
         return conn
@@ -171,11 +177,12 @@ class BlockClient:
                   headers: Mapping[str, str]) -> tuple[dict[str, str], memoryview]:
         """GET base+path?params; the body of a 2xx, or the error the server meant."""
         url = urlsplit(base)
-        host, port = url.hostname or "127.0.0.1", url.port or 80
+        tls = url.scheme == "https"
+        host, port = url.hostname or "127.0.0.1", url.port or (443 if tls else 80)
         target = f"{path}?{urlencode(params)}"
         lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", f"Authorization: Bearer {self.token}",
                  *(f"{k}: {v}" for k, v in headers.items()), "", ""]
-        conn = await self._connection(host, port)
+        conn = await self._connection(host, port, tls)
         try:
             resp = await conn.request("\r\n".join(lines).encode(), self.read_timeout)
         except asyncio.TimeoutError as e:

@@ -150,6 +150,8 @@ class ClientConfig:
     readahead_blocks: int = 2
     io_threads: int = 2  # event loops receiving block bytes in parallel (0: the filesystem's own loop)
     origin_fallback: bool = True  # read the origin directly when no cache node answers
+    ca_bundle: str = ""  # PEM file of the CAs that sign https:// nodes' certificates; empty: the system's
+    tls_server_name: str = ""  # the name every node's certificate is checked against; empty: each URL's host
 
     def __post_init__(self) -> None:
         for url in self.endpoints:
@@ -191,6 +193,8 @@ class NodeConfig:
     warm_concurrency: int = 8
     token: str = ""  # the reader token
     admin_token: str = ""
+    tls_cert: str = ""  # PEM certificate (chain) and key: the node serves https:// (empty: http://)
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         if self.memory_bytes < 0 or self.disk_bytes < 0:
@@ -203,6 +207,8 @@ class NodeConfig:
             raise ConfigError(f"port {self.port} is outside 0..65535")
         if self.block_size < 4096:
             raise ConfigError("block_size must be at least 4 KiB")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: give both for https://, or neither for http://")
 
     @property
     def capacity(self) -> int:
@@ -234,12 +240,18 @@ class ClusterConfig:
     # Hosts (names, IPs, CIDRs) that http(s) origins and endpoint URLs may reach although
     # they are loopback, link-local or cloud metadata addresses (refused otherwise).
     allowed_origin_hosts: tuple[str, ...] = ()
+    # TLS for the nodes' HTTP: paths as the cache nodes see them (on Kubernetes, a Secret
+    # mounted into every worker). Empty: plain http://.
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         import ipaddress
 
         if self.nodes < 0:
             raise ConfigError("nodes must be ≥ 0 (0 means one per Ray node)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: give both for https://, or neither for http://")
         for entry in self.allowed_origins:
             if "://" not in entry or "::" in entry.partition("://")[0]:
                 raise ConfigError(f"allowed_origins entry {entry!r} must be a protocol or URL prefix such as s3:// "
@@ -264,6 +276,8 @@ class ClusterConfig:
             eviction=self.eviction,
             token=token,
             admin_token=admin_token,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
         )
 
 
