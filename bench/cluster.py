@@ -29,19 +29,21 @@ class Cluster:
         # Inclusive tiers: the disk tier holds the budget, memory a hot quarter of it.
         config = ClusterConfig(nodes=nodes, memory_bytes=max(budget // 4, MiB), disk_bytes=budget,
                                disk_root=str(work / f"disk-{namespace}"), state_dir=str(work / f"state-{namespace}"),
-                               block_size=block_size, eviction=eviction, namespace=namespace)
+                               block_size=block_size, eviction=eviction, namespace=namespace,
+                               allowed_origin_hosts=("127.0.0.1",))  # the origins are S3 servers on loopback
         try:
             self.handle = hosting.up(config, self.env)
         except BaseException:
             hosting.down(self.env, namespace=namespace)  # whatever part of it started
             raise
         self.endpoint, self.token = self.handle.endpoint, self.handle.token
+        self.admin_token = self.handle.admin_token
 
     def _admin(self) -> Any:
         from cachefs.admin import AdminClient
         from cachefs.config import ClientConfig
 
-        return AdminClient(ClientConfig(endpoint=self.endpoint, token=self.token))
+        return AdminClient(ClientConfig(endpoint=self.endpoint, token=self.token, admin_token=self.admin_token))
 
     def register(self, name: str, origin: str, storage_options: dict[str, Any]) -> Any:
         async def go() -> Any:

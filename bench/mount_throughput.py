@@ -120,8 +120,9 @@ def main() -> int:
              include_dashboard=False)
     try:
         handle = hosting.up(ClusterConfig(nodes=args.nodes, memory_bytes=max(256 * MiB, 2 * args.files * size // args.nodes),
-                                          disk_bytes=0, namespace="cachefs-bench"))
-        config = ClientConfig(endpoint=",".join(handle.endpoints), token=handle.token)
+                                          disk_bytes=0, namespace="cachefs-bench",
+                                          allowed_origins=(f"file://{origin}/",)))
+        config = ClientConfig(endpoint=",".join(handle.endpoints), token=handle.token, admin_token=handle.admin_token)
 
         async def register() -> None:
             async with AdminClient(config) as admin:

@@ -169,7 +169,8 @@ def main() -> int:
         node_mem = max(256 * MiB, 2 * total // args.nodes)
         tiers = ({"memory_bytes": node_mem, "disk_bytes": 0} if args.tier == "memory" else
                  {"memory_bytes": 16 * MiB, "disk_bytes": node_mem, "disk_root": str(work / "disk")})
-        handle = hosting.up(ClusterConfig(nodes=args.nodes, namespace="cachefs-bench", **tiers))
+        handle = hosting.up(ClusterConfig(nodes=args.nodes, namespace="cachefs-bench",
+                                          allowed_origin_hosts=("127.0.0.1",), **tiers))  # S3 on loopback
 
         fs = CachefsFileSystem(endpoint=handle.endpoint, token=handle.token, skip_instance_cache=True)
         paths = [f"bench/file-{i:03d}.bin" for i in range(args.files)]
@@ -178,7 +179,7 @@ def main() -> int:
             from cachefs.admin import AdminClient
             from cachefs.config import ClientConfig
 
-            async with AdminClient(ClientConfig(endpoint=handle.endpoint, token=handle.token)) as a:
+            async with AdminClient(ClientConfig(endpoint=handle.endpoint, admin_token=handle.admin_token)) as a:
                 op = await a.wait(await a.add_dataset("bench", "s3://bench/data", opts), timeout=120)
                 assert op.finished_ok, op
 

@@ -2,17 +2,20 @@
 
 Used by the CLI and the Kubernetes operator. Any node answers admin calls, so the
 client asks its endpoint and, if that does not answer, the other nodes it knows of.
+It sends the admin token when it has one (that token opens the reader routes too), and
+the reader token otherwise, so read-only commands work with the reader token alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
 from cachefs import wire
 from cachefs.config import ClientConfig
-from cachefs.errors import CachefsError
+from cachefs.errors import CachefsError, Forbidden
 from cachefs.transport import Endpoints, Transport
 from cachefs.wire import DatasetInfo, OperationInfo
 
@@ -23,7 +26,7 @@ class AdminClient:
     def __init__(self, config: ClientConfig, transport: Transport | None = None) -> None:
         config.require_endpoint()
         self.config = config
-        self.transport = transport or Transport(config)
+        self.transport = transport or Transport(dataclasses.replace(config, token=config.admin_token or config.token))
         self.endpoints = Endpoints(config.endpoints)
         self._learned = False
 
@@ -41,7 +44,13 @@ class AdminClient:
             self._learned = True
             ring = await self.endpoints.call(self.transport, "GET", wire.RING)
             self.endpoints.learn([n.get("url", "") for n in ring.get("nodes", [])])
-        return await self.endpoints.call(self.transport, method, path, body)
+        try:
+            return await self.endpoints.call(self.transport, method, path, body)
+        except Forbidden as e:
+            if e.extra.get("needs") != wire.ADMIN or self.config.admin_token:
+                raise
+            raise Forbidden(f"{e.message} (this client has only a reader token: no CACHEFS_ADMIN_TOKEN, "
+                            "--admin-token or admin_token in the cluster file)", **e.extra) from None
 
     # -- datasets ------------------------------------------------------------------------
     async def list_datasets(self) -> list[DatasetInfo]:

@@ -210,11 +210,12 @@ class FrameClient:
     """Keep-alive connections per node, bound to the loop that first uses them."""
 
     def __init__(self, token: str, connect_timeout: float, read_timeout: float,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, server_hostname: str | None = None) -> None:
         self.token = token
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.ssl_context = ssl_context
+        self.ssl_context = ssl_context  # for https:// bases; None: the system's CAs
+        self.server_hostname = server_hostname  # the name certificates are checked against; None: the URL's host
         self._idle: dict[str, list[FrameConnection]] = defaultdict(list)
 
     async def _connection(self, base: str) -> FrameConnection:
@@ -232,7 +233,7 @@ class FrameClient:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: FrameConnection(base), host, port, ssl=context,
-                                       server_hostname=host if tls else None),
+                                       server_hostname=(self.server_hostname or host) if tls else None),
                 self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise NodeUnavailable(f"cannot connect to {base}: {type(e).__name__}: {e}") from e

@@ -2,7 +2,7 @@
 
 Precedence, highest first: explicit values (flags, storage options) → `CACHEFS_<FIELD>`
 environment variables → the config file (`$CACHEFS_HOME/config.toml`, one table per
-component) → the cluster file that `cachefs up` writes (endpoint and token) → defaults.
+component) → the cluster file that `cachefs up` writes (endpoint and tokens) → defaults.
 Every object is validated when built, so a bad value fails at start with its name.
 """
 
@@ -21,6 +21,11 @@ from cachefs.errors import ConfigError
 from cachefs.wire import DEFAULT_BLOCK_SIZE, DEFAULT_PORT, MAX_BATCH_BYTES, MAX_BATCH_ITEMS
 
 T = TypeVar("T")
+
+# What `dataset add` may name by default: the object stores and the web. No file:// (a
+# local root must be listed), and never chained URLs (simplecache::...).
+DEFAULT_ALLOWED_ORIGINS = ("s3://", "gs://", "gcs://", "az://", "abfs://", "abfss://", "hf://", "http://", "https://")
+_HOST_RE = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.I)
 _UNITS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
@@ -136,7 +141,8 @@ class ClientConfig:
     USES_CLUSTER_FILE = True
 
     endpoint: str = ""  # one URL, or several separated by commas (any node answers metadata calls)
-    token: str = ""
+    token: str = ""  # the reader token: blocks, manifests, listings (what training pods get)
+    admin_token: str = ""  # the admin token: datasets, warm-up, refresh (the CLI and the operator only)
     connect_timeout: float = 5.0  # a node that does not accept in 5 s is treated as down
     read_timeout: float = 60.0  # covers a cold block read from a slow origin
     retries: int = 3
@@ -147,6 +153,8 @@ class ClientConfig:
     readahead_blocks: int = 2
     io_threads: int = 2  # event loops receiving block bytes in parallel (0: the filesystem's own loop)
     origin_fallback: bool = True  # read the origin directly when no cache node answers
+    ca_bundle: str = ""  # PEM file of the CAs that sign https:// nodes' certificates; empty: the system's
+    tls_server_name: str = ""  # the name every node's certificate is checked against; empty: each URL's host
 
     def __post_init__(self) -> None:
         for url in self.endpoints:
@@ -190,7 +198,10 @@ class NodeConfig:
     eviction: str = "lru"  # lru | sticky (keeps a stable resident set under shuffled epochs)
     origin_timeout: float = 60.0
     warm_concurrency: int = 8
-    token: str = ""
+    token: str = ""  # the reader token
+    admin_token: str = ""
+    tls_cert: str = ""  # PEM certificate (chain) and key: the node serves https:// (empty: http://)
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
         if self.memory_bytes < 0 or self.disk_bytes < 0:
@@ -203,6 +214,8 @@ class NodeConfig:
             raise ConfigError(f"port {self.port} is outside 0..65535")
         if self.block_size < 4096:
             raise ConfigError("block_size must be at least 4 KiB")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: give both for https://, or neither for http://")
 
     @property
     def capacity(self) -> int:
@@ -227,12 +240,38 @@ class ClusterConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     eviction: str = "lru"
     namespace: str = "cachefs"
+    # Origins that may be registered: bare protocols ("s3://"), URL prefixes
+    # ("s3://bucket/sets/"), local roots ("file:///data/").
+    # Enforced by the coordinator on add and refresh (server/origin_policy.py).
+    allowed_origins: tuple[str, ...] = DEFAULT_ALLOWED_ORIGINS
+    # Hosts (names, IPs, CIDRs) that http(s) origins and endpoint URLs may reach although
+    # they are loopback, link-local or cloud metadata addresses (refused otherwise).
+    allowed_origin_hosts: tuple[str, ...] = ()
+    # TLS for the nodes' HTTP: paths as the cache nodes see them (on Kubernetes, a Secret
+    # mounted into every worker). Empty: plain http://.
+    tls_cert: str = ""
+    tls_key: str = ""
 
     def __post_init__(self) -> None:
+        import ipaddress
+
         if self.nodes < 0:
             raise ConfigError("nodes must be ≥ 0 (0 means one per Ray node)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert and tls_key go together: give both for https://, or neither for http://")
+        for entry in self.allowed_origins:
+            if "://" not in entry or "::" in entry.partition("://")[0]:
+                raise ConfigError(f"allowed_origins entry {entry!r} must be a protocol or URL prefix such as s3:// "
+                                  "or file:///data/")
+        for host in self.allowed_origin_hosts:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError:
+                if not _HOST_RE.match(host):
+                    raise ConfigError(f"allowed_origin_hosts entry {host!r} is not a lowercase host name, an IP "
+                                      "address or a CIDR such as 10.0.0.0/8") from None
 
-    def node_config(self, token: str, disk_dir: str) -> NodeConfig:
+    def node_config(self, token: str, admin_token: str, disk_dir: str) -> NodeConfig:
         port = self.port if self.port in (0,) or self.nodes <= 1 else 0
         return NodeConfig(
             memory_bytes=self.memory_bytes,
@@ -243,7 +282,11 @@ class ClusterConfig:
             block_size=self.block_size,
             eviction=self.eviction,
             token=token,
+            admin_token=admin_token,
+            tls_cert=self.tls_cert,
+            tls_key=self.tls_key,
         )
 
 
-__all__ = ["ClientConfig", "NodeConfig", "ClusterConfig", "load", "parse_size", "format_size", "DEFAULT_PORT"]
+__all__ = ["ClientConfig", "NodeConfig", "ClusterConfig", "load", "parse_size", "format_size", "DEFAULT_PORT",
+           "DEFAULT_ALLOWED_ORIGINS"]

@@ -56,6 +56,14 @@ class Unauthorized(CachefsError, PermissionError):
     errno_value = errno.EACCES
 
 
+class Forbidden(CachefsError, PermissionError):
+    """A valid token that may not do this (403): the reader token on an admin route, or an
+    origin the cluster's allowlist refuses. The message names the token or setting needed."""
+
+    code = "forbidden"
+    errno_value = errno.EACCES
+
+
 class NotFound(CachefsError, FileNotFoundError):
     """Unknown dataset, file, snapshot or operation (404)."""
 
@@ -146,7 +154,7 @@ class Cancelled(CachefsError):
 
 _BY_CODE: dict[str, type[CachefsError]] = {
     cls.code: cls
-    for cls in (BadRequest, Unauthorized, NotFound, Conflict, StaleEpoch, OriginChanged, SnapshotGone,
+    for cls in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, StaleEpoch, OriginChanged, SnapshotGone,
                 RangeNotSatisfiable, OriginUnavailable, Unavailable)
 }
 

@@ -17,6 +17,7 @@ from cachefs import wire
 from cachefs.blockproto import FrameClient
 from cachefs.config import ClientConfig
 from cachefs.errors import CachefsError, NodeUnavailable, from_body
+from cachefs.tls import client_context
 
 
 class Endpoints:
@@ -54,13 +55,16 @@ class Transport:
         self.config = config
         self._session: aiohttp.ClientSession | None = None
         self._frames: FrameClient | None = None
+        # https:// nodes: verified against ca_bundle (else the system's CAs), by tls_server_name when set
+        self._ssl = client_context(config.ca_bundle) if config.ca_bundle else None
+        self._server_name = config.tls_server_name or None
         self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout,
                                               sock_connect=config.connect_timeout, sock_read=config.read_timeout)
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=60,
-                                             enable_cleanup_closed=True)
+                                             enable_cleanup_closed=True, ssl=self._ssl or True)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, auto_decompress=False,
                 headers=wire.bearer(self.config.token) if self.config.token else {},
@@ -86,7 +90,8 @@ class Transport:
         """One request; answers (body, headers) or raises the error the server meant."""
         session = await self.session()
         try:
-            async with session.request(method, url, json=json_body, params=params) as resp:
+            async with session.request(method, url, json=json_body, params=params,
+                                       server_hostname=self._server_name) as resp:
                 await self._raise_for(resp)
                 return await resp.read(), resp.headers
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
@@ -107,5 +112,6 @@ class Transport:
         aiohttp: `FrameClient` has the kernel copy each item straight into its destination.
         """
         if self._frames is None:
-            self._frames = FrameClient(self.config.token, self.config.connect_timeout, self.config.read_timeout)
+            self._frames = FrameClient(self.config.token, self.config.connect_timeout, self.config.read_timeout,
+                                       self._ssl, self._server_name)
         return await self._frames.read(base, name, body, epoch, dests)

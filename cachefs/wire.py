@@ -28,6 +28,14 @@ OPERATION = "/v1/operations/{op_id}"
 BLOCK = "/v1/blocks/{name}"
 READ = "/v1/datasets/{name}/read"  # POST: many byte ranges of blocks and packs, answered as frames
 
+# Who may call a route (each route declares one where it is registered; docs/api.md lists
+# them): OPEN needs no token (health probes), READER the reader token (blocks, manifests,
+# listings: what training pods hold), ADMIN the admin token (datasets, warm-up, refresh;
+# the CLI and the operator). The admin token opens every READER route too.
+OPEN = "open"
+READER = "reader"
+ADMIN = "admin"
+
 # Headers.
 AUTHORIZATION = "Authorization"
 EPOCH_HEADER = "X-Cachefs-Epoch"  # the ring epoch the client routed with
@@ -57,10 +65,13 @@ MAX_BATCH_ITEMS = 4096
 MAX_BATCH_BYTES = 256 * 1024 * 1024  # a client splits larger reads into several requests
 
 DATASET_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a Kubernetes namespace (DNS label)
+ALL_NAMESPACES = "*"  # in allowed_namespaces: every namespace may mount the dataset (none named: none may)
 
 # Error codes carried in JSON error bodies: {"error": CODE, "message": TEXT}.
 BAD_REQUEST = "bad_request"
 UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"
 NOT_FOUND = "not_found"
 CONFLICT = "conflict"
 STALE_EPOCH = "stale_epoch"
@@ -74,6 +85,7 @@ INTERNAL = "internal"
 STATUS_OF_CODE = {
     BAD_REQUEST: 400,
     UNAUTHORIZED: 401,
+    FORBIDDEN: 403,
     NOT_FOUND: 404,
     CONFLICT: 409,
     STALE_EPOCH: 409,

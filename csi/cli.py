@@ -27,6 +27,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--state-dir", default=None, help="where mount records and logs live (default /var/lib/cachefs-csi)")
     p.add_argument("--driver-name", default=None,
                    help="CSI driver name (default cachefs.csi.io); must match the CSIDriver")
+    p.add_argument("--kubelet-dir", default=None,
+                   help="kubelet's root directory; target paths outside it are refused (default /var/lib/kubelet)")
     p.add_argument("--mount-timeout", type=float, default=None,
                    help="seconds a new mount may take to answer (default 30)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -70,7 +72,7 @@ def _run_csi(args: argparse.Namespace) -> int:
     _logging(args.log_level)
     config = load(CsiConfig, {"csi_endpoint": args.csi_endpoint, "node_id": args.node_id,
                               "csi_state_dir": args.state_dir, "driver_name": args.driver_name,
-                              "mount_timeout": args.mount_timeout})
+                              "mount_timeout": args.mount_timeout, "kubelet_dir": args.kubelet_dir})
     catalog = ClusterCatalog(load(ClientConfig), timeout=config.lookup_timeout)
     return run(config, load(MountConfig), catalog)
 

@@ -60,6 +60,9 @@ class CsiConfig:
     lookup_timeout: float = 15.0  # asking the cluster about a dataset
     stop_timeout: float = 10.0  # a mount process that does not exit by then is killed
     max_volumes_per_node: int = 0  # 0: let the CO decide
+    # Target paths must lie under it: the plugin is privileged and would otherwise mount
+    # on (and remove) any directory of the host that a request names.
+    kubelet_dir: str = "/var/lib/kubelet"
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -73,6 +76,9 @@ class CsiConfig:
                 raise ConfigError(f"{name} must be positive (seconds)")
         if self.max_volumes_per_node < 0:
             raise ConfigError("max_volumes_per_node must be ≥ 0")
+        if not self.kubelet_dir.startswith("/") or self.kubelet_dir.rstrip("/") == "":
+            raise ConfigError(f"kubelet_dir {self.kubelet_dir!r} must be an absolute directory other than /, "
+                              "such as /var/lib/kubelet")
 
     @property
     def socket_path(self) -> str:

@@ -41,10 +41,24 @@ def _require_path(value: str, name: str) -> str:
     return os.path.normpath(value)
 
 
-def parse_publish(req: pb.NodePublishVolumeRequest) -> PublishRequest:
+def _confined(value: str, name: str, kubelet_dir: str) -> str:
+    """A target path, refused unless it lies under kubelet's directory ('..' and symlinks
+    resolved). Only the parent is resolved: the target itself may be a hung mount."""
+    path = _require_path(value, name)
+    root = os.path.realpath(kubelet_dir)
+    where = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if not where.startswith(root.rstrip("/") + "/"):
+        raise errors.InvalidArgument(
+            f"{name} {value!r} is outside kubelet's directory {kubelet_dir}, where every volume of a pod lies; "
+            "if kubelet runs with another --root-dir, give the plugin the same one (--kubelet-dir, "
+            "CACHEFS_KUBELET_DIR, or the chart's csi.kubeletDir)")
+    return path
+
+
+def parse_publish(req: pb.NodePublishVolumeRequest, kubelet_dir: str) -> PublishRequest:
     if not req.volume_id:
         raise errors.InvalidArgument("volume_id is required")
-    target = _require_path(req.target_path, "target_path")
+    target = _confined(req.target_path, "target_path", kubelet_dir)
     if not req.HasField("volume_capability"):
         raise errors.InvalidArgument("volume_capability is required")
     cap = req.volume_capability
@@ -83,15 +97,16 @@ def parse_publish(req: pb.NodePublishVolumeRequest) -> PublishRequest:
 
 
 class NodeService(pb_grpc.NodeServicer):
-    def __init__(self, volumes: VolumeManager, node_id: str, max_volumes_per_node: int = 0) -> None:
+    def __init__(self, volumes: VolumeManager, node_id: str, kubelet_dir: str, max_volumes_per_node: int = 0) -> None:
         self.volumes = volumes
         self.node_id = node_id
+        self.kubelet_dir = kubelet_dir
         self.max_volumes_per_node = max_volumes_per_node
 
     @rpc
     def NodePublishVolume(self, request: pb.NodePublishVolumeRequest,
                           context: grpc.ServicerContext) -> pb.NodePublishVolumeResponse:
-        self.volumes.publish(parse_publish(request))
+        self.volumes.publish(parse_publish(request, self.kubelet_dir))
         return pb.NodePublishVolumeResponse()
 
     @rpc
@@ -99,7 +114,7 @@ class NodeService(pb_grpc.NodeServicer):
                             context: grpc.ServicerContext) -> pb.NodeUnpublishVolumeResponse:
         if not request.volume_id:
             raise errors.InvalidArgument("volume_id is required")
-        target = _require_path(request.target_path, "target_path")
+        target = _confined(request.target_path, "target_path", self.kubelet_dir)
         self.volumes.unpublish(request.volume_id, target)
         return pb.NodeUnpublishVolumeResponse()
 
@@ -108,8 +123,11 @@ class NodeService(pb_grpc.NodeServicer):
                            context: grpc.ServicerContext) -> pb.NodeGetVolumeStatsResponse:
         if not request.volume_id:
             raise errors.InvalidArgument("volume_id is required")
-        path = _require_path(request.volume_path, "volume_path")
-        stats = self.volumes.stats(request.volume_id, path)
+        if not request.volume_path:
+            raise errors.InvalidArgument("volume_path is required")
+        # Any other path is looked up as given: one we never published at (relative, outside
+        # kubelet's directory) answers NOT_FOUND, as the spec and csi-sanity expect.
+        stats = self.volumes.stats(request.volume_id, request.volume_path)
         # A snapshot is full by definition: everything used, nothing available.
         return pb.NodeGetVolumeStatsResponse(
             usage=[pb.VolumeUsage(unit=pb.VolumeUsage.BYTES, total=stats.bytes, used=stats.bytes, available=0),

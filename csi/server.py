@@ -18,6 +18,7 @@ import grpc
 
 from csi.catalog import Catalog
 from csi.config import CsiConfig, MountConfig
+from csi.controller import ControllerService
 from csi.identity import IdentityService
 from csi.mounter import Mounter
 from csi.node import NodeService
@@ -31,7 +32,9 @@ log = logging.getLogger("cachefs.csi.server")
 def build_server(config: CsiConfig, volumes: VolumeManager, max_workers: int = 8) -> grpc.Server:
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="csi-rpc"))
     pb_grpc.add_IdentityServicer_to_server(IdentityService(config.driver_name), server)
-    pb_grpc.add_NodeServicer_to_server(NodeService(volumes, config.node_id, config.max_volumes_per_node), server)
+    pb_grpc.add_NodeServicer_to_server(
+        NodeService(volumes, config.node_id, config.kubelet_dir, config.max_volumes_per_node), server)
+    pb_grpc.add_ControllerServicer_to_server(ControllerService(), server)
     return server
 
 

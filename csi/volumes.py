@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
-from cachefs.wire import DatasetInfo
+from cachefs.wire import ALL_NAMESPACES, DatasetInfo
 from csi import errors
 from csi.catalog import Catalog
 from csi.config import CsiConfig, MountConfig
@@ -117,9 +117,15 @@ class VolumeManager:
                 f"cannot ask the cache cluster at {endpoint} about dataset {dataset!r}: {e}") from None
 
     def _authorize(self, info: DatasetInfo, namespace: str) -> None:
+        """Closed by default: a dataset mounts only in the namespaces it names ('*': all)."""
         allowed = info.allowed_namespaces
-        if not allowed:
+        if ALL_NAMESPACES in allowed:
             return
+        if not allowed:
+            raise errors.PermissionDenied(
+                f"dataset {info.name!r} names no namespace that may mount it, so it mounts nowhere: register it "
+                "with `cachefs dataset add ... --allow-namespace NS` (or '*' for every namespace), or through a "
+                "CachedDataset in the namespace that mounts it")
         if not namespace:
             raise errors.PermissionDenied(
                 f"dataset {info.name!r} may only be mounted from namespaces {list(allowed)}, and the request "
@@ -198,7 +204,7 @@ class VolumeManager:
     # ---- stats ---------------------------------------------------------------------
 
     def stats(self, volume_id: str, path: str) -> VolumeStats:
-        record = self.store.get(path)
+        record = self.store.get(path) if os.path.isabs(path) and "\x00" not in path else None
         if record is None or record.volume_id != volume_id:
             raise errors.NotFound(f"volume {volume_id!r} is not published at {path}")
         health = self.mounter.health(path, record.pid)

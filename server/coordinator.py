@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from cachefs.errors import BadRequest, CachefsError, NotFound
-from cachefs.wire import DEFAULT_BLOCK_SIZE, DatasetInfo, OperationInfo
+from cachefs.wire import DatasetInfo, OperationInfo
 from server.operations import Operation, Operations
+from server.origin_policy import OriginPolicy
 from server.registry import DatasetSpec, Registry, take_snapshot
 from shard import Member, Ring
 
@@ -36,9 +37,10 @@ class NodeEntry:
 
 
 class Coordinator:
-    def __init__(self, state_dir: str | None = None, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+    def __init__(self, state_dir: str | None, block_size: int, policy: OriginPolicy) -> None:
         self.registry = Registry(state_dir)
         self.block_size = block_size
+        self.policy = policy
         # The epoch survives a coordinator restart: nodes and clients ignore older epochs.
         self._epoch_file = Path(state_dir) / "epoch" if state_dir else None
         self.ring = Ring(epoch=self._saved_epoch())
@@ -117,6 +119,10 @@ class Coordinator:
     def node_ids(self) -> list[str]:
         return sorted(self.nodes)
 
+    def set_origin_policy(self, policy: OriginPolicy) -> None:
+        """Every `cachefs up` hands over its allowlist: the last `up` decides."""
+        self.policy = policy
+
     # -- datasets ----------------------------------------------------------------------
     def list_datasets(self) -> list[dict[str, Any]]:
         return [i.to_json() for i in self.registry.list()]
@@ -128,6 +134,7 @@ class Coordinator:
 
     async def add_dataset(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = DatasetSpec.parse(body, self.block_size)
+        await self.policy.check(spec.origin, spec.storage_options)
         existing = self.registry.check_add(spec)
 
         async def run(op: Operation) -> None:
@@ -143,6 +150,7 @@ class Coordinator:
 
     async def refresh_dataset(self, name: str) -> dict[str, Any]:
         old = self.registry.get(name)
+        await self.policy.check(old.info.origin, old.storage_options)  # the allowlist may have changed since
         spec = DatasetSpec(name, old.info.origin, old.storage_options, old.info.replicas,
                            old.info.allowed_namespaces, old.info.block_size, old.info.pack_threshold)
 

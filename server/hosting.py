@@ -27,9 +27,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from cachefs.config import ClusterConfig, cachefs_home, cluster_file, read_cluster_file
-from cachefs.errors import CachefsError, Unavailable
+from cachefs.errors import CachefsError, ConfigError, Unavailable
 from server.coordinator import Coordinator
 from server.node_actor import CacheNodeActor
+from server.origin_policy import OriginPolicy
 from server.ray_auth import RayAuth
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,29 @@ COORDINATOR_RESOURCE = "cachefs_coordinator"  # the Ray node that keeps the coor
 
 
 @dataclass(frozen=True)
+class Tokens:
+    """The cluster's two bearer tokens: `reader` for pods and clients (blocks, manifests,
+    listings), `admin` for the CLI and the operator (datasets, warm-up, refresh)."""
+
+    reader: str
+    admin: str
+
+    def __post_init__(self) -> None:
+        if not self.reader or not self.admin:
+            raise ConfigError("a cluster needs both a reader token and an admin token")
+        if self.reader == self.admin:
+            raise ConfigError("CACHEFS_ADMIN_TOKEN must differ from CACHEFS_TOKEN: with one token for both, "
+                              "every training pod could register and remove datasets")
+
+
+@dataclass(frozen=True)
 class ClusterHandle:
     """What `up` reports and records in the cluster file."""
 
     endpoint: str
     endpoints: tuple[str, ...]
     token: str
+    admin_token: str
     ray_address: str
     namespace: str
     started_ray: bool
@@ -56,8 +74,8 @@ class ClusterHandle:
     def to_json(self) -> dict[str, Any]:
         # every node, so that a client whose first node is gone asks the next
         return {"endpoint": ",".join(self.endpoints), "endpoints": list(self.endpoints), "token": self.token,
-                "ray_address": self.ray_address, "namespace": self.namespace, "started_ray": self.started_ray,
-                "ray_auth": self.ray_auth}
+                "admin_token": self.admin_token, "ray_address": self.ray_address, "namespace": self.namespace,
+                "started_ray": self.started_ray, "ray_auth": self.ray_auth}
 
 
 def _free_port() -> int:
@@ -180,7 +198,11 @@ def coordinator(config: ClusterConfig, env: Mapping[str, str]) -> Any:
     return remote_cls.options(
         name=COORDINATOR, namespace=config.namespace, lifetime="detached", get_if_exists=True,
         num_cpus=0, max_concurrency=1000, **placement,
-    ).remote(state_dir, config.block_size)
+    ).remote(state_dir, config.block_size, origin_policy(config))
+
+
+def origin_policy(config: ClusterConfig) -> OriginPolicy:
+    return OriginPolicy(config.allowed_origins, config.allowed_origin_hosts)
 
 
 def _placements(config: ClusterConfig) -> dict[str, Any]:
@@ -195,7 +217,7 @@ def _placements(config: ClusterConfig) -> dict[str, Any]:
             for n in (tagged or alive)}
 
 
-def ensure_nodes(config: ClusterConfig, token: str, env: Mapping[str, str]) -> list[str]:
+def ensure_nodes(config: ClusterConfig, tokens: Tokens, env: Mapping[str, str]) -> list[str]:
     """Create the missing cache nodes and start all; returns their URLs."""
     disk_root = Path(config.disk_root or cachefs_home(env) / "disk")
     remote_cls = ray.remote(CacheNodeActor)
@@ -204,7 +226,7 @@ def ensure_nodes(config: ClusterConfig, token: str, env: Mapping[str, str]) -> l
         name = NODE_PREFIX + node_id
         actor = _actor(name, config.namespace)
         if actor is None:
-            node_config = config.node_config(token, str(disk_root / node_id))
+            node_config = config.node_config(tokens.reader, tokens.admin, str(disk_root / node_id))
             actor = remote_cls.options(
                 name=name, namespace=config.namespace, lifetime="detached", get_if_exists=True,
                 num_cpus=0, max_concurrency=10_000, scheduling_strategy=strategy,
@@ -217,18 +239,24 @@ def ensure_nodes(config: ClusterConfig, token: str, env: Mapping[str, str]) -> l
                           "check `ray status` for resources and the Ray logs") from e
 
 
-def resolve_token(env: Mapping[str, str]) -> str:
-    return env.get("CACHEFS_TOKEN") or read_cluster_file(env).get("token") or secrets.token_urlsafe(32)
+def resolve_tokens(env: Mapping[str, str]) -> Tokens:
+    """CACHEFS_TOKEN / CACHEFS_ADMIN_TOKEN, else the ones `up` recorded, else new random ones.
+
+    A cluster file from before the admin token existed keeps its token as the reader token
+    and gets a new admin token."""
+    recorded = read_cluster_file(env)
+    return Tokens(env.get("CACHEFS_TOKEN") or recorded.get("token") or secrets.token_urlsafe(32),
+                  env.get("CACHEFS_ADMIN_TOKEN") or recorded.get("admin_token") or secrets.token_urlsafe(32))
 
 
 def up(config: ClusterConfig, env: Mapping[str, str] = os.environ,
        say: Callable[[str], None] = lambda s: None) -> ClusterHandle:
-    """Bring the cache cluster up (or complete it); record endpoint and token (0600).
+    """Bring the cache cluster up (or complete it); record endpoint and tokens (0600).
 
     If this call started a local Ray and then fails, it stops that Ray again: a failed
     `up` leaves no process behind.
     """
-    token = resolve_token(env)
+    tokens = resolve_tokens(env)
     address = config.address or env.get("RAY_ADDRESS", "")
     started = reused = False
     auth: RayAuth | None = None
@@ -251,9 +279,9 @@ def up(config: ClusterConfig, env: Mapping[str, str] = os.environ,
         connect(address, config.namespace, auth)
         say("starting the coordinator")
         coord = coordinator(config, env)
-        ray.get(coord.ping.remote(), timeout=START_TIMEOUT)
+        ray.get(coord.set_origin_policy.remote(origin_policy(config)), timeout=START_TIMEOUT)
         say("starting cache nodes")
-        urls = ensure_nodes(config, token, env)
+        urls = ensure_nodes(config, tokens, env)
         if not urls:
             raise CachefsError("no Ray node can host a cache node; check `ray status`")
     except BaseException:
@@ -262,7 +290,7 @@ def up(config: ClusterConfig, env: Mapping[str, str] = os.environ,
             ray.shutdown()
             stop_local_ray(address)
         raise
-    handle = ClusterHandle(urls[0], tuple(urls), token, address if address != "auto" else
+    handle = ClusterHandle(urls[0], tuple(urls), tokens.reader, tokens.admin, address if address != "auto" else
                            ray.get_runtime_context().gcs_address, config.namespace, started or reused, auth.mode)
     write_cluster_file(handle, env)
     return handle
@@ -271,12 +299,12 @@ def up(config: ClusterConfig, env: Mapping[str, str] = os.environ,
 def watch(config: ClusterConfig, env: Mapping[str, str] = os.environ, interval: float = 15.0,
           rounds: int | None = None) -> None:
     """Keep one cache node per eligible Ray node (for nodes=0 on Kubernetes)."""
-    token = resolve_token(env)
+    tokens = resolve_tokens(env)
     n = 0
     while rounds is None or n < rounds:
         time.sleep(interval)
         try:
-            ensure_nodes(config, token, env)
+            ensure_nodes(config, tokens, env)
         except (CachefsError, ray.exceptions.RayError) as e:
             log.warning("could not complete the cache nodes: %s", e)
         n += 1

@@ -18,7 +18,7 @@ import xxhash
 from aiohttp import web
 
 from cachefs import wire
-from cachefs.errors import BadRequest, CachefsError, NotFound, RangeNotSatisfiable, Unauthorized
+from cachefs.errors import BadRequest, CachefsError, Forbidden, NotFound, RangeNotSatisfiable, Unauthorized
 from cachefs.wire import DatasetInfo, OperationInfo
 from server.node import BlockRead, CacheNode
 from server.stores import read_ranges
@@ -43,7 +43,8 @@ class Admin(Protocol):
 
 NODE = web.AppKey("node", CacheNode)
 ADMIN = web.AppKey("admin", object)
-TOKEN = web.AppKey("token", str)
+TOKENS = web.AppKey("tokens", tuple)  # (reader, admin), as bytes
+ROLES = web.AppKey("roles", dict)  # route → wire.OPEN | READER | ADMIN, filled by make_app
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -78,15 +79,27 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path == wire.HEALTH:
+    """The token sent decides the role held; the route (make_app) decides the role needed."""
+    match = request.match_info
+    # A route registered without a role is a bug: fail closed. No route at all (404, 405)
+    # still needs a token, so unauthenticated callers learn nothing about the API.
+    needed = request.app[ROLES].get(match.route, wire.READER if match.http_exception is not None else wire.ADMIN)
+    if needed == wire.OPEN:
         return await handler(request)
-    expected = request.app[TOKEN]
     given = request.headers.get(wire.AUTHORIZATION, "")
     if not given.startswith("Bearer "):
-        raise Unauthorized("this request needs the cluster token: send `Authorization: Bearer TOKEN` "
+        raise Unauthorized("this request needs a cluster token: send `Authorization: Bearer TOKEN` "
                            "(cachefs clients read it from CACHEFS_TOKEN or the file `cachefs up` writes)")
-    if not hmac.compare_digest(given[7:].strip().encode(), expected.encode()):
-        raise Unauthorized("wrong cluster token")
+    sent = given[7:].strip().encode()
+    reader, admin = request.app[TOKENS]
+    is_admin = hmac.compare_digest(sent, admin)
+    if not (is_admin or hmac.compare_digest(sent, reader)):
+        raise Unauthorized("wrong token: it is neither this cluster's reader token nor its admin token")
+    if needed == wire.ADMIN and not is_admin:
+        raise Forbidden(f"{request.method} {request.path} "
+                        "needs the admin token; the reader token opens blocks, manifests and listings only. "
+                        "Use the admin token (CACHEFS_ADMIN_TOKEN, --admin-token, or admin_token in the file "
+                        "`cachefs up` writes)", needs=wire.ADMIN)
     return await handler(request)
 
 
@@ -317,29 +330,37 @@ async def read_many(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def make_app(node: CacheNode, admin: Admin, token: str) -> web.Application:
-    if not token:
-        raise ValueError("a cache node needs a cluster token; unauthenticated clusters are not supported")
+def make_app(node: CacheNode, admin: Admin, token: str, admin_token: str) -> web.Application:
+    """The app of one node: `token` is the reader token, `admin_token` the admin one."""
+    if not token or not admin_token:
+        raise ValueError("a cache node needs a reader token and an admin token; unauthenticated clusters "
+                         "are not supported")
+    if hmac.compare_digest(token.encode(), admin_token.encode()):
+        raise ValueError("the admin token must differ from the reader token, or readers could administer")
     app = web.Application(middlewares=[errors_middleware, auth_middleware], client_max_size=16 * 1024**2)
     app[NODE] = node
     app[ADMIN] = admin
-    app[TOKEN] = token
-    r = app.router
-    r.add_get(wire.HEALTH, health)
-    r.add_get(wire.RING, ring)
-    r.add_get(wire.STATUS, status)
-    r.add_get(wire.METRICS, metrics)
-    r.add_get(wire.DATASETS, list_datasets)
-    r.add_post(wire.DATASETS, add_dataset)
-    r.add_get(wire.DATASET, get_dataset)
-    r.add_delete(wire.DATASET, remove_dataset)
-    r.add_post(wire.DATASET_REFRESH, refresh_dataset)
-    r.add_post(wire.DATASET_WARM, warm_dataset)
-    r.add_get(wire.DATASET_MANIFEST, manifest)
-    r.add_get(wire.OPERATION, get_operation)
-    r.add_delete(wire.OPERATION, cancel_operation)
-    r.add_get(wire.BLOCK, block)
-    r.add_post(wire.READ, read_many)
+    app[TOKENS] = (token.encode(), admin_token.encode())
+    app[ROLES] = {}
+    routes = [  # (method, route, handler, who may call it): docs/api.md is this table in prose
+        ("GET", wire.HEALTH, health, wire.OPEN),  # kubelet probes carry no token
+        ("GET", wire.RING, ring, wire.READER),
+        ("GET", wire.STATUS, status, wire.READER),
+        ("GET", wire.METRICS, metrics, wire.READER),
+        ("GET", wire.DATASETS, list_datasets, wire.READER),
+        ("POST", wire.DATASETS, add_dataset, wire.ADMIN),
+        ("GET", wire.DATASET, get_dataset, wire.READER),
+        ("DELETE", wire.DATASET, remove_dataset, wire.ADMIN),
+        ("POST", wire.DATASET_REFRESH, refresh_dataset, wire.ADMIN),
+        ("POST", wire.DATASET_WARM, warm_dataset, wire.ADMIN),
+        ("GET", wire.DATASET_MANIFEST, manifest, wire.READER),
+        ("GET", wire.OPERATION, get_operation, wire.READER),
+        ("DELETE", wire.OPERATION, cancel_operation, wire.ADMIN),
+        ("GET", wire.BLOCK, block, wire.READER),
+        ("POST", wire.READ, read_many, wire.READER),
+    ]
+    for method, path, handler, role in routes:
+        app[ROLES][app.router.add_route(method, path, handler)] = role
     return app
 
 

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from cachefs.config import NodeConfig
 from cachefs.errors import Unavailable
+from cachefs.tls import server_context
 from cachefs.wire import DatasetInfo, OperationInfo
 from server.coordinator import cachefs_error_or_raise
 from server.http_app import make_app
@@ -93,13 +94,13 @@ class CacheNodeActor:
             await self._join()
             return self.url
         await self.node.open()
-        self.runner = web.AppRunner(make_app(self.node, self.link, self.config.token), access_log=None,
-                                    handle_signals=False)
+        app = make_app(self.node, self.link, self.config.token, self.config.admin_token)
+        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self.runner.setup()
         port = await self._listen()
         host = self.config.advertise_host or (
             self.config.host if self.config.host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address())
-        self.url = f"http://{host}:{port}"
+        self.url = f"{'https' if self.config.tls_cert else 'http'}://{host}:{port}"
         await self._join()
         return self.url
 
@@ -114,12 +115,13 @@ class CacheNodeActor:
                 wanted = int(remembered.read_text())
             except ValueError:
                 wanted = 0
+        tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
         try:
-            await web.TCPSite(self.runner, self.config.host, wanted, backlog=1024).start()
+            await web.TCPSite(self.runner, self.config.host, wanted, backlog=1024, ssl_context=tls).start()
         except OSError:
             if self.config.port:
                 raise
-            await web.TCPSite(self.runner, self.config.host, 0, backlog=1024).start()
+            await web.TCPSite(self.runner, self.config.host, 0, backlog=1024, ssl_context=tls).start()
         port = int(self.runner.addresses[-1][1])
         if remembered is not None:
             remembered.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from cachefs.errors import BadRequest, Conflict, NotFound
 from cachefs.manifest import build_table, snapshot_id, to_ipc
-from cachefs.wire import DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, DatasetInfo
+from cachefs.wire import ALL_NAMESPACES, DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, NAMESPACE_RE, DatasetInfo
 from cachefs.origin import Origin, split_origin
 from shard import default_threshold
 
@@ -59,8 +59,10 @@ class DatasetSpec:
         if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 16:
             raise BadRequest(f"replicas must be an integer from 1 to 16, not {replicas!r}")
         allowed = body.get("allowed_namespaces") or []
-        if not isinstance(allowed, list) or not all(isinstance(x, str) for x in allowed):
-            raise BadRequest("allowed_namespaces must be a list of namespace names")
+        if not isinstance(allowed, list) or not all(
+                isinstance(x, str) and (x == ALL_NAMESPACES or NAMESPACE_RE.match(x)) for x in allowed):
+            raise BadRequest(f"allowed_namespaces must be a list of Kubernetes namespace names, or ['*'] for every "
+                             f"namespace, not {allowed!r}")
         threshold = body.get("pack_threshold", -1)
         if threshold is None:
             threshold = -1

@@ -34,7 +34,8 @@ NAMESPACE = "cachefs-test"
 class TestCluster:
     """The session's cache cluster, as tests and the helpers' tests use it."""
 
-    token: str
+    token: str  # the reader token
+    admin_token: str
     home: Path
     env: dict[str, str]
     config: Any  # ClusterConfig
@@ -51,7 +52,7 @@ class TestCluster:
     def client_config(self):  # -> ClientConfig
         from cachefs.config import ClientConfig
 
-        return ClientConfig(endpoint=self.endpoint, token=self.token)
+        return ClientConfig(endpoint=self.endpoint, token=self.token, admin_token=self.admin_token)
 
     def run(self, coro: Any) -> Any:
         return asyncio.run(coro)
@@ -106,7 +107,7 @@ class TestCluster:
         """Bring back any cache node a test killed."""
         from server import hosting
 
-        urls = hosting.ensure_nodes(self.config, self.token, self.env)
+        urls = hosting.ensure_nodes(self.config, hosting.Tokens(self.token, self.admin_token), self.env)
         self.endpoints = tuple(urls)
         return urls
 
@@ -168,18 +169,25 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def cachefs_cluster(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
     """cachefs on the 3-node Ray cluster: one cache node per Ray node."""
-    from cachefs.config import ClusterConfig
+    from cachefs.config import DEFAULT_ALLOWED_ORIGINS, ClusterConfig
     from server import hosting
 
     home = tmp_path_factory.mktemp("cachefs-home")
-    env = {**os.environ, "CACHEFS_HOME": str(home)}
+    # Local origins live under pytest's temporary directories and the S3 servers on
+    # loopback: both are refused by default, so this cluster allows them explicitly (in
+    # the environment too, so that a `cachefs up` run by a test keeps the same allowlist).
+    allowed = (*DEFAULT_ALLOWED_ORIGINS, f"file://{tmp_path_factory.getbasetemp().resolve()}/")
+    hosts = ("127.0.0.1",)
+    env = {**os.environ, "CACHEFS_HOME": str(home), "CACHEFS_ALLOWED_ORIGINS": ",".join(allowed),
+           "CACHEFS_ALLOWED_ORIGIN_HOSTS": ",".join(hosts)}
     env.pop("CACHEFS_TOKEN", None)
+    env.pop("CACHEFS_ADMIN_TOKEN", None)
     config = ClusterConfig(nodes=0, memory_bytes=NODE_MEMORY, disk_bytes=NODE_DISK, disk_root=str(home / "disk"),
                            state_dir=str(home / "state"), address=ray_cluster.address, block_size=BLOCK,
-                           namespace=NAMESPACE)
+                           namespace=NAMESPACE, allowed_origins=allowed, allowed_origin_hosts=hosts)
     handle = hosting.up(config, env)
     assert len(handle.endpoints) == 3
-    cluster = TestCluster(handle.token, home, env, config, ray_cluster, handle.endpoints)
+    cluster = TestCluster(handle.token, handle.admin_token, home, env, config, ray_cluster, handle.endpoints)
     try:
         yield cluster
     finally:

@@ -46,6 +46,14 @@ CASES: dict[str, dict[str, Any]] = {
     "pvc_disk_tier": {"cache": {"diskTier": {"type": "pvc", "pvc": {"storageClassName": "local-nvme", "size": "200Gi"}}}},
     "hostpath_disk_tier": {"cache": {"diskTier": {"type": "hostPath", "hostPath": {"path": "/mnt/nvme0/cachefs"}}}},
     "operator_all_namespaces": {"operator": {"watchAllNamespaces": True}},
+    "tls_and_network_clients": {
+        "tls": {"enabled": True, "secretName": "cachefs-tls"},
+        "origins": {"allowed": ["s3://team-bucket/", "file:///mnt/datasets/"], "allowedHosts": ["10.0.0.0/8"]},
+        "networkPolicy": {"clientNamespaceSelector": {"matchLabels": {"team": "ml"}},
+                          "extraClients": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    },
+    "security_features_off": {"networkPolicy": {"enabled": False}, "ray": {"auth": {"enabled": False}}},
     "operator_off_metrics_origin_secret": {
         "operator": {"enabled": False},
         "origin": {"existingSecret": "s3-credentials"},

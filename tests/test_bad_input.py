@@ -18,7 +18,7 @@ def ds(cachefs_cluster, sample_origin) -> dict[str, Any]:
     name = cachefs_cluster.unique("bad")
     info = cachefs_cluster.add_dataset(name, f"file://{sample_origin}")
     return {"name": name, "snapshot": info.snapshot, "base": cachefs_cluster.endpoints[0],
-            "auth": wire.bearer(cachefs_cluster.token)}
+            "auth": wire.bearer(cachefs_cluster.token), "admin": wire.bearer(cachefs_cluster.admin_token)}
 
 
 async def call(method: str, url: str, headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, Any]:
@@ -82,7 +82,9 @@ CASES = [
     ("add with an unknown field", "POST", lambda d: f"{d['base']}/v1/datasets", "auth",
      {"json": {"name": "x5", "origin": "file:///tmp", "colour": "red"}}, 400, "bad_request"),
     ("add the same name with another origin", "POST", lambda d: f"{d['base']}/v1/datasets", "auth",
-     {"json": {"name": "__same__", "origin": "file:///somewhere/else"}}, 409, "conflict"),
+     {"json": {"name": "__same__", "origin": "s3://somewhere/else"}}, 409, "conflict"),
+    ("add with a namespace that is not a namespace name", "POST", lambda d: f"{d['base']}/v1/datasets", "auth",
+     {"json": {"name": "x6", "origin": "s3://b/p", "allowed_namespaces": ["Team_A"]}}, 400, "bad_request"),
     ("unknown operation", "GET", lambda d: f"{d['base']}/v1/operations/nope", "auth", {}, 404, "not_found"),
     ("remove an unknown dataset", "DELETE", lambda d: f"{d['base']}/v1/datasets/nope-nope", "auth", {}, 404, "not_found"),
     ("wrong method", "PUT", lambda d: f"{d['base']}/v1/datasets", "auth", {}, 405, "bad_request"),
@@ -92,7 +94,9 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 async def test_bad_input_gets_a_clear_error(ds, case) -> None:
     _, method, url, auth, extra, status, code = case
-    headers = {"none": {}, "wrong": wire.bearer("not-the-token"), "auth": dict(ds["auth"])}[auth]
+    # reads with the reader token; what would change the cluster with the admin token (tests/test_auth.py)
+    token = ds["auth"] if method == "GET" else ds["admin"]
+    headers = {"none": {}, "wrong": wire.bearer("not-the-token"), "auth": dict(token)}[auth]
     headers.update(extra.pop("headers", {}) if "headers" in extra else {})
     if "json" in extra and extra["json"].get("name") == "__same__":
         extra = {"json": {**extra["json"], "name": ds["name"]}}

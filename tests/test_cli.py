@@ -111,6 +111,9 @@ def test_up_again_is_idempotent(env, cachefs_cluster) -> None:
     doc = json.loads(r.stdout)
     assert sorted(doc["endpoints"]) == sorted(n["url"] for n in before["nodes"])
     assert sorted(doc["endpoint"].split(",")) == sorted(doc["endpoints"])  # clients can fail over
-    assert "token" not in doc
+    assert "token" not in doc and "admin_token" not in doc
+    recorded = json.loads((cachefs_cluster.home / "cluster.json").read_text())
+    assert (recorded["token"], recorded["admin_token"]) == (cachefs_cluster.token, cachefs_cluster.admin_token)
+    assert recorded["token"] != recorded["admin_token"]
     assert (cachefs_cluster.home / "cluster.json").stat().st_mode & 0o077 == 0  # the token file is private
     assert cachefs_cluster.status()["epoch"] == before["epoch"]

@@ -183,10 +183,15 @@ def _token_refs(rendered: Rendered) -> list[tuple[str, dict[str, Any]]]:
     return refs
 
 
+def _secret(rendered: Rendered, component: str) -> dict[str, Any]:
+    (secret,) = [s for s in rendered.of_kind("Secret") if s["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    return secret
+
+
 def test_a_generated_token_secret_is_what_every_component_reads(default: Rendered) -> None:
     import base64
 
-    (secret,) = default.of_kind("Secret")
+    secret = _secret(default, "token")
     token = base64.b64decode(secret["data"]["token"]).decode()
     assert len(token) == 48 and token.isalnum()
     refs = _token_refs(default)
@@ -196,14 +201,14 @@ def test_a_generated_token_secret_is_what_every_component_reads(default: Rendere
 
 def test_an_existing_token_secret_is_used_and_none_is_created(chart: Any) -> None:
     rendered = render(chart, CASES["existing_token_secret"])
-    assert not rendered.has("Secret")
+    assert not [s for s in rendered.of_kind("Secret") if s["metadata"]["labels"]["app.kubernetes.io/component"] == "token"]
     assert {(r["name"], r["key"]) for _, r in _token_refs(rendered)} == {("cachefs-token", "tok")}
 
 
 def test_a_given_token_is_kept(chart: Any) -> None:
     import base64
 
-    (secret,) = render(chart, {"token": {"value": "a-token-given-by-the-admin"}}).of_kind("Secret")
+    secret = _secret(render(chart, {"token": {"value": "a-token-given-by-the-admin"}}), "token")
     assert base64.b64decode(secret["data"]["token"]).decode() == "a-token-given-by-the-admin"
 
 
@@ -293,7 +298,7 @@ def test_the_service_monitor_scrapes_metrics_with_the_token(chart: Any) -> None:
     rendered = render(chart, CASES["operator_off_metrics_origin_secret"])
     monitor = rendered.one("ServiceMonitor")
     (service,) = rendered.of_kind("Service")
-    (secret,) = rendered.of_kind("Secret")
+    secret = _secret(rendered, "token")  # the reader token: metrics need no more
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     (endpoint,) = monitor["spec"]["endpoints"]
@@ -330,6 +335,7 @@ def test_the_csi_plugin_serves_kubelet_under_the_driver_name(default: Rendered) 
     pod = default.csi_pod
     args = container(pod, "cachefs-csi")["args"]
     assert args[:5] == ["csi", "--endpoint", "unix:///csi/csi.sock", "--node-id", "$(NODE_NAME)"]
+    assert args[args.index("--kubelet-dir") + 1] == "/var/lib/kubelet"
     assert args[args.index("--driver-name") + 1] == DRIVER
     env = env_of(container(pod, "cachefs-csi"))
     assert env["NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}

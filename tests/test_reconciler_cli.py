@@ -53,3 +53,15 @@ def test_without_an_endpoint_it_says_what_to_set(tmp_path) -> None:
     result = run_cli("operator", "--namespace", "ml", env=env, timeout=60)
     assert result.returncode == 2 and "CACHEFS_ENDPOINT" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_without_the_admin_token_it_says_what_to_set(tmp_path) -> None:
+    """The operator registers and removes datasets: a reader token alone is not enough."""
+    import os
+    import sys
+
+    env = {"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin", "HOME": str(tmp_path),
+           "CACHEFS_HOME": str(tmp_path), "CACHEFS_ENDPOINT": "http://127.0.0.1:9", "CACHEFS_TOKEN": "a-reader-token"}
+    result = run_cli("operator", "--namespace", "ml", env=env, timeout=60)
+    assert result.returncode == 2 and "CACHEFS_ADMIN_TOKEN" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Any
 
@@ -14,7 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start (or complete) the cache cluster on Ray",
                        description="Start the coordinator and the cache nodes on Ray. Idempotent: running it "
                        "again starts only what is missing. Without --address or RAY_ADDRESS it starts a local "
-                       "Ray cluster. Records the endpoint and a new token in $CACHEFS_HOME/cluster.json (0600).")
+                       "Ray cluster. Records the endpoint, a reader token and an admin token in $CACHEFS_HOME/cluster.json "
+                       "(0600).")
     p.add_argument("--nodes", type=int, help="cache nodes to run (0: one per Ray node; default 0)")
     p.add_argument("--memory", dest="memory_bytes", help="memory tier per node, e.g. 256MiB")
     p.add_argument("--disk", dest="disk_bytes", help="disk tier per node, e.g. 1GiB (0: memory only)")
@@ -25,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, help="port of each cache node (default any free port)")
     p.add_argument("--block-size", help="block size, e.g. 8MiB")
     p.add_argument("--eviction", choices=["lru", "sticky"], help="eviction policy (sticky: stable set under shuffled epochs)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="PREFIX",
+                   help="also allow origins under PREFIX, e.g. file:///data/ or s3://my-bucket/ (repeat; added to "
+                   "the configured allowed_origins, which by default hold the object stores and http(s) but no "
+                   "local paths)")
+    p.add_argument("--allow-origin-host", action="append", default=[], metavar="HOST",
+                   help="let http(s) origins and endpoint URLs reach HOST (a name, IP or CIDR) although it is a "
+                   "loopback, link-local or metadata address (repeat)")
     p.add_argument("--watch", action="store_true", help="keep running, placing a cache node on every new Ray node")
     add_json_flag(p)
     p.set_defaults(func=cmd_up)
@@ -46,7 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cluster_config(args: argparse.Namespace) -> ClusterConfig:
     keys = ("nodes", "memory_bytes", "disk_bytes", "disk_root", "state_dir", "address", "host", "port",
             "block_size", "eviction")
-    return load(ClusterConfig, {k: getattr(args, k, None) for k in keys})
+    config = load(ClusterConfig, {k: getattr(args, k, None) for k in keys})
+    # The flags add to the configured lists: `--allow-origin file:///data/` keeps s3:// allowed.
+    return dataclasses.replace(
+        config,
+        allowed_origins=tuple(dict.fromkeys(config.allowed_origins + tuple(getattr(args, "allow_origin", ())))),
+        allowed_origin_hosts=tuple(dict.fromkeys(config.allowed_origin_hosts
+                                                 + tuple(getattr(args, "allow_origin_host", ())))))
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -58,6 +73,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     if args.json:
         doc = handle.to_json()
         doc.pop("token")
+        doc.pop("admin_token")
         print_json(doc)
     else:
         stdout().print(f"cachefs is up: {len(handle.endpoints)} cache node(s), endpoint {handle.endpoint}\n"

@@ -24,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--storage-options", default="{}", help="JSON object passed to the origin's fsspec filesystem")
     p.add_argument("--replicas", type=int, default=1, help="copies of each block (default 1)")
     p.add_argument("--allow-namespace", action="append", default=[], dest="allowed_namespaces",
-                   help="Kubernetes namespace allowed to mount it (repeat; default: all)")
+                   help="Kubernetes namespace allowed to mount it as a volume (repeat; '*' for every "
+                   "namespace; default: none, so the CSI plugin mounts it nowhere)")
     _common(p)
     p.set_defaults(func=cmd_add)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import tempfile
 import time
@@ -51,6 +52,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say(f"writing a sample dataset to {origin_dir}")
         make_sample(origin_dir, SampleSpec(small_files=args.small_files))
         config = load(ClusterConfig, {"nodes": args.nodes, "memory_bytes": args.memory, "disk_bytes": args.disk})
+        # the sample lives on local disk: let this cluster read it (local paths are refused by default)
+        config = dataclasses.replace(config, allowed_origins=(*config.allowed_origins,
+                                                              f"file://{origin_dir.resolve()}/"))
         if not was_running and not args.keep and not config.address and "RAY_ADDRESS" not in os.environ:
             # A Ray cluster owned by this process: it cannot outlive the demo, whatever happens.
             import ray
@@ -59,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             ray.init(namespace=config.namespace, logging_level="ERROR", log_to_driver=False,
                      include_dashboard=False)
         handle = hosting.up(config, os.environ, say=say)
-        figures = asyncio.run(_story(ClientConfig(endpoint=handle.endpoint, token=handle.token),
+        figures = asyncio.run(_story(ClientConfig(endpoint=handle.endpoint, token=handle.token, admin_token=handle.admin_token),
                                      f"file://{origin_dir.resolve()}", args.json, say, args.keep))
     finally:
         if not args.keep and not was_running:

@@ -45,7 +45,9 @@ def table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any
 
 def add_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", help="URL of any cache node (default: CACHEFS_ENDPOINT, or the file `cachefs up` wrote)")
-    p.add_argument("--token", help="cluster token (default: CACHEFS_TOKEN, or the file `cachefs up` wrote)")
+    p.add_argument("--token", help="reader token (default: CACHEFS_TOKEN, or the file `cachefs up` wrote)")
+    p.add_argument("--admin-token", help="admin token, for commands that change datasets "
+                   "(default: CACHEFS_ADMIN_TOKEN, or the file `cachefs up` wrote)")
 
 
 def add_json_flag(p: argparse.ArgumentParser) -> None:
@@ -53,7 +55,7 @@ def add_json_flag(p: argparse.ArgumentParser) -> None:
 
 
 def client_config(args: argparse.Namespace) -> ClientConfig:
-    config = load(ClientConfig, {"endpoint": getattr(args, "endpoint", None), "token": getattr(args, "token", None)})
+    config = load(ClientConfig, {k: getattr(args, k, None) for k in ("endpoint", "token", "admin_token")})
     config.require_endpoint()
     return config
 

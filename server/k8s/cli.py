@@ -26,7 +26,7 @@ def register(subparsers: Any) -> None:
         description="Watch CachedDataset resources (cachefs.io/v1alpha1) and register, refresh, "
         "warm and remove the matching cachefs datasets through the cluster's HTTP admin API. "
         "A resource NAME in namespace NS becomes the dataset NS.NAME. Reaches cachefs through "
-        "CACHEFS_ENDPOINT and CACHEFS_TOKEN; reaches Kubernetes through the pod's service "
+        "CACHEFS_ENDPOINT and CACHEFS_ADMIN_TOKEN; reaches Kubernetes through the pod's service "
         "account, or --kubeconfig.",
     )
     scope = p.add_mutually_exclusive_group()
@@ -84,6 +84,9 @@ async def _serve(args: argparse.Namespace, namespaces: list[str] | None) -> None
 
     client_config = config.load(config.ClientConfig, overrides={"endpoint": args.endpoint})
     client_config.require_endpoint()
+    if not client_config.admin_token:
+        raise ConfigError("the operator registers and removes datasets, which needs the admin token: "
+                          "set CACHEFS_ADMIN_TOKEN (the chart does, from its admin token Secret)")
     try:
         kube = await KubeApi.connect(args.kubeconfig, args.context)
     except KubeError as e:

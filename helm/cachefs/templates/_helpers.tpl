@@ -66,7 +66,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
 
-{{/* The Secret holding the cluster token, and its key. */}}
+{{/* The Secret holding the reader token (pods, clients, the CSI plugin), and its key. */}}
 {{- define "cachefs.tokenSecretName" -}}
 {{- .Values.token.existingSecret | default (printf "%s-token" (include "cachefs.fullname" .)) }}
 {{- end }}
@@ -75,13 +75,36 @@ app.kubernetes.io/component: {{ .component }}
 {{- if .Values.token.existingSecret }}{{ .Values.token.existingSecretKey }}{{ else }}token{{ end }}
 {{- end }}
 
+{{/* The Secret holding the admin token (the bootstrap and the operator only), and its key. */}}
+{{- define "cachefs.adminTokenSecretName" -}}
+{{- .Values.adminToken.existingSecret | default (printf "%s-admin-token" (include "cachefs.fullname" .)) }}
+{{- end }}
+
+{{- define "cachefs.adminTokenSecretKey" -}}
+{{- if .Values.adminToken.existingSecret }}{{ .Values.adminToken.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
+
+{{/* The Secret holding Ray's own auth token (every Ray container), and its key. */}}
+{{- define "cachefs.rayTokenSecretName" -}}
+{{- .Values.ray.auth.existingSecret | default (printf "%s-ray-token" (include "cachefs.fullname" .)) }}
+{{- end }}
+
+{{- define "cachefs.rayTokenSecretKey" -}}
+{{- if .Values.ray.auth.existingSecret }}{{ .Values.ray.auth.existingSecretKey }}{{ else }}token{{ end }}
+{{- end }}
+
+{{/* The name node certificates are checked against (clients reach nodes by pod IP). */}}
+{{- define "cachefs.tlsServerName" -}}
+{{- .Values.tls.serverName | default (printf "%s.%s.svc" (include "cachefs.serviceName" .) .Release.Namespace) }}
+{{- end }}
+
 {{/* The Service in front of the cache nodes, and the URL clients use. */}}
 {{- define "cachefs.serviceName" -}}
 {{- include "cachefs.fullname" . }}
 {{- end }}
 
 {{- define "cachefs.endpoint" -}}
-{{- printf "http://%s.%s.svc:%d" (include "cachefs.serviceName" .) .Release.Namespace (int .Values.cache.port) }}
+{{- printf "%s://%s.%s.svc:%d" (ternary "https" "http" .Values.tls.enabled) (include "cachefs.serviceName" .) .Release.Namespace (int .Values.cache.port) }}
 {{- end }}
 
 {{/* ServiceAccount name of a component: (dict "ctx" $ "component" "head" "sa" .Values.ray.head.serviceAccount). */}}
@@ -104,6 +127,43 @@ app.kubernetes.io/component: {{ .component }}
       key: {{ include "cachefs.tokenSecretKey" . }}
 - name: CACHEFS_HOME
   value: /cachefs/home
+{{- if .Values.tls.enabled }}
+- name: CACHEFS_CA_BUNDLE
+  value: /cachefs/tls-ca/ca.crt
+- name: CACHEFS_TLS_SERVER_NAME
+  value: {{ include "cachefs.tlsServerName" . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* The admin token: for the bootstrap (`cachefs up` hands it to the nodes) and the operator only. */}}
+{{- define "cachefs.adminEnv" -}}
+- name: CACHEFS_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cachefs.adminTokenSecretName" . }}
+      key: {{ include "cachefs.adminTokenSecretKey" . }}
+{{- end }}
+
+{{/* Ray's token auth, on every container that runs Ray or joins it (ray.auth.enabled). */}}
+{{- define "cachefs.rayAuthEnv" -}}
+{{- if .Values.ray.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "cachefs.rayTokenSecretName" . }}
+      key: {{ include "cachefs.rayTokenSecretKey" . }}
+{{- end }}
+{{- end }}
+
+{{/* The CA of the nodes' certificate, for clients (tls.enabled). */}}
+{{- define "cachefs.tlsCaVolume" -}}
+- name: tls-ca
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+    items:
+      - {key: {{ .Values.tls.caKey }}, path: ca.crt}
 {{- end }}
 
 {{/* Origin credentials, for the head and the workers only. */}}
