@@ -133,7 +133,7 @@ def main() -> int:
     from bench.cluster import MountUnavailable, local_ray, mounted
     from bench.read_throughput import loopback_ceiling
     from cachefs.admin import AdminClient
-    from cachefs.config import ClientConfig, ClusterConfig
+    from cachefs.config import DEFAULT_ALLOWED_ORIGINS, ClientConfig, ClusterConfig
     from cachefs.filesystem import CachefsFileSystem
     from server import hosting
 
@@ -161,12 +161,13 @@ def main() -> int:
         with local_ray():
             node_memory = max(256 * MiB, 2 * (total + big_files * 48 * MiB) // args.nodes)
             handle = hosting.up(ClusterConfig(nodes=args.nodes, memory_bytes=node_memory, disk_bytes=0,
-                                              namespace=namespace))
+                                              namespace=namespace,
+                                              allowed_origins=(*DEFAULT_ALLOWED_ORIGINS, f"file://{origin}/")))
             try:
                 import asyncio
 
                 async def register() -> None:
-                    async with AdminClient(ClientConfig(endpoint=handle.endpoint, token=handle.token)) as a:
+                    async with AdminClient(ClientConfig(endpoint=handle.endpoint, admin_token=handle.admin_token)) as a:
                         op = await a.wait(await a.add_dataset("small", f"file://{origin}"), timeout=300)
                         assert op.finished_ok, op
                         op = await a.wait(await a.warm_dataset("small"), timeout=600)
