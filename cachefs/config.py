@@ -198,6 +198,10 @@ class NodeConfig:
     eviction: str = "lru"  # lru | sticky (keeps a stable resident set under shuffled epochs)
     origin_timeout: float = 60.0
     warm_concurrency: int = 8
+    # Ray starts actors at nice 15: on a busy host (data-loading workers on every core) a
+    # cache node would then answer last. A node raises itself to this priority when it may
+    # (root or CAP_SYS_NICE); otherwise it keeps Ray's.
+    nice: int = 0
     token: str = ""  # the reader token
     admin_token: str = ""
     tls_cert: str = ""  # PEM certificate (chain) and key: the node serves https:// (empty: http://)
@@ -214,6 +218,8 @@ class NodeConfig:
             raise ConfigError(f"port {self.port} is outside 0..65535")
         if self.block_size < 4096:
             raise ConfigError("block_size must be at least 4 KiB")
+        if not -20 <= self.nice <= 19:
+            raise ConfigError(f"nice must be from -20 to 19, not {self.nice}")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert and tls_key go together: give both for https://, or neither for http://")
 

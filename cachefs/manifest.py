@@ -268,5 +268,11 @@ class Manifest:
         return [self.at(i) for i in self._pack_rows[lo:hi]]
 
     def pack_size(self, pack: int) -> int:
-        members = self.pack_members(pack)
-        return members[-1].offset + members[-1].size if members else 0
+        """Bytes in `pack` (its last member's end), without building its members."""
+        if self._pack_starts is None:
+            self._index_packs()
+        assert self._pack_rows is not None and self._pack_starts is not None
+        if not 0 <= pack < len(self._pack_starts) - 1:
+            raise NotFound(f"no pack {pack} in snapshot {self.snapshot} ({len(self._pack_starts) - 1} packs)")
+        last = self._pack_rows[self._pack_starts[pack + 1] - 1]
+        return self._offsets[last] + self._sizes[last]

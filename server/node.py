@@ -26,7 +26,7 @@ from cachefs.wire import DatasetInfo, OperationInfo
 from server.metrics import NodeMetrics
 from server.singleflight import Group
 from server.stores import DiskStore, MemoryStore, StoredBlock, digest_of, read_ranges
-from server.units import Unit, block_unit, pack_unit, read_unit, transient
+from server.units import Unit, block_unit, pack_unit, read_unit, transient, with_members
 from server.warmup import Warmups
 from shard import Ring, block_count
 
@@ -288,6 +288,7 @@ class CacheNode:
         out: dict[tuple[str, int], bytes | CachefsError] = {}
         reads, where = [], []
         for unit, start, end in asked:
+            unit = with_members(unit, state.manifest)
             member = next((m for m in unit.members if m.offset == start and m.offset + m.size == end), None)
             if member is None:
                 out[(unit.key, start)] = BadRequest(f"[{start}, {end}) is not one file of pack {unit.pack}; "
@@ -320,7 +321,7 @@ class CacheNode:
 
     async def _fetch(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
         info = state.info
-        data, holes = await read_unit(state.origin, unit)
+        data, holes = await read_unit(state.origin, with_members(unit, state.manifest))
         self.metrics.miss(info.name, len(data) - sum(h.end - h.start for h in holes))
         buffer = pa.py_buffer(data)
         block = StoredBlock(unit.key, info.name, info.snapshot, len(data), digest_of(buffer), buffer=buffer,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,29 @@ class CoordinatorLink:
         return await self._call("status")
 
 
+def _set_priority(nice: int) -> None:
+    """Serve at `nice` rather than Ray's 15 for actors, if this process may (NodeConfig.nice).
+
+    On Linux a nice value belongs to a thread, so every thread of the worker is set (the
+    event loop that serves readers is not necessarily the one running this)."""
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]
+    for tid in tids:
+        try:
+            if os.getpriority(os.PRIO_PROCESS, tid) > nice:
+                os.setpriority(os.PRIO_PROCESS, tid, nice)
+        except OSError as e:  # not allowed (or the thread ended): serve at Ray's priority
+            log.info("keeping the priority of thread %d (could not set nice %d: %s)", tid, nice, e)
+
+
 class CacheNodeActor:
     """One cache node. Created by the coordinator's placement (server/hosting.py)."""
 
     def __init__(self, node_id: str, config: NodeConfig, coordinator_name: str, namespace: str) -> None:
         logging.basicConfig(level=logging.INFO)
+        _set_priority(config.nice)
         self.node_id = node_id
         self.config = config
         self.coordinator_name, self.namespace = coordinator_name, namespace

@@ -30,13 +30,10 @@ class Hole:
 class Unit:
     key: str
     length: int
-    members: tuple[FileEntry, ...]  # the file (a block) or the pack's files, in offset order
+    members: tuple[FileEntry, ...] = ()  # the file (a block) or the pack's files, in offset order;
+    #                                      a pack's are filled only when needed (`with_members`)
     start: int = 0  # a file block's first byte in its file
     pack: int = -1
-
-    @property
-    def files(self) -> int:
-        return len(self.members)
 
 
 def block_unit(info: DatasetInfo, entry: FileEntry, index: int) -> Unit:
@@ -45,15 +42,22 @@ def block_unit(info: DatasetInfo, entry: FileEntry, index: int) -> Unit:
 
 
 def pack_unit(info: DatasetInfo, manifest: Manifest, pack: int) -> Unit:
-    members = tuple(manifest.pack_members(pack))
-    length = members[-1].offset + members[-1].size if members else 0
-    return Unit(pack_key(info.name, info.snapshot, pack), length, members, 0, pack)
+    """A pack as a reader's request names it: key and length, no members (serving a hit
+    needs no more, and building 75 entries per request was the node's hottest loop)."""
+    return Unit(pack_key(info.name, info.snapshot, pack), manifest.pack_size(pack), (), 0, pack)
+
+
+def with_members(unit: Unit, manifest: Manifest) -> Unit:
+    """The unit with its pack's files, for reading it from the origin."""
+    if unit.pack < 0 or unit.members:
+        return unit
+    return Unit(unit.key, unit.length, tuple(manifest.pack_members(unit.pack)), 0, unit.pack)
 
 
 def all_units(info: DatasetInfo, manifest: Manifest) -> list[Unit]:
     """Every unit of a snapshot: its packs, then the blocks of files with blocks of their own.
     O(files): run it off the event loop."""
-    units = [pack_unit(info, manifest, p) for p in range(manifest.packs)]
+    units = [with_members(pack_unit(info, manifest, p), manifest) for p in range(manifest.packs)]
     for row in range(len(manifest)):
         entry = manifest.at(row)
         if not entry.packed:

@@ -142,11 +142,29 @@ def test_a_dead_cache_node_costs_a_refetch_never_a_failed_read(cachefs_cluster, 
     cachefs_cluster.remove_dataset(name)
 
 
+def _write_legacy_record(state_dir: Path, name: str, origin: Path) -> None:
+    """A dataset as cachefs 0.1 left it on disk: no packs, a manifest of three columns."""
+    import json
+
+    from cachefs.manifest import build_table, snapshot_id, to_ipc
+    from cachefs.origin import Origin
+
+    table = build_table(Origin(f"file://{origin}").list_files()).select(["path", "size", "version"])
+    snap = snapshot_id(table)
+    info = {"name": name, "origin": f"file://{origin}", "snapshot": snap, "files": table.num_rows,
+            "bytes": sum(table.column("size").to_pylist()), "replicas": 1, "block_size": 1024 * 1024,
+            "allowed_namespaces": [], "created": 1.0}
+    (state_dir / "datasets" / f"{name}.{snap}.arrow").write_bytes(to_ipc(table))
+    (state_dir / "datasets" / f"{name}.json").write_text(json.dumps({"info": info, "storage_options": {}}))
+
+
 def test_a_restarted_coordinator_keeps_every_dataset(cachefs_cluster, sample_origin) -> None:
     from server import hosting
 
     name = cachefs_cluster.unique("persist")
     info = cachefs_cluster.add_dataset(name, f"file://{sample_origin}")
+    legacy = cachefs_cluster.unique("legacy")
+    _write_legacy_record(Path(cachefs_cluster.config.state_dir), legacy, sample_origin)
     epoch = cachefs_cluster.status()["epoch"]
     ray.kill(ray.get_actor(hosting.COORDINATOR, namespace=NAMESPACE), no_restart=True)
     hosting.up(cachefs_cluster.config, cachefs_cluster.env)
@@ -156,6 +174,10 @@ def test_a_restarted_coordinator_keeps_every_dataset(cachefs_cluster, sample_ori
     d = next(d for d in status["datasets"] if d["name"] == name)
     assert d["snapshot"] == info.snapshot
     assert cachefs_cluster.fs().cat_file(f"{name}/README.txt") == b"a small dataset for tests\n"
+    old = cachefs_cluster.fs()  # a snapshot taken before packing existed is served as it was
+    assert old.dataset_info(legacy).packs == 0
+    assert old.cat_file(f"{legacy}/train/cats/001.jpg") == (sample_origin / "train/cats/001.jpg").read_bytes()
+    assert old.cat_file(f"{legacy}/val/big.bin") == (sample_origin / "val/big.bin").read_bytes()
 
 
 def test_a_changed_s3_object_is_refused_by_the_conditional_read(cachefs_cluster, s3_server) -> None:
