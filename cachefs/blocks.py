@@ -109,7 +109,11 @@ class BlockReader:
                     exhausted.append(s)
                 else:
                     groups[node].append(s)
-            await asyncio.gather(*(self._queue(view, n, routes.urls[n]).read(g) for n, g in groups.items()))
+            if len(groups) == 1:  # the common case of a small read: no task per group
+                (node, group), = groups.items()
+                await self._queue(view, node, routes.urls[node]).read(group)
+            else:
+                await asyncio.gather(*(self._queue(view, n, routes.urls[n]).read(g) for n, g in groups.items()))
             pending = [s for s in pending if s.retry or s.stale]
             stale = max((s.stale for s in pending), default=0)
             for s in pending:

@@ -6,8 +6,9 @@ are sorted by path, so a file is a binary search away and a directory is a conti
 run of rows; nothing per file is built in Python objects, which is what keeps a client's
 memory near the size of the table for a million files.
 
-Schema 2 adds where each small file lives in its pack (shard/packing.py). A schema-1
-table (path, size, version) still loads: every file then has blocks of its own.
+Schema 2 adds where each small file lives in its pack (shard/packing.py) and a hash of
+each path, so that a reader finds a file by bisecting 8-byte integers rather than strings.
+A schema-1 table (path, size, version) still loads: every file then has blocks of its own.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from cachefs.errors import BadRequest, NotFound
 from shard import NOT_PACKED, pack_layout
 
 SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.string()),
-                    ("pack", pa.int32()), ("offset", pa.int32())])
+                    ("pack", pa.int32()), ("offset", pa.int32()),
+                    ("hash", pa.uint64())])  # xxh3-64 of the path: what readers find a file by
 LEGACY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 
 
@@ -63,8 +65,14 @@ def build_table(entries: Iterable[FileEntry], block_size: int = 8 * 1024 * 1024,
     sizes = [e.size for e in rows]
     packs, offsets, _ = pack_layout(sizes, block_size, pack_threshold) if pack_threshold else (
         [NOT_PACKED] * len(rows), [0] * len(rows), 0)
-    return pa.table({"path": [e.path for e in rows], "size": sizes, "version": [e.version for e in rows],
-                     "pack": packs, "offset": offsets}, schema=SCHEMA)
+    paths = [e.path for e in rows]
+    return pa.table({"path": paths, "size": sizes, "version": [e.version for e in rows],
+                     "pack": packs, "offset": offsets, "hash": path_hashes(paths)}, schema=SCHEMA)
+
+
+def path_hashes(paths: Iterable[str]) -> pa.Array:
+    digest = xxhash.xxh3_64_intdigest
+    return pa.array([digest(p.encode()) for p in paths], pa.uint64())
 
 
 def snapshot_id(table: pa.Table, layout: str = "") -> str:
@@ -93,7 +101,8 @@ def from_ipc(data: bytes | pa.Buffer) -> pa.Table:
     if table.schema.equals(LEGACY_SCHEMA):
         n = table.num_rows
         table = table.append_column("pack", pa.array([NOT_PACKED] * n, pa.int32())).append_column(
-            "offset", pa.array([0] * n, pa.int32()))
+            "offset", pa.array([0] * n, pa.int32())).append_column(
+            "hash", path_hashes(table.column("path").to_pylist()))
     if not table.schema.equals(SCHEMA):
         raise BadRequest(f"manifest schema {table.schema} is neither {SCHEMA} nor the older {LEGACY_SCHEMA}")
     return table
@@ -143,6 +152,11 @@ class Manifest:
         self._offsets = _column_view(column("offset"), "i")
         self._pack_rows: list[int] | None = None  # rows of packed files, in pack order (server side)
         self._pack_starts: list[int] | None = None
+        # the path index: hashes in ascending order, and the row of each (8 + 8 bytes a file)
+        order = pc.sort_indices(column("hash"))
+        self._hashes = _column_view(pc.take(column("hash"), order), "Q")
+        self._order = _column_view(order, "Q")
+        self.table = self.table.drop_columns(["hash"])  # the index replaces it
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -159,8 +173,15 @@ class Manifest:
     # -- files ---------------------------------------------------------------------------
     def row(self, path: str) -> int | None:
         key = path.encode()
-        i = bisect.bisect_left(self._paths, key)
-        return i if i < len(self._paths) and self._paths[i] == key else None
+        h = xxhash.xxh3_64_intdigest(key)
+        hashes, n = self._hashes, len(self._hashes)
+        i = bisect.bisect_left(hashes, h)
+        while i < n and hashes[i] == h:  # 64-bit collisions are possible, so the path decides
+            row = self._order[i]
+            if self._paths[row] == key:
+                return row
+            i += 1
+        return None
 
     def at(self, row: int) -> FileEntry:
         return FileEntry(self._paths.text(row), self._sizes[row], self._versions.text(row), self._packs[row],

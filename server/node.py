@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 import pyarrow as pa
@@ -51,6 +51,7 @@ class DatasetState:
     manifest: Manifest
     origin: Origin
     manifest_ipc: bytes
+    packs: dict[int, Unit] = field(default_factory=dict)  # built once per pack a reader names
 
 
 @dataclass
@@ -175,17 +176,19 @@ class CacheNode:
         if not 0 <= index < count:
             raise RangeNotSatisfiable(f"block {index} is outside {path!r}, which has {count} block(s)")
         if entry.packed:
-            unit = pack_unit(state.info, state.manifest, entry.pack)
+            unit, _, _ = CacheNode._pack(state, entry.pack)
             return unit, entry.offset, entry.offset + entry.size
         unit = block_unit(state.info, entry, index)
         return unit, 0, unit.length
 
     @staticmethod
     def _pack(state: DatasetState, pack: int) -> tuple[Unit, int, int]:
-        if not 0 <= pack < state.manifest.packs:
-            raise RangeNotSatisfiable(f"pack {pack} is outside snapshot {state.info.snapshot}, "
-                                      f"which has {state.manifest.packs} pack(s)")
-        unit = pack_unit(state.info, state.manifest, pack)
+        unit = state.packs.get(pack)
+        if unit is None:
+            if not 0 <= pack < state.manifest.packs:
+                raise RangeNotSatisfiable(f"pack {pack} is outside snapshot {state.info.snapshot}, "
+                                          f"which has {state.manifest.packs} pack(s)")
+            unit = state.packs[pack] = pack_unit(state.info, state.manifest, pack)
         return unit, 0, unit.length
 
     # -- one block (GET /v1/blocks) ------------------------------------------------------
@@ -211,65 +214,93 @@ class CacheNode:
     # -- many ranges (POST /v1/datasets/{name}/read) -------------------------------------
     async def read_ranges(self, name: str, snapshot: str, wants: Sequence[Want],
                           epoch: int | None = None) -> list[Piece]:
-        """Every item's bytes or its own error; units shared by items are read once."""
+        """Every item's bytes or its own error; units shared by items are read once.
+
+        The hot loop of a node: hits are found without awaiting anything, and only misses
+        (fetched together, single-flighted) cost a task."""
         self._check_epoch(epoch)
         state = await self.dataset(name, snapshot)
-        asked: list[tuple[Unit, int, int] | CachefsError] = []
-        for want in wants:
-            try:
-                asked.append(self._resolve(state, want))
-            except CachefsError as e:
-                asked.append(e)
-        units = {a[0].key: a[0] for a in asked if not isinstance(a, CachefsError)}
-        partial = {k for k, u in units.items() if self._partial(u)}
-        keys = [k for k in units if k not in partial]
-        got = await asyncio.gather(*(self.unit(state, units[k]) for k in keys), return_exceptions=True)
-        blocks = dict(zip(keys, got))
-        members = await self._members(state, [a for a in asked if not isinstance(a, CachefsError)
-                                               and a[0].key in partial])
-        disk = [(i, a) for i, a in enumerate(asked) if not isinstance(a, CachefsError) and a[0].key in blocks
-                and not isinstance(blocks[a[0].key], BaseException) and blocks[a[0].key][1] == "disk"
-                and not blocks[a[0].key][0].holes]
-        from_disk: dict[int, bytes] = {}
-        if disk:  # ranges of disk blocks, read in one thread hop
-            data = await asyncio.to_thread(read_ranges, [(blocks[a[0].key][0].path, a[1], a[2]) for _, a in disk])
-            from_disk = {i: d for (i, _), d in zip(disk, data, strict=True)}
+        asked = [self._resolve(state, want) for want in wants]
+        found: dict[str, tuple[StoredBlock, str] | BaseException] = {}
+        misses: dict[str, Unit] = {}
+        for a in asked:
+            if type(a) is tuple and a[0].key not in found and a[0].key not in misses:
+                hit = self._lookup(name, a[0].key)
+                if hit is None:
+                    misses[a[0].key] = a[0]
+                else:
+                    found[a[0].key] = hit
+        members: dict[tuple[str, int], bytes | CachefsError] = {}
+        if misses:
+            partial = {k for k, u in misses.items() if self._partial(u)}
+            fetch = [k for k in misses if k not in partial]
+            got = await asyncio.gather(*(self._fetches.do(k, lambda u=misses[k]: self._fetch(state, u))
+                                         for k in fetch), return_exceptions=True)
+            found.update(zip(fetch, got))
+            members = await self._members(state, [a for a in asked if type(a) is tuple and a[0].key in partial])
+        from_disk = await self._disk_ranges(asked, found)
         pieces: list[Piece] = []
         served = 0
+        digest = xxhash.xxh3_64_intdigest
         for i, a in enumerate(asked):
             try:
-                if isinstance(a, CachefsError):
-                    raise a
+                if type(a) is not tuple:
+                    raise a  # type: ignore[misc]
                 unit, start, end = a
-                if unit.key in partial:
+                result = found.get(unit.key)
+                if result is None:  # read file by file (_partial)
                     payload = members[(unit.key, start)]
                     if isinstance(payload, BaseException):
                         raise payload
                 else:
-                    result = blocks[unit.key]
                     if isinstance(result, BaseException):
                         raise _as_error(result)
                     block = result[0]
-                    _raise_hole(block, start, end)
+                    if block.holes:
+                        _raise_hole(block, start, end)
                     payload = from_disk[i] if i in from_disk else memoryview(block.buffer)[start:end]  # type: ignore[arg-type]
             except CachefsError as e:
                 pieces.append(Piece.failed(e))
                 continue
-            pieces.append(Piece(200, payload, xxhash.xxh3_64_intdigest(payload)))
-            served += len(payload)
+            pieces.append(Piece(200, payload, digest(payload)))
+            served += end - start
         self.metrics.served(name, served)
         return pieces
 
-    def _resolve(self, state: DatasetState, want: Want) -> tuple[Unit, int, int]:
-        """(unit, start, end): the bytes of a unit an item asks for."""
-        if want[0] == wire.ITEM_PACK:
-            unit, lo, hi = self._pack(state, want[1])
-            start, end = want[2], want[3]
-        else:
-            unit, lo, hi = self._file_block(state, want[1], want[2])
-            start, end = want[3], want[4]
-        if not 0 <= start <= end <= hi - lo:
-            raise RangeNotSatisfiable(f"range [{start}, {end}) is outside the {hi - lo} bytes of that block")
+    def _lookup(self, name: str, key: str) -> tuple[StoredBlock, str] | None:
+        block = self.memory.get(key)
+        if block is not None:
+            self.metrics.hit(name, "memory")
+            return block, "memory"
+        if self.disk is not None:
+            block = self.disk.get(key)
+            if block is not None:
+                self.metrics.hit(name, "disk")
+                return block, "disk"
+        return None
+
+    async def _disk_ranges(self, asked: list, found: dict[str, Any]) -> dict[int, bytes]:
+        """The asked ranges of blocks found on disk, read in one thread hop, by item index."""
+        disk = [(i, a) for i, a in enumerate(asked) if type(a) is tuple and isinstance(found.get(a[0].key), tuple)
+                and found[a[0].key][1] == "disk" and not found[a[0].key][0].holes]
+        if not disk:
+            return {}
+        data = await asyncio.to_thread(read_ranges, [(found[a[0].key][0].path, a[1], a[2]) for _, a in disk])
+        return {i: d for (i, _), d in zip(disk, data, strict=True)}
+
+    def _resolve(self, state: DatasetState, want: Want) -> tuple[Unit, int, int] | CachefsError:
+        """(unit, start, end): the bytes of a unit an item asks for, or the item's error."""
+        try:
+            if want[0] == wire.ITEM_PACK:
+                unit, lo, hi = self._pack(state, want[1])
+                start, end = want[2], want[3]
+            else:
+                unit, lo, hi = self._file_block(state, want[1], want[2])
+                start, end = want[3], want[4]
+            if not 0 <= start <= end <= hi - lo:
+                raise RangeNotSatisfiable(f"range [{start}, {end}) is outside the {hi - lo} bytes of that block")
+        except CachefsError as e:
+            return e
         return unit, lo + start, lo + end
 
     def _partial(self, unit: Unit) -> bool:
@@ -307,16 +338,9 @@ class CacheNode:
     # -- the tiers and the origin ----------------------------------------------------------
     async def unit(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
         """The unit from memory, disk, or the origin (once, however many ask at the same time)."""
-        name = state.info.name
-        block = self.memory.get(unit.key)
-        if block is not None:
-            self.metrics.hit(name, "memory")
-            return block, "memory"
-        if self.disk is not None:
-            block = self.disk.get(unit.key)
-            if block is not None:
-                self.metrics.hit(name, "disk")
-                return block, "disk"
+        hit = self._lookup(state.info.name, unit.key)
+        if hit is not None:
+            return hit
         return await self._fetches.do(unit.key, lambda: self._fetch(state, unit))
 
     async def _fetch(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
