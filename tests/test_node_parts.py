@@ -124,3 +124,12 @@ def test_buffer_pool_reuses_block_buffers_and_sizes_views_exactly() -> None:
     big = pool.take(4096)  # larger than a block: its own buffer, never pooled
     pool.give(big)
     assert pool.take(1024).obj is not big.obj
+
+
+def test_the_coordinators_ring_weighs_nodes_by_capacity_relative_to_the_biggest() -> None:
+    from server.placement import build_ring
+
+    ring = build_ring([("small", "http://a", 100), ("big", "http://b", 300), ("empty", "http://c", 0)], 7, 64)
+    assert ring.epoch == 7 and ring.vnodes == 64
+    assert {m.id: m.weight for m in ring.members} == {"small": 0.3333, "big": 1.0, "empty": 0.0033}
+    assert ring.member("big").url == "http://b"
