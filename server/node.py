@@ -153,7 +153,7 @@ class CacheNode:
             self.metrics.hit(info.name, "memory")
             return BlockRead(block, "memory", block.buffer)
         if self.disk is not None:
-            block = self.disk.get(key)
+            block = await self.disk.get_verified(key)  # a block re-indexed on start is checked on its first read
             if block is not None:
                 self.metrics.hit(info.name, "disk")
                 return BlockRead(block, "disk")
