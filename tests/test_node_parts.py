@@ -128,7 +128,8 @@ async def test_a_node_restarted_on_a_corrupted_disk_tier_refetches_that_block_an
         out = []
         for i in range(4):
             got = await node.read_block("ds", record.info.snapshot, "f.bin", i)
-            out.append((got.source, got.data.to_pybytes() if got.data is not None else open(got.block.path, "rb").read()))
+            body = got.data.to_pybytes() if got.data is not None else open(got.block.path, "rb").read()
+            out.append((got.source, body))
         return out
 
     first = CacheNode("n1", config, Directory())
