@@ -7,7 +7,7 @@ the same work). Twice: page cache warm (just written), and cold for the block da
 (each file fsync'ed then dropped with POSIX_FADV_DONTNEED; directory entries and inodes
 stay cached, as after a process restart; a reboot would make the scan slower too).
 
-    python bench/scale.py --only disk            # 20,000 blocks of 64 KiB (1.2 GiB), 100,000 of 4 KiB
+    python bench/scale.py --only disk            # 20,000 blocks of 64 KiB (1.2 GiB); 100,000 of 4 KiB, warm
     python bench/scale.py --only disk --quick    # 2,000 blocks of 64 KiB
 """
 
@@ -65,14 +65,14 @@ async def reread_all(store: DiskStore) -> float:
     return time.perf_counter() - t0
 
 
-def measure(count: int, size: int) -> dict[str, Any]:
+def measure(count: int, size: int, caches: tuple[str, ...]) -> dict[str, Any]:
     runs = []
     with tempfile.TemporaryDirectory(prefix="cachefs-bench-disk-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
         nbytes = write_blocks(root, count, size)
         write_s = time.perf_counter() - t0
-        for cache in ("warm", "cold"):
+        for cache in caches:
             if cache == "cold":
                 drop_page_cache(root)
             store, open_s = asyncio.run(reopen(root, 2 * nbytes))
@@ -87,8 +87,10 @@ def measure(count: int, size: int) -> dict[str, Any]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    tiers = [(2_000, 64 * KiB)] if quick else [(20_000, 64 * KiB), (100_000, 4 * KiB)]
-    return {"tiers": [measure(count, size) for count, size in tiers]}
+    both = ("warm", "cold")
+    # Many small blocks cost open() per file; the page cache only changes the re-read, so warm is enough there.
+    tiers = [(2_000, 64 * KiB, both)] if quick else [(20_000, 64 * KiB, both), (100_000, 4 * KiB, ("warm",))]
+    return {"tiers": [measure(*tier) for tier in tiers]}
 
 
 def report(doc: dict[str, Any]) -> str:

@@ -112,7 +112,9 @@ class DiskStore(_Tier):
     async def open(self) -> None:
         """Create the layout and re-index blocks left by an earlier run, without reading them."""
         found = await asyncio.to_thread(self._scan)
-        for block in found:  # oldest first, so LRU order survives a restart
+        for i, block in enumerate(found):  # oldest first, so LRU order survives a restart
+            if i % 4096 == 4095:
+                await asyncio.sleep(0)  # a million blocks take seconds: let the loop breathe meanwhile
             admitted, victims = self.policy.admit(block.key, block.size)
             for v in victims:
                 await self._delete(self._blocks.pop(v))
