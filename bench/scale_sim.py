@@ -11,7 +11,7 @@ file), side by side with a naive `hash mod N` placement:
   lookup        the cost of placing every block: Python `owners` (timed on a sample,
                 extrapolated), `primaries` (all blocks)
   balance       blocks per node / mean: ring, ring with mixed capacities (1× and 2×), mod N
-  moves         blocks that change owner when 1 node joins, or 10 leave
+  moves         blocks that change owner when 1 node joins, 10 leave, or 1 twice as big joins
   epochs        origin reads per block over `epochs` shuffled epochs, with `churn` nodes
                 leaving and `churn` new ones joining between epochs; each node an LRU of
                 `headroom` × (blocks / nodes) blocks, lost when the node leaves
@@ -161,14 +161,19 @@ def moves(p: Params, ring: Ring, owners: np.ndarray, positions: np.ndarray) -> l
     smaller = ring
     for i in leaving:  # one change at a time, as the coordinator sees deaths
         smaller = smaller.without(node_id(i))
+    # The coordinator weighs nodes against the biggest: a bigger newcomer re-weighs everyone.
+    twice = ring_of(ids + joined, 2, lambda i: 2 * TiB if i in joined else TiB)
     join_owners, leave_owners = owners_by_ring(bigger, positions), owners_by_ring(smaller, positions)
+    twice_owners = owners_by_ring(twice, positions)
     mod_before = owners_by_mod(ids, positions)
     rows = []
     for event, after, must, after_ids, ideal in (
             (f"{p.join} node joins ({p.nodes} → {p.nodes + p.join})", join_owners, np.isin(join_owners, joined),
              ids + joined, p.join / (p.nodes + p.join)),
             (f"{p.leave} nodes leave ({p.nodes} → {p.nodes - p.leave})", leave_owners, np.isin(owners, leaving),
-             staying, p.leave / p.nodes)):
+             staying, p.leave / p.nodes),
+            (f"{p.join} node of 2× capacity joins", twice_owners, np.isin(twice_owners, joined), ids + joined,
+             2 * p.join / (p.nodes + 2 * p.join))):
         moved = after != owners
         rows.append({"event": event, "placement": "ring", "moved": float(moved.mean()), "ideal": ideal,
                      "only_what_must": bool(np.array_equal(moved, must))})
