@@ -1,7 +1,7 @@
 """Charts from the benches' JSON: PNGs for docs/benchmarks.md.
 
-    python bench/plot.py                       # bench/results/{epoch,accelerators}.json → docs/img/
-    python bench/plot.py --epoch E.json --accelerators A.json --out DIR
+    python bench/plot.py                       # bench/results/{epoch,accelerators,scale}.json → docs/img/
+    python bench/plot.py --epoch E.json --accelerators A.json --scale S.json --out DIR
     python bench/plot.py --tables              # the Markdown tables of docs/benchmarks.md instead
 
 Writes, for what it finds:
@@ -9,6 +9,10 @@ Writes, for what it finds:
   epoch-origin.png   bytes read from the origin, cumulated over epochs, in datasets
   eviction.png       per-epoch hit ratio of cachefs with LRU and Sticky, against capacity/dataset
   accelerators.png   accelerator utilisation against accelerator count, one panel per workload
+  scale-balance.png  1,000 nodes: each node's blocks over its fair share, sorted (bench/scale.py)
+  scale-moves.png    blocks moved when nodes join or leave: ring, hash mod N, the ideal
+  scale-origin.png   origin reads per block, cumulated over epochs with churn: ring, hash mod N
+  scale-ring.png     work per membership change against ring size: coordinator, client
 
 Charts need matplotlib: `pip install -e '.[bench]'`.
 """
@@ -153,6 +157,81 @@ def accelerator_chart(doc: dict[str, Any], out: Path) -> list[Path]:
     return [path]
 
 
+def scale_charts(doc: dict[str, Any], out: Path) -> list[Path]:
+    sim = doc["sections"].get("sim")
+    if sim is None:
+        return []
+    plt = _pyplot()
+    p, written = sim["params"], []
+    ring_colour, mod_colour = COLOURS["cachefs"], COLOURS["origin"]
+    caption = f"{p['nodes']:,} nodes, {p['blocks']:,} blocks ({_caption(doc)})"
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        written.append(out / name)
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row, colour, style in zip(sim["balance"], (ring_colour, ring_colour, mod_colour), ("-", "--", "-")):
+        ratios = row["sorted_ratios"]
+        ax.plot([100 * i / (len(ratios) - 1) for i in range(len(ratios))], ratios, label=row["placement"],
+                color=colour, linestyle=style)
+    ax.axhline(1, color="grey", linewidth=0.6)
+    ax.set_xlabel("nodes, least to most loaded (%)")
+    ax.set_ylabel("blocks held / fair share")
+    ax.set_title(f"Load balance\n{caption}", fontsize=9)
+    ax.legend(fontsize=8)
+    save(fig, "scale-balance.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    events = list(dict.fromkeys(r["event"] for r in sim["moves"]))
+    for j, (label, colour) in enumerate((("ideal", "grey"), ("ring", ring_colour), ("hash mod N", mod_colour))):
+        ys = [next(r["ideal"] if label == "ideal" else r["moved"] for r in sim["moves"]
+                   if r["event"] == e and (label == "ideal" or r["placement"] == label)) for e in events]
+        ax.bar([i + (j - 1) * 0.27 for i in range(len(events))], [100 * y for y in ys], 0.27, label=label,
+               color=colour)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(events)), events, fontsize=8)
+    ax.set_ylabel("blocks that change owner (%, log)")
+    ax.set_title(f"Membership changes\n{caption}", fontsize=9)
+    ax.legend(fontsize=8)
+    save(fig, "scale-moves.png")
+
+    ep = sim["epochs"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in ep["peers"]:
+        total, ys = 0.0, []
+        for x in r["origin_reads_per_epoch"]:
+            total += x
+            ys.append(total)
+        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=f"{r['placement']} (max {r['max']} / block)",
+                color=ring_colour if r["placement"] == "ring" else mod_colour)
+    ax.axhline(1, color="grey", linewidth=0.6, linestyle=":", label="ideal: each block once")
+    ax.set_xticks(range(1, p["epochs"] + 1))
+    ax.set_xlabel(f"epoch ({p['churn']} nodes leave and {p['churn']} join before each epoch after the first)")
+    ax.set_ylabel("origin reads per block, cumulated")
+    ax.set_title(f"Origin reads with churn, each node caching {p['headroom']}× its share\n{caption}", fontsize=9)
+    ax.legend(fontsize=8)
+    save(fig, "scale-origin.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = sim["coordinator"]
+    xs = [r["nodes"] for r in rows]
+    for key, label, colour in (("client_from_json_s", "client: ring from JSON + first look-up", ring_colour),
+                               ("build_ring_s", "coordinator: build the ring + JSON", COLOURS["mount"])):
+        ax.plot(xs, [1e3 * r[key] for r in rows], marker="o", label=label, color=colour)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"cache nodes ({rows[0]['points'] // rows[0]['nodes']:,} points a node)")
+    ax.set_ylabel("ms per membership change (log)")
+    ax.set_title(f"Work per membership change\n{_caption(doc)}", fontsize=9)
+    ax.legend(fontsize=8)
+    save(fig, "scale-ring.png")
+    return written
+
+
+
 def epoch_tables(doc: dict[str, Any]) -> str:
     rows = ["| dataset | peer | epoch 1 s | later epochs s | samples/s (later) | origin reads | copies held | "
             "hit ratio (later) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -191,6 +270,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epoch", default="bench/results/epoch.json")
     ap.add_argument("--accelerators", default="bench/results/accelerators.json")
+    ap.add_argument("--scale", default="bench/results/scale.json")
     ap.add_argument("--out", default="docs/img")
     ap.add_argument("--tables", action="store_true", help="print Markdown tables (no matplotlib needed)")
     args = ap.parse_args()
@@ -203,7 +283,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for path, chart in ((args.epoch, epoch_charts), (args.accelerators, accelerator_chart)):
+    for path, chart in ((args.epoch, epoch_charts), (args.accelerators, accelerator_chart), (args.scale, scale_charts)):
         if Path(path).exists():
             written += chart(json.loads(Path(path).read_text()), out)
         else:

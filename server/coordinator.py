@@ -19,8 +19,9 @@ from cachefs.errors import BadRequest, CachefsError, NotFound
 from cachefs.wire import DatasetInfo, OperationInfo
 from server.operations import Operation, Operations
 from server.origin_policy import OriginPolicy
+from server.placement import build_ring
 from server.registry import DatasetSpec, Registry, take_snapshot
-from shard import Member, Ring
+from shard import Ring
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,8 @@ class Coordinator:
             await self._publish_ring()
 
     def _build_ring(self) -> Ring:
-        biggest = max((n.capacity for n in self.nodes.values()), default=1) or 1
-        members = [Member(n.id, round(max(n.capacity, 1) / biggest, 4), n.url) for n in self.nodes.values()]
-        return Ring.build(members, self.ring.epoch + 1, self.ring.vnodes)
+        return build_ring(((n.id, n.url, n.capacity) for n in self.nodes.values()), self.ring.epoch + 1,
+                          self.ring.vnodes)
 
     async def _publish_ring(self) -> None:
         self.ring = self._build_ring()

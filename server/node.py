@@ -230,6 +230,10 @@ class CacheNode:
                     misses[a[0].key] = a[0]
                 else:
                     found[a[0].key] = hit
+        for key in [k for k, v in found.items() if not v[0].verified]:  # type: ignore[index]
+            if await self._verified(key) is None:  # corrupt on disk: fetched again
+                del found[key]
+                misses[key] = next(a[0] for a in asked if type(a) is tuple and a[0].key == key)
         members: dict[tuple[str, int], bytes | CachefsError] = {}
         if misses:
             partial = {k for k, u in misses.items() if self._partial(u)}
@@ -273,7 +277,7 @@ class CacheNode:
             self.metrics.hit(name, "memory")
             return block, "memory"
         if self.disk is not None:
-            block = self.disk.get(key)
+            block = self.disk.get(key)  # possibly not verified yet: see _verified
             if block is not None:
                 self.metrics.hit(name, "disk")
                 return block, "disk"
@@ -339,9 +343,15 @@ class CacheNode:
     async def unit(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
         """The unit from memory, disk, or the origin (once, however many ask at the same time)."""
         hit = self._lookup(state.info.name, unit.key)
-        if hit is not None:
+        if hit is not None and (hit[0].verified or await self._verified(unit.key) is not None):
             return hit
         return await self._fetches.do(unit.key, lambda: self._fetch(state, unit))
+
+    async def _verified(self, key: str) -> StoredBlock | None:
+        """A disk block re-indexed on start, once its bytes match its digest (checked on its
+        first read, server/stores.py); None if it was corrupt and is gone."""
+        assert self.disk is not None
+        return await self.disk.get_verified(key)
 
     async def _fetch(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
         info = state.info

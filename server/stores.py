@@ -4,14 +4,18 @@ Both keep their byte budget through a policy (server/policy.py) and tag every bl
 its dataset and snapshot, so that `rm` and `refresh` can drop a snapshot's blocks at once.
 Disk layout: ROOT/<dataset>/<snapshot>/<key>.<digest>; written to ROOT/.tmp then renamed,
 so a crash never leaves a half block under a real name. On start the disk tier re-indexes
-what is there and drops any file whose bytes do not match the digest in its name.
+what is there from names and sizes alone, and checks a block's bytes against the digest
+in its name when it is first read (`DiskStore.get_verified`): re-reading a large NVMe tier
+on start took longer than `up` waits for a node.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +24,12 @@ import pyarrow as pa
 import xxhash
 
 from server.policy import Policy, make_policy
+from server.singleflight import Group
 
 log = logging.getLogger(__name__)
+
+DIGEST_RE = re.compile(r"[0-9a-f]{16}")  # xxh3-64, as digest_of writes it
+CHECK_CHUNK = 1024 * 1024  # a block is hashed in pieces of this size, never held whole
 
 
 def digest_of(data: bytes | memoryview | pa.Buffer) -> str:
@@ -38,6 +46,7 @@ class StoredBlock:
     buffer: pa.Buffer | None = None  # memory tier
     path: str = ""  # disk tier
     holes: tuple = ()  # server.units.Hole: pack members that failed (memory tier only)
+    verified: bool = True  # False: re-indexed from its file name on start, bytes not read yet
 
 
 class _Tier:
@@ -103,12 +112,16 @@ class DiskStore(_Tier):
     def __init__(self, root: str | os.PathLike[str], budget: int, policy: str = "lru") -> None:
         super().__init__(budget, policy)
         self.root = Path(root)
-        self.dropped_on_reindex = 0
+        self.dropped_on_reindex = 0  # files whose name is not <key>.<digest>
+        self.dropped_on_verify = 0  # re-indexed blocks whose bytes did not match their digest
+        self._checks: Group[StoredBlock | None] = Group()  # readers of an unchecked block share one check
 
     async def open(self) -> None:
-        """Create the layout and re-index blocks left by an earlier run on this disk."""
+        """Create the layout and re-index blocks left by an earlier run, without reading them."""
         found = await asyncio.to_thread(self._scan)
-        for block in found:  # oldest first, so LRU order survives a restart
+        for i, block in enumerate(found):  # oldest first, so LRU order survives a restart
+            if i % 4096 == 4095:
+                await asyncio.sleep(0)  # a million blocks take seconds: let the loop breathe meanwhile
             admitted, victims = self.policy.admit(block.key, block.size)
             for v in victims:
                 await self._delete(self._blocks.pop(v))
@@ -118,24 +131,60 @@ class DiskStore(_Tier):
                 await asyncio.to_thread(_unlink, block.path)
 
     def _scan(self) -> list[StoredBlock]:
+        """Every block file, oldest first, from its name and a stat: no byte is read."""
         shutil.rmtree(self.root / ".tmp", ignore_errors=True)
         (self.root / ".tmp").mkdir(parents=True, exist_ok=True)
         found: list[tuple[float, StoredBlock]] = []
-        for dataset_dir in self.root.iterdir():
-            if dataset_dir.name.startswith(".") or not dataset_dir.is_dir():
+        for dataset in _subdirs(str(self.root)):
+            if dataset.name.startswith("."):
                 continue
-            for snap_dir in dataset_dir.iterdir():
-                for f in snap_dir.iterdir():
-                    key, _, digest = f.name.partition(".")
-                    data = f.read_bytes()
-                    if digest_of(data) != digest:
-                        log.warning("dropping %s: its bytes do not match the digest in its name", f)
-                        f.unlink(missing_ok=True)
-                        self.dropped_on_reindex += 1
-                        continue
-                    block = StoredBlock(key, dataset_dir.name, snap_dir.name, len(data), digest, path=str(f))
-                    found.append((f.stat().st_mtime, block))
-        return [b for _, b in sorted(found, key=lambda t: t[0])]
+            for snapshot in _subdirs(dataset.path):
+                with os.scandir(snapshot.path) as files:
+                    for f in files:
+                        if not f.is_file(follow_symlinks=False):
+                            continue
+                        key, _, digest = f.name.partition(".")
+                        if not key or not DIGEST_RE.fullmatch(digest):
+                            log.warning("dropping %s: not a block file (<key>.<digest>)", f.path)
+                            _unlink(f.path)
+                            self.dropped_on_reindex += 1
+                            continue
+                        st = f.stat(follow_symlinks=False)
+                        found.append((st.st_mtime, StoredBlock(key, dataset.name, snapshot.name, st.st_size, digest,
+                                                               path=f.path, verified=False)))
+        found.sort(key=lambda t: t[0])
+        return [b for _, b in found]
+
+    async def get_verified(self, key: str) -> StoredBlock | None:
+        """The block, once its bytes are known to match its digest; None if absent or corrupt.
+
+        A block re-indexed on start is read (in a thread) and checked on its first read,
+        and dropped if it does not match, so the caller fetches it again; after that it is
+        trusted and never re-read. Blocks this process wrote are trusted from the start.
+        """
+        block = self.get(key)
+        if block is None or block.verified:
+            return block
+        return await self._checks.do(key, lambda: self._verify(block))
+
+    async def _verify(self, block: StoredBlock) -> StoredBlock | None:
+        try:
+            good = await asyncio.to_thread(_file_digest, block.path) == block.digest
+        except OSError as e:
+            log.warning("could not read block file %s: %s", block.path, e)
+            good = False
+        if self._blocks.get(block.key) is not block:
+            return None  # evicted or purged while it was read: the caller fetches it
+        if not good:
+            log.warning("dropping %s: its bytes do not match the digest in its name", block.path)
+            self.policy.remove(block.key)
+            del self._blocks[block.key]
+            await self._delete(block)
+            self.dropped_on_verify += 1
+            return None
+        checked = dataclasses.replace(block, verified=True)
+        self._blocks[block.key] = checked
+        return checked
 
     async def put(self, block: StoredBlock, data: bytes | memoryview | pa.Buffer) -> list[StoredBlock]:
         """Write the block if the policy admits it; returns the blocks evicted for room."""
@@ -205,3 +254,19 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _subdirs(path: str) -> list[os.DirEntry[str]]:
+    with os.scandir(path) as entries:
+        return [e for e in entries if e.is_dir(follow_symlinks=False)]
+
+
+def _file_digest(path: str) -> str:
+    """digest_of(the file's bytes), read in pieces into one buffer."""
+    hasher = xxhash.xxh3_64()
+    buf = bytearray(CHECK_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            hasher.update(view[:n])
+    return hasher.hexdigest()

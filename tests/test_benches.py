@@ -40,6 +40,11 @@ def epoch_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+def scale_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return run_bench("scale", tmp_path_factory.mktemp("scale"))
+
+
+@pytest.fixture(scope="module")
 def accelerators_doc(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return run_bench("accelerators", tmp_path_factory.mktemp("accelerators"))
 
@@ -111,14 +116,70 @@ def test_warm_cachefs_serves_accelerators_without_touching_the_origin(accelerato
     assert all(r["origin_bytes"] == r["bytes"] == r["origin_bytes_metered"] for r in runs if r["kind"] == "origin")
 
 
+def test_scale_sim_places_with_the_real_ring_and_moves_only_what_must(scale_doc: dict[str, Any]) -> None:
+    sim = scale_doc["sections"]["sim"]  # the bench itself checks primaries against Ring.owners
+    p = sim["params"]
+    assert {r["placement"] for r in sim["balance"]} >= {"hash mod N"} and len(sim["balance"]) == 3
+    assert all(r["min"] <= 1 <= r["max"] and len(r["sorted_ratios"]) == p["nodes"] for r in sim["balance"])
+    equal = [r for r in sim["moves"] if "2×" not in r["event"]]  # nodes of equal capacity join or leave
+    ring = [r for r in equal if r["placement"] == "ring"]
+    mod = [r for r in equal if r["placement"] == "hash mod N"]
+    assert len(ring) == len(mod) == 2 and all(r["only_what_must"] for r in ring)
+    assert all(r["moved"] < 2 * r["ideal"] for r in ring) and all(r["moved"] > 0.5 for r in mod)
+    assert [r["nodes"] for r in sim["coordinator"]] == list(p["sizes"])
+
+
+def test_scale_sim_counts_origin_reads_per_block_against_the_ideal(scale_doc: dict[str, Any]) -> None:
+    sim = scale_doc["sections"]["sim"]
+    p, peers = sim["params"], {r["placement"]: r for r in sim["epochs"]["peers"]}
+    assert set(peers) == {"ring", "hash mod N"}
+    for r in peers.values():
+        assert r["origin_reads_per_epoch"][0] == 1.0  # the first epoch reads every block once
+        assert sum(r["blocks_read"].values()) == p["blocks"] and "0" not in r["blocks_read"]
+        assert r["mean"] == pytest.approx(sum(r["origin_reads_per_epoch"]))
+    assert 1 < peers["ring"]["mean"] < 1.5 < peers["hash mod N"]["mean"]
+
+
+def test_the_epochwise_lru_of_the_sim_is_exactly_the_servers_lru_read_by_read() -> None:
+    import numpy as np
+
+    from bench.scale_sim import lru_misses
+    from server.policy import LRU
+
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        capacity, universe = int(rng.integers(1, 60)), int(rng.integers(5, 150))
+        epochs = [rng.permutation(universe)[:int(rng.integers(0, universe))] for _ in range(int(rng.integers(1, 6)))]
+        lru, expected = LRU(capacity), []
+        for reads in epochs:
+            missed = []
+            for b in reads.tolist():
+                if b in lru:
+                    lru.touch(b)
+                else:
+                    missed.append(b)
+                    lru.admit(b, 1)
+            expected.append(missed)
+        assert [m.tolist() for m in lru_misses(epochs, capacity)] == expected
+
+
+def test_scale_disk_reopens_every_block_without_reading_it(scale_doc: dict[str, Any]) -> None:
+    for tier in scale_doc["sections"]["disk"]["tiers"]:  # the bench checks that open() indexed every block
+        assert [r["page_cache"] for r in tier["runs"]] in (["warm", "cold"], ["warm"])
+        assert tier["bytes"] == tier["blocks"] * tier["block_bytes"]
+        assert all(r["open_s"] > 0 and r["reread_s"] > 0 for r in tier["runs"])
+
+
 def test_plot_fails_clearly_without_matplotlib_or_draws_every_chart(epoch_doc: dict[str, Any],
                                                                     accelerators_doc: dict[str, Any],
+                                                                    scale_doc: dict[str, Any],
                                                                     tmp_path: Path) -> None:
     (tmp_path / "e.json").write_text(json.dumps(epoch_doc))
     (tmp_path / "a.json").write_text(json.dumps(accelerators_doc))
+    (tmp_path / "s.json").write_text(json.dumps(scale_doc))
     done = subprocess.run([sys.executable, "bench/plot.py", "--epoch", str(tmp_path / "e.json"), "--accelerators",
-                           str(tmp_path / "a.json"), "--out", str(tmp_path / "img")], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+                           str(tmp_path / "a.json"), "--scale", str(tmp_path / "s.json"), "--out",
+                           str(tmp_path / "img")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -126,4 +187,5 @@ def test_plot_fails_clearly_without_matplotlib_or_draws_every_chart(epoch_doc: d
         return
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
-        "accelerators.png", "epoch-origin.png", "epoch-time.png", "eviction.png"]
+        "accelerators.png", "epoch-origin.png", "epoch-time.png", "eviction.png", "scale-balance.png",
+        "scale-moves.png", "scale-origin.png", "scale-ring.png"]

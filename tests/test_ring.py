@@ -8,9 +8,11 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import xxhash
 
-from shard import Member, Ring, block_count, block_key, blocks_for_range
+from shard import Member, Ring, block_count, block_key, blocks_for_range, key_hash
 
 KEYS = [f"key-{i}" for i in range(200_000)]
 
@@ -79,6 +81,42 @@ def test_a_ring_rebuilt_from_json_in_another_process_gives_identical_owners(ring
     out = subprocess.run([sys.executable, "-c", code], input=doc, capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == [ring16.owners(f"key-{i}", 2) for i in range(5000)]
     assert Ring.from_json(doc) == ring16
+
+
+def fingerprint(ring: Ring, n: int = 20_000, r: int = 3) -> str:
+    digest = xxhash.xxh3_64()
+    for i in range(n):
+        digest.update(("|".join(ring.owners(f"key-{i}", r)) + "\n").encode())
+    return digest.hexdigest()
+
+
+@pytest.mark.parametrize("ring, pinned", [
+    (Ring.build([Member(f"node-{i}") for i in range(16)]), "3d9a7a59b8785b8f"),
+    (Ring.build([Member("small", 0.25), Member("big", 2.5), Member("mid", 1.0), Member("ünï", 0.0033)]),
+     "2e9495687ea101ca"),
+    (Ring.build([Member("a"), Member("b"), Member("c")], vnodes=3), "73aeeaa5d06e3956"),
+    (Ring((Member("z"), Member("a", 0.5), Member("m", 1.7)), 4, 100), "ce598343f60ed087"),
+], ids=["equal", "weighted", "few-points", "unsorted-members"])
+def test_placement_is_pinned_bit_for_bit(ring: Ring, pinned: str) -> None:
+    """Fingerprints of 20k keys' owners taken with the first implementation (tuples sorted
+    in Python): a faster table must never move a key that a deployed client places."""
+    assert fingerprint(ring) == pinned
+    assert fingerprint(Ring.from_json(ring.dumps())) == pinned
+
+
+def test_a_ring_document_from_an_earlier_release_still_loads() -> None:
+    old = '{"epoch": 3, "nodes": [{"id": "a", "url": "http://a", "weight": 1.0}, {"id": "b", "weight": 0.5}]}'
+    ring = Ring.from_json(old)
+    assert ring.epoch == 3 and ring.vnodes == 1024 and ring.node_ids == ("a", "b")
+    assert len(ring._points) == 1024 + 512  # noqa: SLF001
+
+
+def test_bulk_primaries_agree_with_owners(ring16: Ring) -> None:
+    positions = np.array([key_hash(k) for k in KEYS[:20_000]], dtype=np.uint64)
+    got = [ring16.node_ids[i] for i in ring16.primaries(positions)]
+    assert got == [ring16.owners(k)[0] for k in KEYS[:20_000]]
+    past_the_last_point, first = ring16.primaries(np.array([2**64 - 1, 0], dtype=np.uint64))
+    assert past_the_last_point == first  # the ring wraps round, as owners() does
 
 
 def test_colliding_points_are_kept_not_overwritten() -> None:
