@@ -27,6 +27,7 @@ from bench.harness import machine, write_json  # noqa: E402
 SECTIONS: dict[str, tuple[str, str]] = {  # name → (module, what it shows)
     "sim": ("bench.scale_sim", "1,000 nodes and 10M blocks through the real ring, against hash mod N"),
     "disk": ("bench.scale_disk", "re-indexing a large disk tier on start, against re-reading every byte"),
+    "manifest": ("bench.scale_manifest", "a million files: register, list, load the manifest, warm; a 10M manifest"),
 }
 
 

@@ -23,7 +23,7 @@ from cachefs.config import ClientConfig
 from cachefs.errors import (CachefsError, IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
                             Unavailable)
 from cachefs.ioloops import IOLoops
-from cachefs.manifest import Manifest
+from cachefs.manifest import FileEntry, Manifest, from_ipc
 from cachefs.origin import Origin
 from cachefs.plan import Slice
 from cachefs.transport import Endpoints, Transport
@@ -66,6 +66,7 @@ class BlockReader:
         self._ring_lock: asyncio.Lock | None = None
         self._queues: dict[tuple[str, str, str], NodeQueue] = {}
         self._origins: dict[str, Origin] = {}
+        self._full: dict[str, Manifest] = {}  # snapshot → its manifest with version tokens (origin reads)
         self.origin_reads = 0  # slices this client had to read from the origin itself
 
     # -- ring ----------------------------------------------------------------------------
@@ -205,10 +206,17 @@ class BlockReader:
                 s.error = Unavailable(f"cannot read {name}/{s.entry.path}: no cache node answered "
                                       "(origin fallback is off)")
             return
+        try:
+            entries = await self._versioned(view, [s.entry for s in slices])
+        except CachefsError as e:
+            for s in slices:
+                s.error = Unavailable(f"cannot read {name}/{s.entry.path}: no cache node answered, and the origin "
+                                      f"cannot be read without the snapshot's version tokens ({e})")
+            return
         origin = self._origins.get(name)
         if origin is None:
             origin = self._origins[name] = Origin(view.info.origin, self.origin_options, self.config.read_timeout)
-        results = await origin.read_many([(s.entry, s.file_start, s.file_start + len(s.dest)) for s in slices])
+        results = await origin.read_many([(e, s.file_start, s.file_start + len(s.dest)) for e, s in zip(entries, slices)])
         for s, got in zip(slices, results, strict=True):
             if isinstance(got, CachefsError):
                 reason = "the cache cluster failed and so did the origin"
@@ -218,6 +226,18 @@ class BlockReader:
                 s.dest[:] = got
                 self.origin_reads += 1
         log.warning("read %d slice(s) of %s from the origin: no cache node could serve them", len(slices), name)
+
+    async def _versioned(self, view: DatasetView, entries: list[FileEntry]) -> list[FileEntry]:
+        """The entries with their version tokens (which the origin is checked against): a
+        reader's manifest leaves them out, so the full one is asked for the first time."""
+        if all(e.version for e in entries) or view.manifest.has_versions:
+            return entries
+        full = self._full.get(view.info.snapshot)
+        if full is None:
+            body, _ = await self.endpoints.call(self.transport, "GET",
+                                                wire.route(wire.DATASET_MANIFEST, name=view.info.name), raw=True)
+            full = self._full[view.info.snapshot] = Manifest(from_ipc(body), view.info.snapshot)
+        return [full.file(e.path) for e in entries]
 
     async def close(self) -> None:
         if self.io is not None:

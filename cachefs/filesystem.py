@@ -95,7 +95,10 @@ class CachefsFileSystem(AsyncFileSystem):
             if not wire.DATASET_NAME_RE.match(name):
                 raise NotFound(f"no dataset named {name!r} (dataset names are lowercase)")
             info = DatasetInfo.from_json(await self._any_node("GET", wire.route(wire.DATASET, name=name)))
-            body, headers = await self._any_node("GET", wire.route(wire.DATASET_MANIFEST, name=name), raw=True)
+            # version tokens only for a client that may read the origin itself (it checks them)
+            versions = self.config.origin_fallback and self.blocks.origin_options is not None
+            query = "" if versions else "?versions=0"
+            body, headers = await self._any_node("GET", wire.route(wire.DATASET_MANIFEST, name=name) + query, raw=True)
             snapshot = headers.get(wire.SNAPSHOT_HEADER, info.snapshot)
             table = await asyncio.to_thread(from_ipc, body) if len(body) > 1 << 20 else from_ipc(body)
             view = DatasetView(dataclasses.replace(info, snapshot=snapshot), Manifest(table, snapshot))
@@ -129,9 +132,10 @@ class CachefsFileSystem(AsyncFileSystem):
     def _entry(name: str, rel: str, kind: str, size: int, view: DatasetView) -> dict[str, Any]:
         d: dict[str, Any] = {"name": f"{name}/{rel}" if rel else name, "size": size, "type": kind}
         if kind == "file":
-            entry = view.manifest.get(rel)
-            d["version"] = entry.version if entry else ""
-            d["snapshot"] = view.info.snapshot
+            d["snapshot"] = view.info.snapshot  # what the bytes are pinned to (a file's version is in it)
+            if view.manifest.has_versions:
+                entry = view.manifest.get(rel)
+                d["version"] = entry.version if entry else ""
         return d
 
     async def _info(self, path: str, **kwargs: Any) -> dict[str, Any]:
@@ -163,7 +167,7 @@ class CachefsFileSystem(AsyncFileSystem):
         view = await self._view(name)
         try:
             found = {f"{name}/{e.path}": {"name": f"{name}/{e.path}", "size": e.size, "type": "file",
-                                          "version": e.version, "snapshot": view.info.snapshot}
+                                          "snapshot": view.info.snapshot}
                      for e in view.manifest.walk_files(rel)}
         except NotFound:
             found = {}

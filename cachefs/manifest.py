@@ -1,14 +1,20 @@
 """The manifest: a dataset snapshot as an Arrow table, and the index clients query.
 
 Part of the wire contract (the server builds it, the client reads it as Arrow IPC). Once
-loaded, `ls`, `info` and `find` cost no round trip. The index is the table itself: rows
-are sorted by path, so a file is a binary search away and a directory is a contiguous
-run of rows; nothing per file is built in Python objects, which is what keeps a client's
-memory near the size of the table for a million files.
+loaded, `ls`, `info` and `find` cost no round trip, and nothing per file is built as a
+Python object: a client holds the table's buffers and nothing else, which is what keeps a
+million files in tens of megabytes and a load in milliseconds (no sorting on arrival).
 
-Schema 2 adds where each small file lives in its pack (shard/packing.py) and a hash of
-each path, so that a reader finds a file by bisecting 8-byte integers rather than strings.
-A schema-1 table (path, size, version) still loads: every file then has blocks of its own.
+Schema 2, the table as the server builds it:
+- rows are ordered by `hash` (xxh3-64 of the path): finding a file is a bisection over
+  8-byte integers;
+- `by_path` lists the rows in path order: a folder is a contiguous run of it;
+- `pack` and `offset` say where a small file lives in its pack (shard/packing.py);
+- `version` (the origin's version token) is left out of what clients load by default
+  (`GET .../manifest?versions=0`): readers do not need it (block keys name the snapshot,
+  which already hashes every version), and it is the widest column.
+A schema-1 table (path, size, version; rows in path order) still loads: it is given the
+schema-2 columns on arrival, and no file of it is packed.
 """
 
 from __future__ import annotations
@@ -25,8 +31,8 @@ from cachefs.errors import BadRequest, NotFound
 from shard import NOT_PACKED, pack_layout
 
 SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.string()),
-                    ("pack", pa.int32()), ("offset", pa.int32()),
-                    ("hash", pa.uint64())])  # xxh3-64 of the path: what readers find a file by
+                    ("pack", pa.int32()), ("offset", pa.int32()), ("hash", pa.uint64()), ("by_path", pa.uint32())])
+READER_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "version"])  # what clients load
 LEGACY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 
 
@@ -46,7 +52,8 @@ def check_path(path: str) -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One file of a snapshot; `pack` >= 0 when its bytes live at `offset` in a pack."""
+    """One file of a snapshot; `pack` >= 0 when its bytes live at `offset` in a pack.
+    `version` is "" where the manifest was loaded without versions (a reader's)."""
 
     path: str
     size: int
@@ -59,30 +66,73 @@ class FileEntry:
         return self.pack != NOT_PACKED
 
 
+def path_hash(path: str) -> int:
+    return xxhash.xxh3_64_intdigest(path.encode())
+
+
 def build_table(entries: Iterable[FileEntry], block_size: int = 8 * 1024 * 1024, pack_threshold: int = 0) -> pa.Table:
-    """The snapshot's table: files in path order, small ones (below `pack_threshold`) in packs."""
-    rows = sorted(entries, key=lambda e: e.path)
-    sizes = [e.size for e in rows]
-    packs, offsets, _ = pack_layout(sizes, block_size, pack_threshold) if pack_threshold else (
-        [NOT_PACKED] * len(rows), [0] * len(rows), 0)
-    paths = [e.path for e in rows]
-    return pa.table({"path": paths, "size": sizes, "version": [e.version for e in rows],
-                     "pack": packs, "offset": offsets, "hash": path_hashes(paths)}, schema=SCHEMA)
+    """The snapshot's table: packs laid out in path order, rows in hash order."""
+    files = sorted(entries, key=lambda e: e.path)
+    paths = [e.path for e in files]
+    sizes = [e.size for e in files]
+    if pack_threshold:
+        packs, offsets, _ = pack_layout(sizes, block_size, pack_threshold)
+    else:
+        packs, offsets = [NOT_PACKED] * len(files), [0] * len(files)
+    in_path_order = pa.table({"path": paths, "size": sizes, "version": [e.version for e in files],
+                              "pack": packs, "offset": offsets,
+                              "hash": pa.array([path_hash(p) for p in paths], pa.uint64())})
+    return _hash_ordered(in_path_order)
 
 
-def path_hashes(paths: Iterable[str]) -> pa.Array:
-    digest = xxhash.xxh3_64_intdigest
-    return pa.array([digest(p.encode()) for p in paths], pa.uint64())
+def _hash_ordered(table: pa.Table) -> pa.Table:
+    """Rows of a path-ordered table re-ordered by hash, with `by_path` to get path order back."""
+    order = pc.sort_indices(table, [("hash", "ascending"), ("path", "ascending")])
+    rows = table.take(order)
+    # by_path[i] = the row that holds the i-th path: where row order[i] landed, which is i's inverse
+    by_path = pc.sort_indices(order).cast(pa.uint32())
+    return pa.Table.from_arrays([*rows.columns, by_path], schema=SCHEMA)
 
 
 def snapshot_id(table: pa.Table, layout: str = "") -> str:
     """A content id: the same listing (and pack layout) always gives the same snapshot, a
     changed one never does. `layout` names the packing parameters, since the same files
-    packed differently make different blocks."""
+    packed differently make different blocks; a packed table is hashed column by column
+    (Arrow buffers, in path order), an unpacked one file by file as cachefs 0.1 did, so a
+    refresh of an unchanged older dataset keeps its snapshot."""
+    if not layout:
+        h = xxhash.xxh3_128()
+        rows = table.take(table.column("by_path")) if "by_path" in table.column_names else table
+        for path, size, version in zip(*(rows.column(c).to_pylist() for c in ("path", "size", "version")),
+                                       strict=True):
+            h.update(f"{path}\0{size}\0{version}\n".encode())
+        return h.hexdigest()[:20]
     h = xxhash.xxh3_128(layout.encode())
-    for path, size, version in zip(*(table.column(c).to_pylist() for c in ("path", "size", "version")), strict=True):
-        h.update(f"{path}\0{size}\0{version}\n".encode())
+    rows = table.take(table.column("by_path")).combine_chunks()
+    for name in ("path", "size", "version"):
+        h.update(f"\0{name}\0".encode())
+        for buffer in _value_buffers(rows.column(name).chunk(0) if rows.num_rows else pa.array([], pa.string())):
+            h.update(buffer)
     return h.hexdigest()[:20]
+
+
+def _value_buffers(array: pa.Array) -> list[memoryview]:
+    """The bytes that say what an array holds (not its padding, nor where a slice starts)."""
+    if pa.types.is_string(array.type):
+        if not len(array):
+            return []
+        offsets = pc.subtract(_offsets(array), _offsets(array)[0])
+        data = array.buffers()[2]
+        first, last = _offsets(array)[0].as_py(), _offsets(array)[-1].as_py()
+        return [memoryview(offsets.buffers()[1])[:4 * len(offsets)],
+                memoryview(data)[first:last] if data is not None else memoryview(b"")]
+    width = array.type.bit_width // 8
+    return [memoryview(array.buffers()[1])[array.offset * width:(array.offset + len(array)) * width]]
+
+
+def _offsets(array: pa.Array) -> pa.Array:
+    """A string array's n + 1 offsets (into its data buffer) as an int32 array."""
+    return pa.Array.from_buffers(pa.int32(), len(array) + 1, [None, array.buffers()[1]], offset=array.offset)
 
 
 def to_ipc(table: pa.Table) -> bytes:
@@ -93,25 +143,32 @@ def to_ipc(table: pa.Table) -> bytes:
 
 
 def from_ipc(data: bytes | pa.Buffer) -> pa.Table:
-    """A manifest table from Arrow IPC; a schema-1 table is upgraded (no file packed)."""
+    """A manifest table from Arrow IPC: schema 2 (with or without versions), or schema 1
+    brought to schema 2 (hashed, nothing packed)."""
     try:
         table = pa.ipc.open_stream(pa.py_buffer(data) if isinstance(data, bytes) else data).read_all()
     except pa.ArrowInvalid as e:
         raise BadRequest(f"not an Arrow IPC manifest: {e}") from e
     if table.schema.equals(LEGACY_SCHEMA):
+        table = table.sort_by("path")  # so it was written; made sure of, since `by_path` relies on it
         n = table.num_rows
-        table = table.append_column("pack", pa.array([NOT_PACKED] * n, pa.int32())).append_column(
+        paths = table.column("path").to_pylist()
+        table = _hash_ordered(table.append_column("pack", pa.array([NOT_PACKED] * n, pa.int32())).append_column(
             "offset", pa.array([0] * n, pa.int32())).append_column(
-            "hash", path_hashes(table.column("path").to_pylist()))
-    if not table.schema.equals(SCHEMA):
+            "hash", pa.array([path_hash(p) for p in paths], pa.uint64())))
+    if not (table.schema.equals(SCHEMA) or table.schema.equals(READER_SCHEMA)):
         raise BadRequest(f"manifest schema {table.schema} is neither {SCHEMA} nor the older {LEGACY_SCHEMA}")
     return table
 
 
+def for_readers(table: pa.Table) -> pa.Table:
+    """The table readers load: everything but the version tokens."""
+    return table.drop_columns(["version"]) if "version" in table.column_names else table
+
+
 class _Strings(Sequence[bytes]):
-    """A string column seen as UTF-8 bytes straight from its Arrow buffers: `bisect` works
-    on it (UTF-8 byte order is code point order, the order the table is sorted in) without
-    an Arrow scalar or a str per probe."""
+    """A string column seen as UTF-8 bytes straight from its Arrow buffers: no Arrow
+    scalar and no str per access."""
 
     def __init__(self, array: pa.StringArray) -> None:
         _, offsets, data = array.buffers()
@@ -129,6 +186,20 @@ class _Strings(Sequence[bytes]):
         return self[i].decode()
 
 
+class _InOrder(Sequence[bytes]):
+    """Paths in path order (UTF-8 bytes sort as code points do): what `bisect` walks to
+    find a folder's run."""
+
+    def __init__(self, paths: _Strings, by_path: memoryview) -> None:
+        self._paths, self._by_path = paths, by_path
+
+    def __len__(self) -> int:
+        return len(self._by_path)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self._paths[self._by_path[i]]
+
+
 def _column_view(array: pa.Array, fmt: str) -> memoryview:
     """The values of a null-free fixed-width column as a memoryview (no copy)."""
     return memoryview(array.buffers()[1]).cast(fmt)[array.offset:array.offset + len(array)]
@@ -142,21 +213,20 @@ class Manifest:
             table = from_ipc(to_ipc(table))
         self.table = table.combine_chunks()
         self.snapshot = snapshot or snapshot_id(self.table)
+        self.has_versions = "version" in self.table.column_names
         column = lambda name: self.table.column(name).chunk(0) if self.table.num_rows else pa.array(  # noqa: E731
             [], self.table.schema.field(name).type)
         self._path_array = column("path")
         self._paths = _Strings(self._path_array)
-        self._versions = _Strings(column("version"))
+        self._versions = _Strings(column("version")) if self.has_versions else None
         self._sizes = _column_view(column("size"), "q")
         self._packs = _column_view(column("pack"), "i")
         self._offsets = _column_view(column("offset"), "i")
+        self._hashes = _column_view(column("hash"), "Q")
+        self._by_path = _column_view(column("by_path"), "I")
+        self._in_order = _InOrder(self._paths, self._by_path)
         self._pack_rows: list[int] | None = None  # rows of packed files, in pack order (server side)
         self._pack_starts: list[int] | None = None
-        # the path index: hashes in ascending order, and the row of each (8 + 8 bytes a file)
-        order = pc.sort_indices(column("hash"))
-        self._hashes = _column_view(pc.take(column("hash"), order), "Q")
-        self._order = _column_view(order, "Q")
-        self.table = self.table.drop_columns(["hash"])  # the index replaces it
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -177,15 +247,15 @@ class Manifest:
         hashes, n = self._hashes, len(self._hashes)
         i = bisect.bisect_left(hashes, h)
         while i < n and hashes[i] == h:  # 64-bit collisions are possible, so the path decides
-            row = self._order[i]
-            if self._paths[row] == key:
-                return row
+            if self._paths[i] == key:
+                return i
             i += 1
         return None
 
     def at(self, row: int) -> FileEntry:
-        return FileEntry(self._paths.text(row), self._sizes[row], self._versions.text(row), self._packs[row],
-                         self._offsets[row])
+        return FileEntry(self._paths.text(row), self._sizes[row],
+                         self._versions.text(row) if self._versions is not None else "",
+                         self._packs[row], self._offsets[row])
 
     def file(self, path: str) -> FileEntry:
         row = self.row(path)
@@ -199,12 +269,11 @@ class Manifest:
 
     # -- directories ------------------------------------------------------------------------
     def _under(self, path: str) -> tuple[int, int]:
-        """Rows [lo, hi) strictly below directory `path` ('' is the root)."""
+        """Positions [lo, hi) in path order strictly below directory `path` ('' is the root)."""
         if not path:
-            return 0, len(self._paths)
-        prefix = path.encode() + b"/"
-        lo = bisect.bisect_left(self._paths, prefix)
-        hi = bisect.bisect_left(self._paths, path.encode() + b"0", lo)  # '0' follows '/'
+            return 0, len(self._in_order)
+        lo = bisect.bisect_left(self._in_order, path.encode() + b"/")
+        hi = bisect.bisect_left(self._in_order, path.encode() + b"0", lo)  # '0' follows '/'
         return lo, hi
 
     def is_dir(self, path: str) -> bool:
@@ -234,13 +303,13 @@ class Manifest:
             if not path and not len(self):
                 return []
             raise NotFound(f"no directory {path!r} in snapshot {self.snapshot}")
+        rows = self.table.column("by_path").slice(lo, hi - lo)
         skip = len(path.encode()) + 1 if path else 0
-        rel = pc.binary_slice(self._path_array.slice(lo, hi - lo).cast(pa.binary()), skip, 1 << 30)
-        slash = pc.find_substring(rel, "/")
-        is_file = pc.equal(slash, -1)
+        rel = pc.binary_slice(pc.take(self._path_array, rows).cast(pa.binary()), skip, 1 << 30)
+        is_file = pc.equal(pc.find_substring(rel, "/"), -1)
         base = f"{path}/" if path else ""
         files = pc.filter(rel, is_file).cast(pa.string()).to_pylist()
-        sizes = pc.filter(self.table.column("size").slice(lo, hi - lo), is_file).to_pylist()
+        sizes = pc.filter(pc.take(self.table.column("size"), rows), is_file).to_pylist()
         nested = pc.filter(rel, pc.invert(is_file))
         first = pc.list_element(pc.split_pattern(nested, "/", max_splits=1), 0)
         names = pc.unique(first).cast(pa.string()).to_pylist() if len(nested) else []
@@ -257,16 +326,17 @@ class Manifest:
         if hi <= lo and path:
             raise NotFound(f"no file or directory {path!r} in snapshot {self.snapshot}")
         for i in range(lo, hi):
-            yield self.at(i)
+            yield self.at(self._by_path[i])
 
     # -- packs (the server's view) ----------------------------------------------------------
     def _index_packs(self) -> None:
-        rows = [i for i, p in enumerate(self._packs) if p != NOT_PACKED]  # packs ascend with rows
+        packs = self._packs
+        rows = [r for r in self._by_path if packs[r] != NOT_PACKED]  # packs ascend in path order
         starts: list[int] = []
         last = NOT_PACKED
-        for j, i in enumerate(rows):
-            if self._packs[i] != last:
-                last = self._packs[i]
+        for j, r in enumerate(rows):
+            if packs[r] != last:
+                last = packs[r]
                 starts.append(j)
         starts.append(len(rows))
         self._pack_rows, self._pack_starts = rows, starts
@@ -280,20 +350,21 @@ class Manifest:
 
     def pack_members(self, pack: int) -> list[FileEntry]:
         """The files laid out in `pack`, in offset order (built once; O(files) the first time)."""
-        if self._pack_starts is None:
-            self._index_packs()
-        assert self._pack_rows is not None and self._pack_starts is not None
-        if not 0 <= pack < len(self._pack_starts) - 1:
-            raise NotFound(f"no pack {pack} in snapshot {self.snapshot} ({len(self._pack_starts) - 1} packs)")
-        lo, hi = self._pack_starts[pack], self._pack_starts[pack + 1]
-        return [self.at(i) for i in self._pack_rows[lo:hi]]
+        lo, hi = self._pack_range(pack)
+        assert self._pack_rows is not None
+        return [self.at(r) for r in self._pack_rows[lo:hi]]
 
     def pack_size(self, pack: int) -> int:
         """Bytes in `pack` (its last member's end), without building its members."""
+        _, hi = self._pack_range(pack)
+        assert self._pack_rows is not None
+        last = self._pack_rows[hi - 1]
+        return self._offsets[last] + self._sizes[last]
+
+    def _pack_range(self, pack: int) -> tuple[int, int]:
         if self._pack_starts is None:
             self._index_packs()
-        assert self._pack_rows is not None and self._pack_starts is not None
+        assert self._pack_starts is not None
         if not 0 <= pack < len(self._pack_starts) - 1:
             raise NotFound(f"no pack {pack} in snapshot {self.snapshot} ({len(self._pack_starts) - 1} packs)")
-        last = self._pack_rows[self._pack_starts[pack + 1] - 1]
-        return self._offsets[last] + self._sizes[last]
+        return self._pack_starts[pack], self._pack_starts[pack + 1]

@@ -44,6 +44,6 @@ def plan(info: DatasetInfo, entry: FileEntry, start: int, end: int, dest: memory
         first = index * bs
         lo, hi = max(start, first), min(end, first + bs)
         item = [wire.ITEM_BLOCK, entry.path, index, lo - first, hi - first]
-        key = block_key(info.name, info.snapshot, entry.path, entry.version, index)
+        key = block_key(info.name, info.snapshot, entry.path, index)
         out.append(Slice(key, item, dest[lo - start:hi - start], entry, lo))
     return out

@@ -20,7 +20,7 @@ import xxhash
 from cachefs import wire
 from cachefs.config import NodeConfig
 from cachefs.errors import (BadRequest, CachefsError, NotFound, RangeNotSatisfiable, SnapshotGone, StaleEpoch)
-from cachefs.manifest import Manifest, check_path, from_ipc
+from cachefs.manifest import Manifest, check_path, for_readers, from_ipc, to_ipc
 from cachefs.origin import Origin
 from cachefs.wire import DatasetInfo, OperationInfo
 from server.metrics import NodeMetrics
@@ -50,7 +50,8 @@ class DatasetState:
     info: DatasetInfo
     manifest: Manifest
     origin: Origin
-    manifest_ipc: bytes
+    manifest_ipc: bytes  # the snapshot as the coordinator keeps it (version tokens included)
+    reader_ipc: bytes  # what readers load: schema 2, no version tokens
     packs: dict[int, Unit] = field(default_factory=dict)  # built once per pack a reader names
 
 
@@ -90,10 +91,11 @@ class Piece:
 Want = tuple  # ("b", path, index, start, end) | ("p", pack, start, end): wire.READ items, checked
 
 
-def _open_manifest(ipc: bytes, snapshot: str) -> Manifest:
+def _open_manifest(ipc: bytes, snapshot: str) -> tuple[Manifest, bytes]:
+    """The node's index of a snapshot, and the IPC readers load (built here, off the loop)."""
     manifest = Manifest(from_ipc(ipc), snapshot)
-    _ = manifest.packs  # index the packs now, off the event loop
-    return manifest
+    _ = manifest.packs  # index the packs now
+    return manifest, to_ipc(for_readers(manifest.table))
 
 
 class CacheNode:
@@ -152,9 +154,9 @@ class CacheNode:
         old = self._datasets.get(name)
         if old is not None and old.info.snapshot == info.snapshot:
             return old
-        manifest = await asyncio.to_thread(_open_manifest, manifest_ipc, info.snapshot)
+        manifest, reader_ipc = await asyncio.to_thread(_open_manifest, manifest_ipc, info.snapshot)
         state = DatasetState(info, manifest, Origin(spec.url, spec.storage_options, self.config.origin_timeout),
-                             manifest_ipc)
+                             manifest_ipc, reader_ipc)
         self._datasets[name] = state
         if old is not None:
             await self.forget(name, keep_snapshot=info.snapshot)

@@ -38,7 +38,7 @@ class Unit:
 
 def block_unit(info: DatasetInfo, entry: FileEntry, index: int) -> Unit:
     start, end = block_bounds(index, entry.size, info.block_size)
-    return Unit(block_key(info.name, info.snapshot, entry.path, entry.version, index), end - start, (entry,), start)
+    return Unit(block_key(info.name, info.snapshot, entry.path, index), end - start, (entry,), start)
 
 
 def pack_unit(info: DatasetInfo, manifest: Manifest, pack: int) -> Unit:

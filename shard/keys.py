@@ -1,7 +1,8 @@
 """Block keys and block arithmetic: which blocks a byte range touches, and their names.
 
-A key names one block of one file of one snapshot; it hashes the version token too, so a
-changed file can never be served from an old block even if a snapshot id were reused.
+A key names one block of one file of one snapshot. The snapshot id already hashes every
+file's version token, so the key does not repeat it: readers can then find blocks without
+holding version tokens (the widest column of a manifest).
 """
 
 from __future__ import annotations
@@ -9,9 +10,9 @@ from __future__ import annotations
 import xxhash
 
 
-def block_key(dataset: str, snapshot: str, path: str, version: str, index: int) -> str:
+def block_key(dataset: str, snapshot: str, path: str, index: int) -> str:
     """16 hex digits of xxh3-64 over the block's identity (NUL-separated: no field has NUL)."""
-    return xxhash.xxh3_64_hexdigest(f"{dataset}\0{snapshot}\0{path}\0{version}\0{index}".encode())
+    return xxhash.xxh3_64_hexdigest(f"{dataset}\0{snapshot}\0{path}\0{index}".encode())
 
 
 def pack_key(dataset: str, snapshot: str, pack: int) -> str:

@@ -144,5 +144,5 @@ def test_block_arithmetic() -> None:
     assert list(blocks_for_range(0, 25, 25, 10)) == [0, 1, 2]
     assert list(blocks_for_range(9, 11, 25, 10)) == [0, 1]
     assert list(blocks_for_range(30, 40, 25, 10)) == []
-    assert block_key("d", "s", "p", "v", 0) != block_key("d", "s", "p", "v2", 0)
-    assert len(block_key("d", "s", "p", "v", 0)) == 16
+    assert block_key("d", "s", "p", 0) != block_key("d", "s2", "p", 0) != block_key("d", "s", "p", 1)
+    assert len(block_key("d", "s", "p", 0)) == 16
