@@ -2,9 +2,10 @@
 
 One POST of wire.READ asks a node for many byte ranges; the answer is one frame per item
 (wire.FRAME). The caller says up front where each item's bytes go (a slice of the bytes
-object `cat` returns, a block buffer, ...), and `get_buffer` hands the kernel exactly
-that place: each byte is copied once, from the socket into its destination, with no
-chunk objects and no joins. Every item's digest is checked as it lands.
+object `cat` returns, a block buffer, ...), and the parser (`FrameReader`) hands the
+kernel exactly that place: each byte is copied once, from the socket into its
+destination, with no chunk objects and no joins. Every item's digest is checked as it
+lands. `request_head` is the one place the request itself is written.
 
 Only what the data path needs: POST, Content-Length bodies, keep-alive. Every other
 request (metadata, admin) goes through aiohttp in `Transport`.
@@ -15,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import defaultdict
-from typing import Sequence
+from typing import Callable, Sequence
 from urllib.parse import urlsplit
 
 import xxhash
@@ -29,33 +30,38 @@ ERROR_LIMIT = 1024 * 1024  # an error body larger than this is not one of ours
 _HEAD, _FRAME_HEAD, _PAYLOAD, _ERROR_BODY, _DONE = range(5)
 
 
-class FrameConnection(asyncio.BufferedProtocol):
-    """One keep-alive connection carrying one batch request at a time."""
+Outcome = list[CachefsError | None]  # per item: its error, or None when its bytes are in place
+
+
+class FrameReader:
+    """The answer to one batch read, parsed as it arrives: `buffer()` says where the next
+    bytes go, `received(n)` what came. No I/O of its own: an asyncio protocol drives it
+    (FrameConnection), and so does a blocking socket (cachefs/direct.py)."""
 
     def __init__(self, base: str) -> None:
         self.base = base
-        self.transport: asyncio.Transport | None = None
         self.reusable = True
+        self.outcome: Outcome | CachefsError | None = None  # set when the answer is complete (or broken)
+        self.on_done: Callable[[], None] | None = None
         self._head = bytearray(HEADER_LIMIT)
         self._head_len = 0
         self._frame = bytearray(wire.FRAME.size)
         self._state = _DONE
-        self._done: asyncio.Future[list[CachefsError | None]] | None = None
         self._dests: Sequence[memoryview] = ()
-        self._results: list[CachefsError | None] = []
+        self._results: Outcome = []
         self._item = 0  # the frame being received
-        self._view: memoryview = memoryview(self._frame)  # where the current recv lands
+        self._view: memoryview = memoryview(self._frame)  # where the current receive lands
         self._got = 0
         self._status = 0
         self._digest = 0
-        self._error = bytearray()
         self._left = 0  # body bytes still expected
 
-    # -- asyncio callbacks ------------------------------------------------------------
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+    def start(self, dests: Sequence[memoryview]) -> None:
+        """Expect the answer to a request for len(dests) items, item i landing in dests[i]."""
+        self._head_len, self._item, self._results, self._dests = 0, 0, [], dests
+        self.outcome, self._state = None, _HEAD
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def buffer(self) -> memoryview:
         if self._state == _HEAD:
             return memoryview(self._head)[self._head_len:]
         if self._state == _DONE:  # bytes nobody asked for: take them, then drop the connection
@@ -63,41 +69,42 @@ class FrameConnection(asyncio.BufferedProtocol):
             return memoryview(self._head)
         return self._view[self._got:]
 
-    def buffer_updated(self, nbytes: int) -> None:
+    def received(self, nbytes: int) -> None:
         if self._state == _HEAD:
             self._head_len += nbytes
             self._on_head()
         elif self._state == _DONE:
-            self._fail(IntegrityError(f"{self.base} sent bytes after its response"))
+            self.fail(IntegrityError(f"{self.base} sent bytes after its response"))
         else:
             self._got += nbytes
             self._left -= nbytes
             if self._got == len(self._view):
                 self._on_filled()
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    def fail(self, exc: CachefsError) -> None:
         self.reusable = False
-        self._fail(NodeUnavailable(f"{self.base} closed the connection before the response was complete: {exc}"))
+        if self._state != _DONE or self.outcome is None:
+            self._finish(exc)
 
     # -- the state machine ---------------------------------------------------------------
     def _on_head(self) -> None:
         end = self._head.find(b"\r\n\r\n", 0, self._head_len)
         if end < 0:
             if self._head_len >= HEADER_LIMIT:
-                self._fail(IntegrityError(f"{self.base} sent response headers larger than 64 KiB"))
+                self.fail(IntegrityError(f"{self.base} sent response headers larger than 64 KiB"))
             return
         try:
             status, headers = _parse_head(bytes(self._head[:end]))
             length = int(headers["content-length"])
         except (ValueError, KeyError, IndexError) as e:
-            self._fail(IntegrityError(f"{self.base} sent a response without a usable Content-Length: {e}"))
+            self.fail(IntegrityError(f"{self.base} sent a response without a usable Content-Length: {e}"))
             return
         if headers.get("connection", "").lower() == "close":
             self.reusable = False
         self._left = length
         if status != 200 or headers.get("content-type", "") != wire.FRAMES:
             if length > ERROR_LIMIT:
-                self._fail(IntegrityError(f"{self.base} answered HTTP {status} with {length} bytes"))
+                self.fail(IntegrityError(f"{self.base} answered HTTP {status} with {length} bytes"))
                 return
             self._status = status
             self._expect(_ERROR_BODY, memoryview(bytearray(length)))
@@ -105,7 +112,7 @@ class FrameConnection(asyncio.BufferedProtocol):
             self._expect(_FRAME_HEAD, memoryview(self._frame))
         extra = memoryview(self._head)[end + 4:self._head_len]
         if len(extra) > self._left:
-            self._fail(IntegrityError(f"{self.base} sent more than its response's length"))
+            self.fail(IntegrityError(f"{self.base} sent more than its response's length"))
             return
         self._feed(extra)
 
@@ -130,21 +137,21 @@ class FrameConnection(asyncio.BufferedProtocol):
             self._finish(from_body(self._status, bytes(self._view), self.base))
         elif self._state == _FRAME_HEAD:
             if self._item >= len(self._dests):
-                self._fail(IntegrityError(f"{self.base} sent more frames than items"))
+                self.fail(IntegrityError(f"{self.base} sent more frames than items"))
                 return
             status, _, item, length, digest = wire.FRAME.unpack(self._frame)
             if item != self._item:
-                self._fail(IntegrityError(f"{self.base} sent frame {item} where {self._item} was due"))
+                self.fail(IntegrityError(f"{self.base} sent frame {item} where {self._item} was due"))
                 return
             self._status, self._digest = status, digest
             if status == 200:
                 dest = self._dests[item]
                 if length != len(dest):
-                    self._fail(IntegrityError(f"{self.base} sent {length} bytes for an item of {len(dest)}"))
+                    self.fail(IntegrityError(f"{self.base} sent {length} bytes for an item of {len(dest)}"))
                     return
                 self._expect(_PAYLOAD, dest)
             elif length > ERROR_LIMIT:
-                self._fail(IntegrityError(f"{self.base} sent an error of {length} bytes"))
+                self.fail(IntegrityError(f"{self.base} sent an error of {length} bytes"))
             else:
                 self._expect(_PAYLOAD, memoryview(bytearray(length)))
         elif self._state == _PAYLOAD:
@@ -157,52 +164,86 @@ class FrameConnection(asyncio.BufferedProtocol):
             self._item += 1
             if self._item == len(self._dests):
                 if self._left:
-                    self._fail(IntegrityError(f"{self.base} sent {self._left} bytes more than its frames"))
+                    self.fail(IntegrityError(f"{self.base} sent {self._left} bytes more than its frames"))
                 else:
                     self._finish(self._results)
             else:
                 self._expect(_FRAME_HEAD, memoryview(self._frame))
 
-    def _finish(self, outcome: list[CachefsError | None] | CachefsError) -> None:
-        self._state = _DONE
-        self._dests = ()
-        done, self._done = self._done, None
+    def _finish(self, outcome: Outcome | CachefsError) -> None:
+        self._state, self._dests, self.outcome = _DONE, (), outcome
+        if self.on_done is not None:
+            self.on_done()
+
+
+
+class FrameConnection(asyncio.BufferedProtocol):
+    """One keep-alive connection carrying one batch request at a time."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.transport: asyncio.Transport | None = None
+        self.reader = FrameReader(base)
+        self._done: asyncio.Future[Outcome] | None = None
+        self.reader.on_done = self._resolve
+
+    @property
+    def reusable(self) -> bool:
+        return self.reader.reusable
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.reader.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.reader.received(nbytes)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.reader.fail(NodeUnavailable(f"{self.base} closed the connection before the response was complete: {exc}"))
+
+    def _resolve(self) -> None:
+        done, outcome = self._done, self.reader.outcome
+        if not self.reader.reusable and self.transport is not None:
+            self.transport.close()
         if done is None or done.done():
             return
         if isinstance(outcome, BaseException):
             done.set_exception(outcome)
         else:
-            done.set_result(outcome)
+            done.set_result(outcome)  # type: ignore[arg-type]
 
-    def _fail(self, exc: Exception) -> None:
-        self.reusable = False
-        self._finish(exc)  # type: ignore[arg-type]
-        if self.transport is not None:
-            self.transport.close()
-
-    async def request(self, raw: bytes, dests: Sequence[memoryview], timeout: float) -> list[CachefsError | None]:
+    async def request(self, raw: bytes, dests: Sequence[memoryview], timeout: float) -> Outcome:
         """Send one request; fill `dests` (one per item); each item's error or None."""
         assert self.transport is not None
-        self._head_len, self._item, self._results, self._dests = 0, 0, [], dests
-        self._state = _HEAD
         loop = asyncio.get_running_loop()
         done = self._done = loop.create_future()
+        self.reader.start(dests)
         # a timer rather than asyncio.wait_for: no extra task and loop turn per request
         timer = loop.call_later(timeout, self._time_out, done, timeout)
         self.transport.write(raw)
         try:
             return await done
         except BaseException:
-            self.reusable = False
-            self._state, self._dests = _DONE, ()
+            self.reader.reusable = False
             self.transport.close()
             raise
         finally:
             timer.cancel()
+            self._done = None
 
-    def _time_out(self, done: asyncio.Future[list[CachefsError | None]], timeout: float) -> None:
+    def _time_out(self, done: asyncio.Future[Outcome], timeout: float) -> None:
         if not done.done():
             done.set_exception(NodeUnavailable(f"{self.base} did not answer within {timeout:.0f} s"))
+
+
+def request_head(base: str, name: str, token: str, epoch: int, body: bytes) -> bytes:
+    """The whole HTTP request of one batch read (wire.READ), body included."""
+    head = (f"POST {wire.route(wire.READ, name=name)} HTTP/1.1\r\nHost: {urlsplit(base).netloc}\r\n"
+            f"Authorization: Bearer {token}\r\n{wire.EPOCH_HEADER}: {epoch}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
@@ -251,13 +292,9 @@ class FrameClient:
     async def read(self, base: str, name: str, body: bytes, epoch: int,
                    dests: Sequence[memoryview]) -> list[CachefsError | None]:
         """POST one batch to `base`; fills `dests`; per item, its error or None."""
-        url = urlsplit(base)
-        head = (f"POST {wire.route(wire.READ, name=name)} HTTP/1.1\r\nHost: {url.netloc}\r\n"
-                f"Authorization: Bearer {self.token}\r\n{wire.EPOCH_HEADER}: {epoch}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
         conn = await self._connection(base)
         try:
-            results = await conn.request(head.encode() + body, dests, self.read_timeout)
+            results = await conn.request(request_head(base, name, self.token, epoch, body), dests, self.read_timeout)
         except OSError as e:
             if isinstance(e, CachefsError) and not isinstance(e, NodeUnavailable):
                 if conn.reusable:

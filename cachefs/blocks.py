@@ -148,6 +148,23 @@ class BlockReader:
                 return n
         return prefs[0]
 
+    def mark_down(self, url: str) -> None:
+        """Skip `url` for a while (any thread may say so: one assignment, atomic)."""
+        self._down[url] = time.monotonic() + DOWN_FOR
+
+    def owner(self, key: str, replicas: int) -> tuple[str, int] | None:
+        """(URL, ring epoch) of a key's first live owner, from the ring already held; None
+        without a ring or when that owner is marked down. Safe from any thread: it only
+        reads references the loop replaces whole (cachefs/direct.py uses it)."""
+        routes = self._routes
+        if routes is None:
+            return None
+        owners = routes.ring.owners(key, 1)
+        url = routes.urls[owners[0]] if owners else None
+        if url is None or self._down.get(url, 0.0) > time.monotonic():
+            return None
+        return url, routes.ring.epoch
+
     def _queue(self, view: DatasetView, node: str, url: str) -> NodeQueue:
         key = (url, view.info.name, view.info.snapshot)
         queue = self._queues.get(key)
@@ -180,7 +197,7 @@ class BlockReader:
                 s.stale = max(e.epoch, epoch + 1)
             return
         except (NodeUnavailable, IntegrityError) as e:  # the node, or its answer, is broken: next owner
-            self._down[url] = time.monotonic() + DOWN_FOR
+            self.mark_down(url)
             for s in chunk:
                 s.tried.add(node)
                 s.retry = True

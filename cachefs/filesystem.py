@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import json
 import os
 import weakref
 from typing import Any
@@ -23,13 +24,15 @@ from cachefs import wire
 from cachefs.blocks import BlockReader, DatasetView
 from cachefs.buffers import BufferPool, new_bytes
 from cachefs.config import ClientConfig, load
-from cachefs.errors import BadRequest, CachefsError, NotFound, ReadOnlyError, SnapshotGone
+from cachefs.direct import DirectReads
+from cachefs.errors import BadRequest, CachefsError, NodeUnavailable, NotFound, ReadOnlyError, SnapshotGone
 from cachefs.manifest import FileEntry, Manifest, check_path, from_ipc
 from cachefs.plan import Slice, plan
 from cachefs.transport import Transport
 from cachefs.wire import DatasetInfo
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
+DIRECT_MAX = 4 * 1024 * 1024  # sync reads up to this size may go on the caller's thread (cachefs/direct.py)
 
 
 def _read_only(*_args: Any, **_kwargs: Any) -> None:
@@ -67,6 +70,8 @@ class CachefsFileSystem(AsyncFileSystem):
         self.config.require_endpoint()
         self.transport = Transport(self.config)
         self.blocks = BlockReader(self.config, self.transport, origin_storage_options)
+        self.direct = DirectReads(self.config.token, self.config.connect_timeout, self.config.read_timeout,
+                                  self.transport.ssl_context, self.transport.server_name)
         self.pool = BufferPool(wire.DEFAULT_BLOCK_SIZE)  # open files' block buffers, reused
         self._views: dict[str, DatasetView] = {}
         if not asynchronous:  # like s3fs: close the session when the instance goes away
@@ -203,6 +208,48 @@ class CachefsFileSystem(AsyncFileSystem):
         await self._fill(view, plan(view.info, entry, start, end, dest))
         return out
 
+    def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        """Sync `cat_file`: a small read one node can answer goes on this thread
+        (cachefs/direct.py); anything else through the event loop (`_cat_file`)."""
+        data = self._direct_read(path, start, end)
+        return data if data is not None else sync(self.loop, self._cat_file, path, start, end, **kwargs)
+
+    def _direct_read(self, path: str, start: int | None, end: int | None) -> bytes | None:
+        try:
+            name, rel = self._split(self._strip_protocol(path))
+        except BadRequest:
+            return None
+        view = self._views.get(name)
+        entry = view.manifest.get(rel) if view is not None else None
+        if view is None or entry is None:
+            return None  # not loaded yet (or not a file): the usual path loads it, or says why
+        lo = 0 if start is None else (start if start >= 0 else max(0, entry.size + start))
+        hi = entry.size if end is None else (end if end >= 0 else max(0, entry.size + end))
+        lo, hi = max(0, lo), min(hi, entry.size)
+        if lo >= hi:
+            return b""
+        if hi - lo > DIRECT_MAX:
+            return None
+        buf = self._direct_fill(view, entry, lo, hi, new_bytes)
+        return buf[0] if buf is not None else None
+
+    def _direct_fill(self, view: DatasetView, entry: FileEntry, lo: int, hi: int,
+                     alloc: Any) -> tuple[Any, memoryview] | None:
+        """Bytes [lo, hi) of one unit from its owner, on this thread; None to go the usual way."""
+        out, dest = alloc(hi - lo)
+        slices = plan(view.info, entry, lo, hi, dest)
+        owner = self.blocks.owner(slices[0].key, view.info.replicas) if len(slices) == 1 else None
+        if owner is None:
+            return None
+        url, epoch = owner
+        body = json.dumps({"snapshot": view.info.snapshot, "items": [slices[0].item]}, separators=(",", ":"))
+        try:
+            outcome = self.direct.read(url, view.info.name, body.encode(), epoch, [dest])
+        except NodeUnavailable:
+            self.blocks.mark_down(url)  # and the usual path tries the next owner
+            return None
+        return (out, dest) if outcome is not None and outcome[0] is None else None
+
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         try:
             return await self._read_into(path, start, end)  # type: ignore[return-value]
@@ -281,14 +328,18 @@ class CachefsFileSystem(AsyncFileSystem):
     async def _chunk(self, view: DatasetView, entry: FileEntry, start: int, end: int) -> memoryview:
         """Bytes [start, end) in a buffer of their own: a reused block buffer when large, an
         exact-size one when small (a 110 KB file never holds an 8 MiB buffer)."""
-        n = end - start
-        buf = self.pool.take(n) if n > self.pool.size // 2 else memoryview(bytearray(n))
+        _, buf = self._buffer(end - start)
         try:
             await self._fill(view, plan(view.info, entry, start, end, buf))
         except BaseException:
             self.pool.give(buf)
             raise
         return buf
+
+    def _buffer(self, n: int) -> tuple[memoryview, memoryview]:
+        """A buffer for n bytes of an open file: reused when large, exact when small."""
+        buf = self.pool.take(n) if n > self.pool.size // 2 else memoryview(bytearray(n))
+        return buf, buf
 
     async def _get_file(self, rpath: str, lpath: str, **kwargs: Any) -> None:
         if (await self._info(rpath))["type"] == "directory":
@@ -315,6 +366,7 @@ class CachefsFileSystem(AsyncFileSystem):
         lambda *a, **k: _read_only())  # type: ignore[assignment]
 
     async def _close(self) -> None:
+        self.direct.close()
         await self.blocks.close()
         await self.transport.close()
 
@@ -350,8 +402,14 @@ class BlockCache(BaseCache):
         fut = self._blocks.get(index)
         if fut is None:
             start = index * self.bs
-            chunk = self.fs._chunk(self.view, self.entry, start, min(start + self.bs, self.entry.size))
-            fut = asyncio.run_coroutine_threadsafe(chunk, self.fs.loop)
+            end = min(start + self.bs, self.entry.size)
+            got = self.fs._direct_fill(self.view, self.entry, start, end, self.fs._buffer) \
+                if self.count == 1 and end - start <= DIRECT_MAX else None  # a small file: this thread
+            if got is not None:
+                fut = concurrent.futures.Future()
+                fut.set_result(got[1])
+            else:
+                fut = asyncio.run_coroutine_threadsafe(self.fs._chunk(self.view, self.entry, start, end), self.fs.loop)
             self._blocks[index] = fut
         return fut
 

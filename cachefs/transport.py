@@ -56,15 +56,15 @@ class Transport:
         self._session: aiohttp.ClientSession | None = None
         self._frames: FrameClient | None = None
         # https:// nodes: verified against ca_bundle (else the system's CAs), by tls_server_name when set
-        self._ssl = client_context(config.ca_bundle) if config.ca_bundle else None
-        self._server_name = config.tls_server_name or None
+        self.ssl_context = client_context(config.ca_bundle) if config.ca_bundle else None
+        self.server_name = config.tls_server_name or None
         self._timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout,
                                               sock_connect=config.connect_timeout, sock_read=config.read_timeout)
 
     async def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(limit=256, limit_per_host=64, keepalive_timeout=60,
-                                             enable_cleanup_closed=True, ssl=self._ssl or True)
+                                             enable_cleanup_closed=True, ssl=self.ssl_context or True)
             self._session = aiohttp.ClientSession(
                 connector=connector, timeout=self._timeout, auto_decompress=False,
                 headers=wire.bearer(self.config.token) if self.config.token else {},
@@ -91,7 +91,7 @@ class Transport:
         session = await self.session()
         try:
             async with session.request(method, url, json=json_body, params=params,
-                                       server_hostname=self._server_name) as resp:
+                                       server_hostname=self.server_name) as resp:
                 await self._raise_for(resp)
                 return await resp.read(), resp.headers
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as e:
@@ -113,5 +113,5 @@ class Transport:
         """
         if self._frames is None:
             self._frames = FrameClient(self.config.token, self.config.connect_timeout, self.config.read_timeout,
-                                       self._ssl, self._server_name)
+                                       self.ssl_context, self.server_name)
         return await self._frames.read(base, name, body, epoch, dests)
