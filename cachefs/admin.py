@@ -52,37 +52,36 @@ class AdminClient:
             raise Forbidden(f"{e.message} (this client has only a reader token: no CACHEFS_ADMIN_TOKEN, "
                             "--admin-token or admin_token in the cluster file)", **e.extra) from None
 
-    # -- datasets ------------------------------------------------------------------------
-    async def list_datasets(self) -> list[DatasetInfo]:
-        doc = await self._call("GET", wire.DATASETS)
-        return [DatasetInfo.from_json(d) for d in doc["datasets"]]
+    async def call(self, name: str, *args: Any) -> Any:
+        """One call of the admin API (wire.ADMIN_CALLS): the route's parameters, then the
+        body if the call takes one; the answer read as the table says."""
+        c = wire.ADMIN_CALL[name]
+        path = wire.route(c.route, **dict(zip(c.params, args)))
+        doc = await self._call(c.method, path, args[len(c.params)] if c.body else None)
+        return c.reads(doc[c.wrap] if c.wrap else doc)
+
+    # -- the calls with arguments worth naming; the others are made from the table below ---
+    async def add_dataset(self, name: str, origin: str, storage_options: dict[str, Any] | None = None,
+                          replicas: int = 1, allowed_namespaces: Sequence[str] = (),
+                          pack_threshold: int | None = None) -> OperationInfo:
+        body: dict[str, Any] = {"name": name, "origin": origin, "storage_options": storage_options or {},
+                                "replicas": replicas, "allowed_namespaces": list(allowed_namespaces)}
+        if pack_threshold is not None:
+            body["pack_threshold"] = pack_threshold
+        return await self.call("add_dataset", body)
+
+    async def update_dataset(self, name: str, *, replicas: int | None = None,
+                             allowed_namespaces: Sequence[str] | None = None,
+                             storage_options: dict[str, Any] | None = None) -> DatasetInfo:
+        """Change settings in place: same snapshot, cached blocks kept."""
+        body: dict[str, Any] = {k: v for k, v in (("replicas", replicas), ("storage_options", storage_options))
+                                if v is not None}
+        if allowed_namespaces is not None:
+            body["allowed_namespaces"] = list(allowed_namespaces)
+        return await self.call("update_dataset", name, body)
 
     async def get_dataset(self, name: str) -> DatasetInfo:
         return DatasetInfo.from_json(await self._call("GET", wire.route(wire.DATASET, name=name)))
-
-    async def add_dataset(self, name: str, origin: str, storage_options: dict[str, Any] | None = None,
-                          replicas: int = 1, allowed_namespaces: Sequence[str] = ()) -> OperationInfo:
-        body = {"name": name, "origin": origin, "storage_options": storage_options or {},
-                "replicas": replicas, "allowed_namespaces": list(allowed_namespaces)}
-        return OperationInfo.from_json((await self._call("POST", wire.DATASETS, body))["operation"])
-
-    async def refresh_dataset(self, name: str) -> OperationInfo:
-        doc = await self._call("POST", wire.route(wire.DATASET_REFRESH, name=name))
-        return OperationInfo.from_json(doc["operation"])
-
-    async def remove_dataset(self, name: str) -> None:
-        await self._call("DELETE", wire.route(wire.DATASET, name=name))
-
-    async def warm_dataset(self, name: str) -> OperationInfo:
-        doc = await self._call("POST", wire.route(wire.DATASET_WARM, name=name))
-        return OperationInfo.from_json(doc["operation"])
-
-    # -- operations ----------------------------------------------------------------------
-    async def operation(self, op_id: str) -> OperationInfo:
-        return OperationInfo.from_json(await self._call("GET", wire.route(wire.OPERATION, op_id=op_id)))
-
-    async def cancel(self, op_id: str) -> OperationInfo:
-        return OperationInfo.from_json(await self._call("DELETE", wire.route(wire.OPERATION, op_id=op_id)))
 
     async def wait(self, op: OperationInfo, progress: Progress | None = None, timeout: float | None = None,
                    poll: float = 0.25) -> OperationInfo:
@@ -109,9 +108,6 @@ class AdminClient:
         except CachefsError:
             pass
 
-    async def status(self) -> dict[str, Any]:
-        return await self._call("GET", wire.STATUS)
-
     async def ring(self) -> dict[str, Any]:
         return await self._call("GET", wire.RING)
 
@@ -121,3 +117,18 @@ class AdminClient:
     async def metrics(self) -> str:
         body, _ = await self.endpoints.call(self.transport, "GET", wire.METRICS, raw=True)
         return body.decode()
+
+
+def _admin_method(call: wire.AdminCall) -> Callable[..., Any]:
+    async def method(self: AdminClient, *args: Any) -> Any:
+        return await self.call(call.name, *args)
+
+    method.__name__ = method.__qualname__ = call.name
+    method.__doc__ = f"{call.method} {call.route} (wire.ADMIN_CALLS)"
+    return method
+
+
+for _call in wire.ADMIN_CALLS:  # list_datasets, remove_dataset, refresh_dataset, warm_dataset, operation, ...
+    if not hasattr(AdminClient, _call.name):
+        setattr(AdminClient, _call.name, _admin_method(_call))
+del _call

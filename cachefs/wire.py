@@ -10,7 +10,7 @@ import json
 import re
 import struct
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 API_PREFIX = "/v1"
 
@@ -173,3 +173,46 @@ class OperationInfo:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "OperationInfo":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+# -- the admin API, written once -----------------------------------------------------------
+# Every admin operation is one row: the coordinator implements a method of that name (with
+# JSON-able arguments and answer), a node's link to the coordinator forwards it, the HTTP
+# app serves it at its route, and the admin client calls it, reading the answer with
+# `reads`. Arguments are the route's parameters in order, then the JSON body if `body`.
+def _same(doc: Any) -> Any:
+    return doc
+
+
+def _datasets(doc: Any) -> list[DatasetInfo]:
+    return [DatasetInfo.from_json(d) for d in doc]
+
+
+@dataclass(frozen=True)
+class AdminCall:
+    name: str
+    method: str
+    route: str
+    role: str
+    params: tuple[str, ...] = ()
+    body: bool = False
+    wrap: str = ""  # the key the answer travels under in the response body, if any
+    status: int = 200
+    reads: Callable[[Any], Any] = _same  # the answer as the client returns it
+
+
+ADMIN_CALLS: tuple[AdminCall, ...] = (
+    AdminCall("list_datasets", "GET", DATASETS, READER, wrap="datasets", reads=_datasets),
+    AdminCall("add_dataset", "POST", DATASETS, ADMIN, body=True, wrap="operation", status=202,
+              reads=OperationInfo.from_json),
+    AdminCall("update_dataset", "PATCH", DATASET, ADMIN, ("name",), body=True, reads=DatasetInfo.from_json),
+    AdminCall("remove_dataset", "DELETE", DATASET, ADMIN, ("name",)),
+    AdminCall("refresh_dataset", "POST", DATASET_REFRESH, ADMIN, ("name",), wrap="operation", status=202,
+              reads=OperationInfo.from_json),
+    AdminCall("warm_dataset", "POST", DATASET_WARM, ADMIN, ("name",), wrap="operation", status=202,
+              reads=OperationInfo.from_json),
+    AdminCall("operation", "GET", OPERATION, READER, ("op_id",), reads=OperationInfo.from_json),
+    AdminCall("cancel", "DELETE", OPERATION, ADMIN, ("op_id",), reads=OperationInfo.from_json),
+    AdminCall("status", "GET", STATUS, READER),
+)
+ADMIN_CALL = {c.name: c for c in ADMIN_CALLS}

@@ -20,7 +20,7 @@ from cachefs.wire import DatasetInfo, OperationInfo
 from server.operations import Operation, Operations
 from server.origin_policy import OriginPolicy
 from server.placement import build_ring
-from server.registry import DatasetSpec, Registry, take_snapshot
+from server.registry import SETTINGS, DatasetSpec, Registry, parse_settings, take_snapshot
 from shard import Ring
 
 log = logging.getLogger(__name__)
@@ -173,9 +173,23 @@ class Coordinator:
         op.info.total_files, op.info.total_bytes = record.info.files, record.info.bytes
         return record
 
-    async def remove_dataset(self, name: str) -> None:
+    async def update_dataset(self, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """New settings in place (replicas, allowed namespaces, storage options): the same
+        snapshot, every cached block kept; nodes reload the dataset's settings."""
+        if not isinstance(body, dict):
+            raise BadRequest(f"an update is a JSON object of settings ({', '.join(SETTINGS)})")
+        settings = parse_settings(body)
+        old = self.registry.get(name)
+        if "storage_options" in settings:
+            await self.policy.check(old.info.origin, settings["storage_options"])
+        record = self.registry.update(name, settings)
+        await self._broadcast("dataset_updated", name)
+        return record.info.to_json()
+
+    async def remove_dataset(self, name: str) -> dict[str, Any]:
         self.registry.remove(name)
         await self._broadcast("dataset_changed", name)
+        return {"removed": name}
 
     # -- warm-up -------------------------------------------------------------------------
     async def warm_dataset(self, name: str) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from aiohttp import web
 
 from cachefs import wire
 from cachefs.errors import BadRequest, CachefsError, Forbidden, NotFound, RangeNotSatisfiable, Unauthorized
-from cachefs.wire import DatasetInfo, OperationInfo
 from server.node import BlockRead, CacheNode
 from server.stores import read_ranges
 
@@ -30,16 +29,11 @@ COALESCE = 512 * 1024  # batch answers up to this size are copied into one buffe
 
 
 class Admin(Protocol):
-    """The registry side of the API (the coordinator, reached from a node)."""
+    """Where the admin API's calls go (wire.ADMIN_CALLS): the coordinator, reached through
+    the node's link. Each call takes the route's parameters, then the JSON body if any,
+    and answers JSON-able values."""
 
-    async def list_datasets(self) -> list[DatasetInfo]: ...
-    async def add_dataset(self, spec: dict[str, Any]) -> OperationInfo: ...
-    async def remove_dataset(self, name: str) -> None: ...
-    async def refresh_dataset(self, name: str) -> OperationInfo: ...
-    async def warm_dataset(self, name: str) -> OperationInfo: ...
-    async def operation(self, op_id: str) -> OperationInfo: ...
-    async def cancel(self, op_id: str) -> OperationInfo: ...
-    async def status(self) -> dict[str, Any]: ...
+    async def call(self, method: str, *args: Any) -> Any: ...
 
 
 NODE = web.AppKey("node", CacheNode)
@@ -112,10 +106,6 @@ def _name(request: web.Request) -> str:
     return name
 
 
-def _admin(request: web.Request) -> Admin:
-    return request.app[ADMIN]  # type: ignore[return-value]
-
-
 # -- cluster -----------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
     node = request.app[NODE]
@@ -126,10 +116,6 @@ async def ring(request: web.Request) -> web.Response:
     return json_response(request.app[NODE].ring.to_json())
 
 
-async def status(request: web.Request) -> web.Response:
-    return json_response(await _admin(request).status())
-
-
 async def metrics(request: web.Request) -> web.Response:
     node = request.app[NODE]
     tiers = {"memory": node.memory} | ({"disk": node.disk} if node.disk is not None else {})
@@ -138,19 +124,22 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 # -- datasets ----------------------------------------------------------------------------
-async def list_datasets(request: web.Request) -> web.Response:
-    return json_response({"datasets": [d.to_json() for d in await _admin(request).list_datasets()]})
+def admin_handler(call: wire.AdminCall) -> Handler:
+    """The handler of one admin call: parameters and body in, the coordinator's answer out."""
+    async def handle(request: web.Request) -> web.Response:
+        args: list[Any] = [_name(request) if p == "name" else request.match_info[p] for p in call.params]
+        if call.body:
+            try:
+                args.append(await request.json())
+            except ValueError as e:
+                raise BadRequest(f"the body is not JSON: {e}") from e
+            if not isinstance(args[-1], dict):
+                raise BadRequest(f"the body of {call.method} {call.route} must be a JSON object")
+        answer = await request.app[ADMIN].call(call.name, *args)
+        return json_response({call.wrap: answer} if call.wrap else answer, status=call.status)
 
-
-async def add_dataset(request: web.Request) -> web.Response:
-    try:
-        spec = await request.json()
-    except ValueError as e:
-        raise BadRequest(f"the body is not JSON: {e}") from e
-    if not isinstance(spec, dict):
-        raise BadRequest("the body must be a JSON object with at least 'name' and 'origin'")
-    op = await _admin(request).add_dataset(spec)
-    return json_response({"operation": op.to_json()}, status=202)
+    handle.__name__ = call.name
+    return handle
 
 
 async def get_dataset(request: web.Request) -> web.Response:
@@ -158,35 +147,11 @@ async def get_dataset(request: web.Request) -> web.Response:
     return json_response(state.info.to_json())
 
 
-async def remove_dataset(request: web.Request) -> web.Response:
-    name = _name(request)
-    await _admin(request).remove_dataset(name)
-    return json_response({"removed": name})
-
-
-async def refresh_dataset(request: web.Request) -> web.Response:
-    op = await _admin(request).refresh_dataset(_name(request))
-    return json_response({"operation": op.to_json()}, status=202)
-
-
-async def warm_dataset(request: web.Request) -> web.Response:
-    op = await _admin(request).warm_dataset(_name(request))
-    return json_response({"operation": op.to_json()}, status=202)
-
-
 async def manifest(request: web.Request) -> web.Response:
     state = await request.app[NODE].dataset(_name(request))
     versions = request.query.get("versions", "1") != "0"  # readers ask for ?versions=0: a third smaller
     return web.Response(body=state.manifest_ipc if versions else state.reader_ipc, content_type=wire.ARROW_STREAM,
                         headers={wire.SNAPSHOT_HEADER: state.info.snapshot})
-
-
-async def get_operation(request: web.Request) -> web.Response:
-    return json_response((await _admin(request).operation(request.match_info["op_id"])).to_json())
-
-
-async def cancel_operation(request: web.Request) -> web.Response:
-    return json_response((await _admin(request).cancel(request.match_info["op_id"])).to_json())
 
 
 # -- blocks ------------------------------------------------------------------------------
@@ -366,19 +331,12 @@ def make_app(node: CacheNode, admin: Admin, token: str, admin_token: str) -> web
     routes = [  # (method, route, handler, who may call it): docs/api.md is this table in prose
         ("GET", wire.HEALTH, health, wire.OPEN),  # kubelet probes carry no token
         ("GET", wire.RING, ring, wire.READER),
-        ("GET", wire.STATUS, status, wire.READER),
         ("GET", wire.METRICS, metrics, wire.READER),
-        ("GET", wire.DATASETS, list_datasets, wire.READER),
-        ("POST", wire.DATASETS, add_dataset, wire.ADMIN),
-        ("GET", wire.DATASET, get_dataset, wire.READER),
-        ("DELETE", wire.DATASET, remove_dataset, wire.ADMIN),
-        ("POST", wire.DATASET_REFRESH, refresh_dataset, wire.ADMIN),
-        ("POST", wire.DATASET_WARM, warm_dataset, wire.ADMIN),
+        ("GET", wire.DATASET, get_dataset, wire.READER),  # the node's own view of the dataset
         ("GET", wire.DATASET_MANIFEST, manifest, wire.READER),
-        ("GET", wire.OPERATION, get_operation, wire.READER),
-        ("DELETE", wire.OPERATION, cancel_operation, wire.ADMIN),
         ("GET", wire.BLOCK, block, wire.READER),
         ("POST", wire.READ, read_many, wire.READER),
+        *((c.method, c.route, admin_handler(c), c.role) for c in wire.ADMIN_CALLS),  # relayed to the coordinator
     ]
     for method, path, handler, role in routes:
         app[ROLES][app.router.add_route(method, path, handler)] = role

@@ -137,6 +137,12 @@ class CacheNode:
         if self.disk is not None:
             await self.disk.purge(name, keep_snapshot)
 
+    async def reload(self, name: str) -> None:
+        """The dataset's settings changed in place: forget its state, keep its blocks."""
+        state = self._datasets.pop(name, None)
+        if state is not None:
+            await state.origin.close()
+
     # -- datasets --------------------------------------------------------------------
     async def dataset(self, name: str, snapshot: str | None = None) -> DatasetState:
         """The dataset's state; reloaded when a reader names a snapshot newer than ours."""
@@ -384,14 +390,18 @@ class CacheNode:
         self.warmups.cancel(op_id)
 
     # -- reporting -----------------------------------------------------------------------
-    def cached_bytes(self, name: str) -> int:
-        keys: dict[str, int] = {}
+    def cached_bytes(self) -> dict[str, int]:
+        """Bytes held per dataset (a block in both tiers counts once), whether or not its
+        state is loaded right now."""
+        keys: dict[str, tuple[str, int]] = {}
         for store in (self.memory, self.disk):
             if store is not None:
                 for b in store.blocks():
-                    if b.dataset == name:
-                        keys[b.key] = b.size
-        return sum(keys.values())
+                    keys[b.key] = (b.dataset, b.size)
+        out: dict[str, int] = {}
+        for dataset, size in keys.values():
+            out[dataset] = out.get(dataset, 0) + size
+        return out
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -404,7 +414,7 @@ class CacheNode:
             "disk_budget": self.disk.budget if self.disk else 0,
             "disk_blocks": len(self.disk) if self.disk else 0,
             "evictions": self.memory.evictions + (self.disk.evictions if self.disk else 0),
-            "datasets": {name: self.cached_bytes(name) for name in self._datasets},
+            "datasets": self.cached_bytes(),
             "uptime": time.time() - self.started,
             **self.metrics.totals,
         }

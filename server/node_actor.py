@@ -10,6 +10,7 @@ loop: node state is still touched by one loop only, without locks.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
@@ -19,10 +20,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 import ray
 from aiohttp import web
 
+from cachefs import wire
 from cachefs.config import NodeConfig
 from cachefs.errors import Unavailable
 from cachefs.tls import server_context
-from cachefs.wire import DatasetInfo, OperationInfo
+from cachefs.wire import DatasetInfo
 from server.coordinator import cachefs_error_or_raise
 from server.http_app import make_app
 from server.node import CacheNode, OriginSpec
@@ -33,12 +35,14 @@ T = TypeVar("T")
 
 
 class CoordinatorLink:
-    """The coordinator seen from a node: the `Directory` for datasets and the HTTP `Admin`."""
+    """The coordinator seen from a node: the `Directory` for datasets, and the admin API
+    (wire.ADMIN_CALLS) forwarded as is, for the node's HTTP app to serve."""
 
     def __init__(self, handle: Any) -> None:
         self.handle = handle
 
-    async def _call(self, method: str, *args: Any) -> Any:
+    async def call(self, method: str, *args: Any) -> Any:
+        """Call the coordinator; its errors arrive as ours (they pickle across Ray)."""
         try:
             return await getattr(self.handle, method).remote(*args)
         except ray.exceptions.RayActorError as e:
@@ -46,33 +50,14 @@ class CoordinatorLink:
         except ray.exceptions.RayTaskError as e:
             raise cachefs_error_or_raise(e) from None
 
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        if name not in wire.ADMIN_CALL:
+            raise AttributeError(name)
+        return functools.partial(self.call, name)
+
     async def dataset(self, name: str) -> tuple[DatasetInfo, bytes, OriginSpec]:
-        info, ipc, url, opts = await self._call("node_dataset", name)
+        info, ipc, url, opts = await self.call("node_dataset", name)
         return DatasetInfo.from_json(info), ipc, OriginSpec(url, opts)
-
-    async def list_datasets(self) -> list[DatasetInfo]:
-        return [DatasetInfo.from_json(d) for d in await self._call("list_datasets")]
-
-    async def add_dataset(self, spec: dict[str, Any]) -> OperationInfo:
-        return OperationInfo.from_json(await self._call("add_dataset", spec))
-
-    async def remove_dataset(self, name: str) -> None:
-        await self._call("remove_dataset", name)
-
-    async def refresh_dataset(self, name: str) -> OperationInfo:
-        return OperationInfo.from_json(await self._call("refresh_dataset", name))
-
-    async def warm_dataset(self, name: str) -> OperationInfo:
-        return OperationInfo.from_json(await self._call("warm_dataset", name))
-
-    async def operation(self, op_id: str) -> OperationInfo:
-        return OperationInfo.from_json(await self._call("operation", op_id))
-
-    async def cancel(self, op_id: str) -> OperationInfo:
-        return OperationInfo.from_json(await self._call("cancel", op_id))
-
-    async def status(self) -> dict[str, Any]:
-        return await self._call("status")
 
 
 def _set_priority(nice: int) -> None:
@@ -186,6 +171,9 @@ class CacheNodeActor:
 
     async def dataset_changed(self, name: str) -> None:
         await self._on_node_loop(lambda: self.node.forget(name))
+
+    async def dataset_updated(self, name: str) -> None:
+        await self._on_node_loop(lambda: self.node.reload(name))
 
     async def warm(self, op_id: str, name: str) -> dict[str, Any]:
         return (await self._on_node_loop(lambda: self.node.warm(op_id, name))).to_json()

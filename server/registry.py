@@ -52,24 +52,46 @@ class DatasetSpec:
         if not isinstance(origin, str) or not origin:
             raise BadRequest("origin must be a URL such as s3://bucket/prefix or file:///data/set")
         split_origin(origin)
-        opts = body.get("storage_options") or {}
-        if not isinstance(opts, dict):
-            raise BadRequest("storage_options must be a JSON object")
-        replicas = body.get("replicas", 1)
-        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 16:
-            raise BadRequest(f"replicas must be an integer from 1 to 16, not {replicas!r}")
-        allowed = body.get("allowed_namespaces") or []
-        if not isinstance(allowed, list) or not all(
-                isinstance(x, str) and (x == ALL_NAMESPACES or NAMESPACE_RE.match(x)) for x in allowed):
-            raise BadRequest(f"allowed_namespaces must be a list of Kubernetes namespace names, or ['*'] for every "
-                             f"namespace, not {allowed!r}")
         threshold = body.get("pack_threshold", -1)
         if threshold is None:
             threshold = -1
         if not isinstance(threshold, int) or isinstance(threshold, bool) or not -1 <= threshold <= block_size:
             raise BadRequest(f"pack_threshold must be a number of bytes from 0 (no packing) to the block size "
                              f"({block_size}), not {threshold!r}")
-        return cls(name, origin, opts, replicas, tuple(allowed), block_size, threshold)
+        settings = parse_settings({k: body[k] for k in SETTINGS if k in body})
+        return cls(name, origin, settings.get("storage_options", {}), settings.get("replicas", 1),
+                   settings.get("allowed_namespaces", ()), block_size, threshold)
+
+
+SETTINGS = ("replicas", "allowed_namespaces", "storage_options")  # what an update changes in place
+
+
+def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
+    """The settings a dataset keeps across snapshots, checked: `add` takes them, and
+    `update` changes them in place (same snapshot, cached blocks kept)."""
+    unknown = set(body) - set(SETTINGS)
+    if unknown:
+        raise BadRequest(f"unknown or unchangeable field(s) {sorted(unknown)}: an update changes "
+                         f"{', '.join(SETTINGS)}; to change the origin or the packing, remove the dataset and add it")
+    out: dict[str, Any] = {}
+    if "storage_options" in body:
+        opts = body["storage_options"] or {}
+        if not isinstance(opts, dict):
+            raise BadRequest("storage_options must be a JSON object")
+        out["storage_options"] = opts
+    if "replicas" in body:
+        replicas = body["replicas"]
+        if not isinstance(replicas, int) or isinstance(replicas, bool) or not 1 <= replicas <= 16:
+            raise BadRequest(f"replicas must be an integer from 1 to 16, not {replicas!r}")
+        out["replicas"] = replicas
+    if "allowed_namespaces" in body:
+        allowed = body["allowed_namespaces"] or []
+        if not isinstance(allowed, list) or not all(
+                isinstance(x, str) and (x == ALL_NAMESPACES or NAMESPACE_RE.match(x)) for x in allowed):
+            raise BadRequest(f"allowed_namespaces must be a list of Kubernetes namespace names, or ['*'] for every "
+                             f"namespace, not {allowed!r}")
+        out["allowed_namespaces"] = tuple(allowed)
+    return out
 
 
 @dataclass(frozen=True)
@@ -130,14 +152,36 @@ class Registry:
         return [self._records[n].info for n in self.names()]
 
     def check_add(self, spec: DatasetSpec) -> DatasetRecord | None:
-        """The existing record when this add repeats an earlier one; Conflict when it contradicts it."""
+        """The existing record when this add repeats an earlier one; Conflict, saying what
+        differs and what to do, when it contradicts it."""
         old = self._records.get(spec.name)
         if old is None:
             return None
         if old.info.origin.rstrip("/") != spec.origin.rstrip("/"):
             raise Conflict(f"dataset {spec.name!r} already exists with origin {old.info.origin}; "
                            f"remove it first (`cachefs dataset rm {spec.name}`) or pick another name")
+        differ: dict[str, str] = {}
+        if old.info.replicas != spec.replicas:
+            differ["replicas"] = f"replicas {old.info.replicas} (asked: {spec.replicas})"
+        if sorted(old.info.allowed_namespaces) != sorted(spec.allowed_namespaces):
+            differ["allowed_namespaces"] = (f"allowed namespaces {list(old.info.allowed_namespaces)} "
+                                            f"(asked: {list(spec.allowed_namespaces)})")
+        if old.storage_options != spec.storage_options:
+            differ["storage_options"] = "other storage options"
+        if differ:
+            raise Conflict(f"dataset {spec.name!r} already exists with {', '.join(differ.values())}; change it in "
+                           f"place, keeping what is cached, with `cachefs dataset update {spec.name}` (PATCH "
+                           f"/v1/datasets/{spec.name})", differs=sorted(differ))
         return old
+
+    def update(self, name: str, settings: dict[str, Any]) -> DatasetRecord:
+        """The dataset with new settings: same snapshot, same manifest, so every cached block
+        stays valid (block keys name the snapshot, not the settings)."""
+        old = self.get(name)
+        info = replace(old.info, **{k: v for k, v in settings.items() if k != "storage_options"})
+        record = replace(old, info=info, storage_options=settings.get("storage_options", old.storage_options))
+        self.put(record)
+        return record
 
     def put(self, record: DatasetRecord) -> None:
         old = self._records.get(record.info.name)
@@ -158,11 +202,6 @@ class Registry:
             (self.dir / f"{name}.json").unlink(missing_ok=True)
             (self.dir / f"{name}.{record.info.snapshot}.arrow").unlink(missing_ok=True)
         return record
-
-    def with_spec(self, record: DatasetRecord, spec: DatasetSpec) -> DatasetRecord:
-        """Carry over settings that a refresh may change without a new listing."""
-        info = replace(record.info, replicas=spec.replicas, allowed_namespaces=spec.allowed_namespaces)
-        return replace(record, info=info, storage_options=dict(spec.storage_options))
 
 
 def _write_private(path: Path, data: bytes) -> None:

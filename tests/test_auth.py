@@ -51,11 +51,17 @@ def url(ds: dict[str, Any], route: str, **query: str) -> str:
 # (what it would do, method, route, body): every route that changes the cluster
 ADMIN_ROUTES = [
     ("register a dataset", "POST", wire.DATASETS, {"name": "by-a-reader", "origin": "s3://bucket/p"}),
+    ("update a dataset", "PATCH", wire.DATASET, {"replicas": 2}),
     ("remove a dataset", "DELETE", wire.DATASET, None),
     ("refresh a dataset", "POST", wire.DATASET_REFRESH, None),
     ("warm a dataset", "POST", wire.DATASET_WARM, None),
     ("cancel an operation", "DELETE", wire.OPERATION, None),
 ]
+
+
+def test_the_table_above_names_every_admin_call() -> None:
+    admin_calls = {(c.method, c.route) for c in wire.ADMIN_CALLS if c.role == wire.ADMIN}
+    assert admin_calls == {(method, route) for _, method, route, _ in ADMIN_ROUTES}
 
 
 @pytest.mark.parametrize("case", ADMIN_ROUTES, ids=[c[0] for c in ADMIN_ROUTES])

@@ -117,3 +117,33 @@ def test_up_again_is_idempotent(env, cachefs_cluster) -> None:
     assert recorded["token"] != recorded["admin_token"]
     assert (cachefs_cluster.home / "cluster.json").stat().st_mode & 0o077 == 0  # the token file is private
     assert cachefs_cluster.status()["epoch"] == before["epoch"]
+
+
+def test_settings_change_in_place_and_a_contradicting_add_says_how(env, cachefs_cluster, tmp_path) -> None:
+    origin = write_tree(tmp_path / "o", {f"f{i}.bin": bytes([i]) * 4000 for i in range(6)})
+    name = cachefs_cluster.unique("update")
+    assert run_cli("dataset", "add", name, f"file://{origin}", env=env).returncode == 0
+    assert run_cli("warm", name, env=env).returncode == 0
+    before = json.loads(run_cli("status", "--json", env=env).stdout)
+    cached = next(d for d in before["datasets"] if d["name"] == name)["cached_bytes"]
+
+    r = run_cli("dataset", "add", name, f"file://{origin}", "--replicas", "2", env=env)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "already exists with replicas 1 (asked: 2)" in r.stderr and f"cachefs dataset update {name}" in r.stderr
+    assert run_cli("dataset", "add", name, f"file://{origin}", env=env).returncode == 0  # the same add again: fine
+
+    r = run_cli("dataset", "update", name, "--replicas", "2", "--allow-namespace", "team-a", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["replicas"] == 2 and info["allowed_namespaces"] == ["team-a"]
+    after = json.loads(run_cli("status", "--json", env=env).stdout)
+    d = next(d for d in after["datasets"] if d["name"] == name)
+    assert d["snapshot"] == info["snapshot"] and d["cached_bytes"] >= cached  # same snapshot, nothing dropped
+    misses = sum(n["misses"] for n in after["nodes"])
+    assert run_cli("cat", f"{name}/f3.bin", env=env).stdout.encode("latin-1") == bytes([3]) * 4000
+    assert sum(n["misses"] for n in json.loads(run_cli("status", "--json", env=env).stdout)["nodes"]) == misses
+
+    for bad, message in ((["--replicas", "0"], "replicas must be"), ([], "nothing to update"),
+                         (["--storage-options", "[1]"], "JSON object")):
+        r = run_cli("dataset", "update", name, *bad, env=env)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)

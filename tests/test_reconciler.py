@@ -46,7 +46,7 @@ class Recorder:
 
     def __getattr__(self, attr: str) -> Any:
         target = getattr(self._admin, attr)
-        if attr not in ("add_dataset", "refresh_dataset", "remove_dataset", "warm_dataset"):
+        if attr not in ("add_dataset", "update_dataset", "refresh_dataset", "remove_dataset", "warm_dataset"):
             return target
 
         async def call(name: str, *args: Any, **kwargs: Any) -> Any:
@@ -203,21 +203,24 @@ async def test_a_spec_change_refreshes_the_dataset(harness: Harness, fresh_origi
     assert harness.recorder.of(harness.dataset("images")) == ["add", "refresh"]  # in place, not removed and added
 
 
-# (change to the spec, what cachefs must show afterwards): cachefs cannot change these
-# in place, so the operator removes the dataset and adds it again.
+# (change to the spec, what cachefs must show afterwards, the calls the operator makes):
+# replicas and namespaces change in place, keeping the cache; another origin is another
+# dataset, so it is removed and added again.
 REREGISTER = {
-    "another origin": (lambda other: {"origin": url(other)}, lambda info, other: info.origin == url(other)),
-    "more replicas": (lambda other: {"replicas": 2}, lambda info, other: info.replicas == 2),
-    "more namespaces": (lambda other: {"allowedNamespaces": ["team-b"]}, lambda info, other: "team-b" in info.allowed_namespaces),
+    "another origin": (lambda other: {"origin": url(other)}, lambda info, other: info.origin == url(other),
+                       ["add", "remove", "add"]),
+    "more replicas": (lambda other: {"replicas": 2}, lambda info, other: info.replicas == 2, ["add", "update"]),
+    "more namespaces": (lambda other: {"allowedNamespaces": ["team-b"]},
+                        lambda info, other: "team-b" in info.allowed_namespaces, ["add", "update"]),
 }
 
 
 @pytest.mark.parametrize("change", sorted(REREGISTER))
-async def test_a_registration_change_registers_the_dataset_again(
+async def test_a_registration_change_updates_in_place_or_registers_again(
     harness: Harness, fresh_origin: Path, tmp_path: Path, change: str
 ) -> None:
     other = write_tree(tmp_path / "other", dict(list(sample_files(seed=7).items())[:5]))
-    edit, check = REREGISTER[change]
+    edit, check, calls = REREGISTER[change]
     harness.start()
     await harness.fake.create(harness.ns, "images", {"origin": url(fresh_origin)})
     await harness.ready("images")
@@ -225,7 +228,7 @@ async def test_a_registration_change_registers_the_dataset_again(
     status = (await harness.ready("images", generation=2))["status"]
     info = await harness.info("images")
     assert check(info, other) and status["snapshot"] == info.snapshot and status["files"] == info.files
-    assert harness.recorder.of(harness.dataset("images")) == ["add", "remove", "add"]
+    assert harness.recorder.of(harness.dataset("images")) == calls
 
 
 async def test_a_refresh_request_refreshes_without_a_spec_change(harness: Harness, fresh_origin: Path) -> None:

@@ -1,4 +1,4 @@
-"""`cachefs dataset add|ls|rm|refresh` and `cachefs warm`."""
+"""`cachefs dataset add|update|ls|rm|refresh` and `cachefs warm`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 from cachefs.admin import AdminClient
 from cachefs.cli.output import add_client_flags, add_json_flag, follow, print_json, report, run_admin, table
-from cachefs.config import format_size
+from cachefs.config import format_size, parse_size
 from cachefs.errors import BadRequest
 
 
@@ -26,8 +26,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-namespace", action="append", default=[], dest="allowed_namespaces",
                    help="Kubernetes namespace allowed to mount it as a volume (repeat; '*' for every "
                    "namespace; default: none, so the CSI plugin mounts it nowhere)")
+    p.add_argument("--pack-threshold", help="files below this size share 8 MiB packs (e.g. 1MiB; 0: no packing; "
+                   "default: 1 MiB, or a quarter block)")
     _common(p)
     p.set_defaults(func=cmd_add)
+
+    p = dsub.add_parser("update", help="change replicas, namespaces or storage options in place",
+                        description="Change settings of NAME without a new snapshot: every cached block is kept. "
+                        "The origin and the packing are fixed at registration (remove and add to change them).")
+    p.add_argument("name")
+    p.add_argument("--storage-options", help="JSON object: the new storage options (replace the old ones)")
+    p.add_argument("--replicas", type=int, help="copies of each block")
+    p.add_argument("--allow-namespace", action="append", dest="allowed_namespaces",
+                   help="the namespaces allowed to mount it (repeat; replaces the list; '*' for every namespace)")
+    p.add_argument("--no-namespaces", action="store_true", help="allow no namespace (the CSI plugin mounts it nowhere)")
+    _common(p)
+    p.set_defaults(func=cmd_update)
 
     p = dsub.add_parser("ls", help="list datasets", description="List registered datasets.")
     _common(p)
@@ -60,18 +74,44 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_json_flag(p)
 
 
-def cmd_add(args: argparse.Namespace) -> int:
+def _options(text: str) -> dict:
     try:
-        options = json.loads(args.storage_options)
+        options = json.loads(text)
     except ValueError as e:
         raise BadRequest(f"--storage-options is not JSON: {e}") from e
+    if not isinstance(options, dict):
+        raise BadRequest('--storage-options must be a JSON object, like \'{"anon": true}\'')
+    return options
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    options = _options(args.storage_options)
+    threshold = parse_size(args.pack_threshold) if args.pack_threshold is not None else None
 
     async def go(admin: AdminClient) -> int:
-        op = await admin.add_dataset(args.name, args.origin, options, args.replicas, args.allowed_namespaces)
+        op = await admin.add_dataset(args.name, args.origin, options, args.replicas, args.allowed_namespaces,
+                                     threshold)
         op = await follow(admin, op, f"listing {args.origin}", quiet=args.json)
         return report(op, args.json)
 
     return run_admin(args, go)
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    if args.no_namespaces and args.allowed_namespaces:
+        raise BadRequest("--no-namespaces and --allow-namespace contradict each other: give one")
+    namespaces = [] if args.no_namespaces else args.allowed_namespaces
+    options = _options(args.storage_options) if args.storage_options is not None else None
+    if args.replicas is None and namespaces is None and options is None:
+        raise BadRequest("nothing to update: give --replicas, --allow-namespace, --no-namespaces or --storage-options")
+    info = run_admin(args, lambda a: a.update_dataset(args.name, replicas=args.replicas,
+                                                      allowed_namespaces=namespaces, storage_options=options))
+    if args.json:
+        print_json(info.to_json())
+    else:
+        print(f"updated {info.name}: replicas {info.replicas}, allowed namespaces "
+              f"{list(info.allowed_namespaces) or 'none'} (snapshot {info.snapshot} kept)")
+    return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -121,8 +121,9 @@ class DatasetSpec:
         return tuple(sorted({own, *self.allowed_namespaces}))
 
     def fingerprint(self, own_namespace: str, secret_version: str) -> str:
-        """Identifies what was registered; cachefs cannot update a registration, so a new
-        fingerprint means remove and add. Holds the Secret's resourceVersion, never its data."""
+        """Identifies what was registered: a new fingerprint means an update in place (same
+        origin: replicas, namespaces, storage options) or remove and add (another origin).
+        Holds the Secret's resourceVersion, never its data."""
         doc = {
             "origin": self.origin,
             "storage_options": self.storage_options,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from cachefs import errors
 from cachefs.config import format_size
@@ -56,8 +56,11 @@ class Admin(Protocol):
         self, name: str, origin: str, storage_options: Mapping[str, Any] | None = None,
         replicas: int = 1, allowed_namespaces: tuple[str, ...] | list[str] = (),
     ) -> OperationInfo: ...
+    async def update_dataset(self, name: str, *, replicas: int | None = None,
+                             allowed_namespaces: Sequence[str] | None = None,
+                             storage_options: dict[str, Any] | None = None) -> DatasetInfo: ...
     async def refresh_dataset(self, name: str) -> OperationInfo: ...
-    async def remove_dataset(self, name: str) -> None: ...
+    async def remove_dataset(self, name: str) -> Any: ...
     async def warm_dataset(self, name: str) -> OperationInfo: ...
     async def operation(self, op_id: str) -> OperationInfo: ...
     async def wait(self, op: OperationInfo, progress: Any = None, timeout: float | None = None) -> OperationInfo: ...
@@ -218,8 +221,14 @@ class Reconciler:
             stale = info is not None and (
                 info.replicas != spec.replicas or tuple(sorted(info.allowed_namespaces)) != namespaces
             )
-        if info is not None and stale:
-            log.info("%s: registration of %s changed: removing it to add it again", res.key, name)
+        updated = False
+        if info is not None and stale and same_origin:  # settings only: in place, the cache is kept
+            log.info("%s: settings of %s changed: updating them in place", res.key, name)
+            info = await self.admin.update_dataset(name, replicas=spec.replicas, allowed_namespaces=namespaces,
+                                                   storage_options=options)
+            updated = True
+        elif info is not None and stale:
+            log.info("%s: origin of %s changed: removing it to add it again", res.key, name)
             try:
                 await self.admin.remove_dataset(name)
             except errors.NotFound:
@@ -232,7 +241,7 @@ class Reconciler:
             log.info("%s: registered %s from %s (snapshot %s)", res.key, name, spec.origin, info.snapshot)
         else:
             refresh_request = res.annotations.get(REFRESH_ANNOTATION, "")
-            spec_changed = known.get("observedGeneration") not in (None, res.generation)
+            spec_changed = known.get("observedGeneration") not in (None, res.generation) and not updated
             if spec_changed or refresh_request != str(known.get("lastRefreshRequest") or ""):
                 old = info.snapshot
                 info = await self._run(res, "refresh", self.admin.refresh_dataset(name), name)
