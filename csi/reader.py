@@ -1,0 +1,96 @@
+"""Reads of one snapshot's files for the mount: block-aligned chunks through the mount's
+one ChunkCache, fetched with the client's async API, each fetch bounded by a deadline.
+
+A file no larger than a chunk is one chunk: its first read (or its open, see `prefetch`)
+fetches the whole file in one call, and every later read of it, from any handle or
+process, is answered from that buffer. A larger file is read chunk by chunk; a read that
+continues where the last read of that file ended is sequential, and fetches the next
+`readahead` chunks in the background so that they are here when the kernel asks.
+
+Replies are memoryview slices of the cached chunk: no copy in Python; the kernel copies
+once from the reply buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import sys
+from typing import Awaitable, Callable, TypeVar
+
+from csi.chunkcache import ChunkCache
+
+# (path relative to the snapshot root, start, end) → exactly the bytes [start, end)
+Fetch = Callable[[str, int, int], Awaitable[bytes]]
+
+T = TypeVar("T")
+_STREAMS = 4096  # files whose last read end is remembered (to tell sequential reads)
+
+
+class SnapshotReader:
+    def __init__(self, fetch: Fetch, cache: ChunkCache, chunk_size: int, readahead: int, timeout: float) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self._fetch = fetch
+        self.cache = cache
+        self.chunk_size = chunk_size
+        self.readahead = readahead
+        self.timeout = timeout
+        self._next: dict[str, int] = {}  # path → where its last read ended, oldest first
+
+    async def read(self, path: str, size: int, offset: int, length: int) -> bytes | memoryview:
+        """Bytes [offset, offset+length) of the file, cut at its `size`."""
+        end = min(offset + length, size)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        if self.readahead and self._sequential(path, offset, end):
+            for i in range(last + 1, min(last + 1 + self.readahead, -(-size // cs))):
+                self.cache.prefetch((path, i), self._loader(path, size, i))
+        if first == last:  # the common case: one chunk
+            chunk = self.cache.peek((path, first)) or await self._chunk(path, size, first)
+            lo = offset - first * cs
+            return memoryview(chunk)[lo:lo + end - offset]
+        chunks = await asyncio.gather(*(self._chunk(path, size, i) for i in range(first, last + 1)))
+        lo = offset - first * cs
+        parts = [memoryview(c) for c in chunks]
+        parts[0] = parts[0][lo:]
+        parts[-1] = parts[-1][:end - last * cs]
+        return b"".join(parts)
+
+    def prefetch(self, path: str, size: int) -> None:
+        """Start fetching a file that fits in one chunk (called at open: overlaps the fetch
+        with the round trips between open and the first read)."""
+        if 0 < size <= self.chunk_size:
+            self.cache.prefetch((path, 0), self._loader(path, size, 0))
+
+    def _sequential(self, path: str, offset: int, end: int) -> bool:
+        """Does this read start where the file's last one ended (or at its start)? Records it."""
+        expected = self._next.pop(path, None)
+        self._next[path] = end
+        if len(self._next) > _STREAMS:
+            del self._next[next(iter(self._next))]
+        return offset == 0 or offset == expected
+
+    async def _chunk(self, path: str, size: int, index: int) -> bytes:
+        return await self.cache.get((path, index), self._loader(path, size, index))
+
+    def _loader(self, path: str, size: int, index: int) -> Callable[[], Awaitable[bytes]]:
+        start = index * self.chunk_size
+        stop = min(start + self.chunk_size, size)
+        return lambda: self._load(path, start, stop)
+
+    async def _load(self, path: str, start: int, stop: int) -> bytes:
+        data = await within(self._fetch(path, start, stop), self.timeout)
+        if len(data) != stop - start:
+            raise OSError(errno.EIO, f"short read of {path}: {len(data)} of {stop - start} bytes at {start}")
+        return data
+
+
+async def within(aw: Awaitable[T], timeout: float) -> T:
+    """Await with a deadline; TimeoutError when it passes (the awaited call is cancelled)."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(timeout):
+            return await aw
+    return await asyncio.wait_for(aw, timeout)
