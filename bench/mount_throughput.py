@@ -83,6 +83,18 @@ def _random(opener: Callable[[str], Any]) -> Callable[[tuple[str, list[int]]], i
     return read
 
 
+def _cpu_seconds(mountpoint: Path) -> float:
+    """CPU time (user + system) the mount's process has used so far: a figure that a busy
+    shared machine disturbs far less than throughput does."""
+    from csi.mounter import mount_pids
+
+    pids = mount_pids(str(mountpoint))
+    if not pids:
+        return float("nan")
+    fields = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _drop_pages(paths: list[str]) -> None:
     """Forget the kernel's cached pages of these files, so the next read goes to FUSE."""
     for p in paths:
@@ -190,11 +202,14 @@ def _small(args: argparse.Namespace, origin: Path, mountpoint: Path, total: int,
     local = [str(origin / r) for r in rel]
     via_mount = [str(mountpoint / r) for r in rel]
     rates: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # µs of the mount process's CPU per file
 
     def timed(label: str, paths: list[str]) -> None:
+        before = _cpu_seconds(mountpoint)
         files, nbytes, secs = read_files(paths, args.readers)
         assert (files, nbytes) == (len(rel), total), f"{label}: read {files} files, {nbytes} of {total} bytes"
         rates[label] = files / secs
+        cpu[label] = (_cpu_seconds(mountpoint) - before) / files * 1e6
 
     read_files(local, args.readers)  # warm the page cache
     timed("local disk", local)
@@ -206,11 +221,13 @@ def _small(args: argparse.Namespace, origin: Path, mountpoint: Path, total: int,
 
     print(f"\nsmall files: {len(rel)} files of 60-160 KB ({total / MiB:.0f} MiB), {args.readers} reader processes, "
           f"{args.nodes} cache nodes, {os.cpu_count()} cores")
-    print(f"{'path':<30}{'files/s':>10}{'x local':>10}")
+    print(f"{'path':<30}{'files/s':>10}{'x local':>10}{'mount CPU us/file':>20}")
     for label, rate in rates.items():
-        print(f"{label:<30}{rate:>10.0f}{rate / rates['local disk']:>10.2f}")
+        mount_cpu = f"{cpu[label]:>20.0f}" if label != "local disk" else ""
+        print(f"{label:<30}{rate:>10.0f}{rate / rates['local disk']:>10.2f}{mount_cpu}")
     return {"files": len(rel), "bytes": total, "readers": args.readers, "files_per_s": rates,
-            "ratios": {k: v / rates["local disk"] for k, v in rates.items()}}
+            "ratios": {k: v / rates["local disk"] for k, v in rates.items()},
+            "mount_cpu_us_per_file": {k: v for k, v in cpu.items() if k != "local disk"}}
 
 
 def _big(args: argparse.Namespace, work: Path, config: Any, origin: Path, mountpoint: Path) -> dict[str, Any]:
@@ -224,29 +241,33 @@ def _big(args: argparse.Namespace, work: Path, config: Any, origin: Path, mountp
     rnd = random.Random(3)
     offsets = {r: [rnd.randrange(0, size - RANDOM_READ) for _ in range(max(4, args.file_mib // 2))] for r in rel}
     figures: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # seconds of the mount process's CPU per GB read through it
     fs = CachefsFileSystem(endpoint=config.endpoint, token=config.token, skip_instance_cache=True)
     via_client = [f"bench/{r}" for r in rel]
     via_mount = [str(mountpoint / r) for r in rel]
     total = args.files * size
 
-    def record(label: str, result: tuple[int, float], expected: int) -> None:
-        nbytes, secs = result
+    def record(label: str, run: Callable[[], tuple[int, float]], expected: int) -> None:
+        before = _cpu_seconds(mountpoint)
+        nbytes, secs = run()
         assert nbytes == expected, f"{label}: read {nbytes} of {expected} bytes"
         figures[label] = nbytes / secs / 1e9
+        if label.startswith("mount"):
+            cpu[label] = (_cpu_seconds(mountpoint) - before) / (nbytes / 1e9)
 
     figures["loopback ceiling"] = loopback_ceiling(str(work / "blob.bin"), streams=args.readers)
-    record("client, sequential", _timed(via_client, _stream(fs.open), args.readers), total)
+    unbuffered = _stream(lambda p: open(p, "rb", buffering=0))
+    record("client, sequential", lambda: _timed(via_client, _stream(fs.open), args.readers), total)
     _drop_pages(via_mount)
-    record("mount, sequential", _timed(via_mount, _stream(lambda p: open(p, "rb", buffering=0)), args.readers), total)
+    record("mount, sequential", lambda: _timed(via_mount, unbuffered, args.readers), total)
     random_total = sum(len(o) for o in offsets.values()) * RANDOM_READ
-    record("client, random", _timed([(f"bench/{r}", offsets[r]) for r in rel], _random(fs.open), args.readers),
-           random_total)
+    record("client, random", lambda: _timed([(f"bench/{r}", offsets[r]) for r in rel], _random(fs.open),
+                                            args.readers), random_total)
     _drop_pages(via_mount)
-    record("mount, random", _timed([(str(mountpoint / r), offsets[r]) for r in rel],
-                                   _random(lambda p: open(p, "rb", buffering=0)), args.readers), random_total)
-    _timed(via_mount, _stream(lambda p: open(p, "rb", buffering=0)), args.readers)  # fill the page cache
-    record("mount, re-read (page cache)", _timed(via_mount, _stream(lambda p: open(p, "rb", buffering=0)),
-                                                 args.readers), total)
+    record("mount, random", lambda: _timed([(str(mountpoint / r), offsets[r]) for r in rel],
+                                           _random(lambda p: open(p, "rb", buffering=0)), args.readers), random_total)
+    _timed(via_mount, unbuffered, args.readers)  # fill the page cache
+    record("mount, re-read (page cache)", lambda: _timed(via_mount, unbuffered, args.readers), total)
     fs.close()
 
     ratios = {
@@ -257,13 +278,14 @@ def _big(args: argparse.Namespace, work: Path, config: Any, origin: Path, mountp
     print(f"\nmount throughput: {args.files} files x {args.file_mib} MiB, {args.readers} readers, "
           f"{args.nodes} cache nodes, {os.cpu_count()} cores")
     ceiling = figures["loopback ceiling"]
-    print(f"{'path':<30}{'GB/s':>8}{'x loopback':>12}")
+    print(f"{'path':<30}{'GB/s':>8}{'x loopback':>12}{'mount CPU s/GB':>16}")
     for label, rate in figures.items():
-        print(f"{label:<30}{rate:>8.2f}{rate / ceiling:>12.2f}")
+        mount_cpu = f"{cpu[label]:>16.2f}" if label in cpu else ""
+        print(f"{label:<30}{rate:>8.2f}{rate / ceiling:>12.2f}{mount_cpu}")
     print(f"mount / client: sequential {ratios['mount_vs_client_sequential']:.2f}, "
           f"random {ratios['mount_vs_client_random']:.2f}")
     return {"files": args.files, "file_mib": args.file_mib, "readers": args.readers, "GBps": figures,
-            "ratios": ratios}
+            "ratios": ratios, "mount_cpu_s_per_GB": cpu}
 
 
 if __name__ == "__main__":

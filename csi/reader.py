@@ -3,9 +3,11 @@ one ChunkCache, fetched with the client's async API, each fetch bounded by a dea
 
 A file no larger than a chunk is one chunk: its first read (or its open, see `prefetch`)
 fetches the whole file in one call, and every later read of it, from any handle or
-process, is answered from that buffer. A larger file is read chunk by chunk; a read that
-continues where the last read of that file ended is sequential, and fetches the next
-`readahead` chunks in the background so that they are here when the kernel asks.
+process, is answered from that buffer. A larger file is read chunk by chunk. Once a file
+has been read contiguously for half a chunk, it is being streamed: each read then fetches
+the next `readahead` chunks in the background, so that they are here when the kernel asks.
+Half a chunk, not one read: the kernel splits one unaligned 1 MiB read into two requests,
+and a random reader must not pay a chunk of readahead for that.
 
 Replies are memoryview slices of the cached chunk: no copy in Python; the kernel copies
 once from the reply buffer.
@@ -36,7 +38,7 @@ class SnapshotReader:
         self.chunk_size = chunk_size
         self.readahead = readahead
         self.timeout = timeout
-        self._next: dict[str, int] = {}  # path → where its last read ended, oldest first
+        self._runs: dict[str, tuple[int, int]] = {}  # path → (where its last read ended, contiguous bytes so far)
 
     async def read(self, path: str, size: int, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of the file, cut at its `size`."""
@@ -45,7 +47,7 @@ class SnapshotReader:
             return b""
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        if self.readahead and self._sequential(path, offset, end):
+        if self.readahead and self._streaming(path, offset, end):
             for i in range(last + 1, min(last + 1 + self.readahead, -(-size // cs))):
                 self.cache.prefetch((path, i), self._loader(path, size, i))
         if first == last:  # the common case: one chunk
@@ -65,13 +67,14 @@ class SnapshotReader:
         if 0 < size <= self.chunk_size:
             self.cache.prefetch((path, 0), self._loader(path, size, 0))
 
-    def _sequential(self, path: str, offset: int, end: int) -> bool:
-        """Does this read start where the file's last one ended (or at its start)? Records it."""
-        expected = self._next.pop(path, None)
-        self._next[path] = end
-        if len(self._next) > _STREAMS:
-            del self._next[next(iter(self._next))]
-        return offset == 0 or offset == expected
+    def _streaming(self, path: str, offset: int, end: int) -> bool:
+        """Has the file now been read contiguously for half a chunk or more? Records this read."""
+        last_end, run = self._runs.pop(path, (-1, 0))
+        run = run + end - offset if offset == last_end else end - offset
+        self._runs[path] = (end, run)  # most recent last: the oldest file is forgotten first
+        if len(self._runs) > _STREAMS:
+            del self._runs[next(iter(self._runs))]
+        return run >= self.chunk_size // 2
 
     async def _chunk(self, path: str, size: int, index: int) -> bytes:
         return await self.cache.get((path, index), self._loader(path, size, index))
