@@ -7,7 +7,10 @@ process, is answered from that buffer. A larger file is read chunk by chunk. Onc
 has been read contiguously for half a chunk, it is being streamed: each read then fetches
 the next `readahead` chunks in the background, so that they are here when the kernel asks.
 Half a chunk, not one read: the kernel splits one unaligned 1 MiB read into two requests,
-and a random reader must not pay a chunk of readahead for that.
+and a random reader must not pay a chunk of readahead for that. A streamed chunk is
+dropped once all its bytes have been served: the kernel's page cache holds them now, and
+a stream then keeps a few chunks in memory instead of filling the budget (fresh memory
+costs page faults, and every other file's chunks would be pushed out).
 
 Replies are memoryview slices of the cached chunk: no copy in Python; the kernel copies
 once from the reply buffer.
@@ -47,19 +50,26 @@ class SnapshotReader:
             return b""
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        if self.readahead and self._streaming(path, offset, end):
+        run = self._run(path, offset, end) if size > cs else 0
+        streaming = run >= cs // 2
+        if streaming and self.readahead:
             for i in range(last + 1, min(last + 1 + self.readahead, -(-size // cs))):
                 self.cache.prefetch((path, i), self._loader(path, size, i))
+        lo = offset - first * cs
         if first == last:  # the common case: one chunk
             chunk = self.cache.peek((path, first)) or await self._chunk(path, size, first)
-            lo = offset - first * cs
-            return memoryview(chunk)[lo:lo + end - offset]
-        chunks = await asyncio.gather(*(self._chunk(path, size, i) for i in range(first, last + 1)))
-        lo = offset - first * cs
-        parts = [memoryview(c) for c in chunks]
-        parts[0] = parts[0][lo:]
-        parts[-1] = parts[-1][:end - last * cs]
-        return b"".join(parts)
+            data: bytes | memoryview = memoryview(chunk)[lo:lo + end - offset]
+        else:
+            parts = [memoryview(c) for c in await asyncio.gather(*(self._chunk(path, size, i)
+                                                                    for i in range(first, last + 1)))]
+            parts[0] = parts[0][lo:]
+            parts[-1] = parts[-1][:end - last * cs]
+            data = b"".join(parts)
+        if streaming:  # drop the chunks this read completed, if the stream had all of them
+            for i in range(first, last + 1):
+                if i * cs >= end - run and min((i + 1) * cs, size) <= end:
+                    self.cache.discard((path, i))
+        return data
 
     def prefetch(self, path: str, size: int) -> None:
         """Start fetching a file that fits in one chunk (called at open: overlaps the fetch
@@ -67,14 +77,14 @@ class SnapshotReader:
         if 0 < size <= self.chunk_size:
             self.cache.prefetch((path, 0), self._loader(path, size, 0))
 
-    def _streaming(self, path: str, offset: int, end: int) -> bool:
-        """Has the file now been read contiguously for half a chunk or more? Records this read."""
+    def _run(self, path: str, offset: int, end: int) -> int:
+        """How many bytes of the file up to `end` have now been read contiguously; records it."""
         last_end, run = self._runs.pop(path, (-1, 0))
         run = run + end - offset if offset == last_end else end - offset
         self._runs[path] = (end, run)  # most recent last: the oldest file is forgotten first
         if len(self._runs) > _STREAMS:
             del self._runs[next(iter(self._runs))]
-        return run >= self.chunk_size // 2
+        return run
 
     async def _chunk(self, path: str, size: int, index: int) -> bytes:
         return await self.cache.get((path, index), self._loader(path, size, index))

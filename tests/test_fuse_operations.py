@@ -210,12 +210,13 @@ async def test_a_file_of_exactly_one_chunk_is_one_fetch(reader, origin):
 
 async def test_reads_of_a_big_file_return_its_bytes_at_any_offset_and_fetch_whole_chunks(reader, origin):
     data = FILES["big.bin"]
-    for offset, length in [(CHUNK * 3 + 5, 100), (CHUNK - 10, 20), (0, len(data) + 100), (len(data) - 1, 10),
-                           (len(data), 10), (CHUNK * 2, CHUNK * 2)]:
+    for offset, length in [(CHUNK * 3 + 5, 100), (CHUNK - 10, 20), (len(data) - 1, 10), (len(data), 10),
+                           (CHUNK * 2 + 1, CHUNK * 2), (0, 10)]:
         assert bytes(await reader.read("big.bin", len(data), offset, length)) == data[offset:offset + length]
     for _path, start, end in origin.fetches:
         assert start % CHUNK == 0 and end - start in (CHUNK, len(data) % CHUNK)
     assert len(origin.fetches) == len({f[1] for f in origin.fetches}) == 6  # each chunk once
+    assert bytes(await reader.read("big.bin", len(data), 0, len(data) + 100)) == data  # all at once
 
 
 async def test_a_sequential_reader_gets_the_next_chunks_fetched_ahead(reader, origin):
@@ -225,6 +226,15 @@ async def test_a_sequential_reader_gets_the_next_chunks_fetched_ahead(reader, or
         await asyncio.sleep(0.01)
         streamed = offset + piece >= CHUNK // 2  # half a chunk read contiguously: a stream
         assert sorted(f[1] // CHUNK for f in origin.fetches) == ([0, 1, 2] if streamed else [0])
+
+
+async def test_a_stream_keeps_only_the_chunks_it_has_not_had_all_of(reader, origin):
+    data, piece = FILES["big.bin"], CHUNK // 4
+    for offset in range(0, 2 * CHUNK + piece, piece):
+        assert bytes(await reader.read("big.bin", len(data), offset, piece)) == data[offset:offset + piece]
+    await asyncio.sleep(0.01)
+    assert ("big.bin", 0) not in reader.cache and ("big.bin", 1) not in reader.cache  # served: the kernel has them
+    assert ("big.bin", 2) in reader.cache and ("big.bin", 3) in reader.cache  # being read, and ahead
 
 
 async def test_a_random_reader_gets_no_readahead_even_when_the_kernel_splits_its_reads(reader, origin):
