@@ -100,7 +100,8 @@ def keep_freed_memory(cache_bytes: int) -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3  # from malloc.h
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, 2 * cache_bytes)
+        trim = min(2 * cache_bytes, 2**31 - 1)  # mallopt takes a C int
+        ok = libc.mallopt(m_mmap_threshold, 32 * 1024 * 1024) and libc.mallopt(m_trim_threshold, trim)
     except (OSError, AttributeError):
         ok = False
     if not ok:
@@ -121,15 +122,24 @@ async def _open_snapshot(source: str, timeout: float) -> tuple[Any, str, Any, in
         options["io_threads"] = 0
     fs, root = fsspec.core.url_to_fs(source, asynchronous=True, loop=asyncio.get_running_loop(),
                                      skip_instance_cache=True, **options)
-    info = await within(fs._info(root), timeout)  # an unknown dataset raises FileNotFoundError here
-    if info.get("type") != "directory":
-        raise NotADirectoryError(f"{source} is not a directory")
-    found = await within(fs._find(root, withdirs=True, detail=True), timeout)
-    tree = SnapshotTree.from_find(found, fs._strip_protocol(root))
-    chunk = DEFAULT_CHUNK
-    if hasattr(fs, "_dataset_info"):  # cachefs: chunks follow the dataset's blocks
-        chunk = (await within(fs._dataset_info(root.partition("/")[0]), timeout)).block_size
+    try:
+        info = await within(fs._info(root), timeout)  # an unknown dataset raises FileNotFoundError here
+        if info.get("type") != "directory":
+            raise NotADirectoryError(f"{source} is not a directory")
+        found = await within(fs._find(root, withdirs=True, detail=True), timeout)
+        tree = SnapshotTree.from_find(found, fs._strip_protocol(root))
+        chunk = DEFAULT_CHUNK
+        if hasattr(fs, "_dataset_info"):  # cachefs: chunks follow the dataset's blocks
+            chunk = (await within(fs._dataset_info(root.partition("/")[0]), timeout)).block_size
+    except BaseException:
+        await _close(fs)
+        raise
     return fs, root.rstrip("/"), tree, chunk
+
+
+async def _close(fs: Any) -> None:
+    if hasattr(fs, "_close"):  # cachefs: its HTTP sessions
+        await fs._close()
 
 
 async def serve_mount(args: argparse.Namespace, config: MountConfig) -> int:
@@ -186,8 +196,7 @@ async def serve_mount(args: argparse.Namespace, config: MountConfig) -> int:
         return EXIT_FAILED
     finally:
         cache.close()
-        if hasattr(fs, "_close"):
-            await fs._close()
+        await _close(fs)
     log.info("unmounted %s", target)
     return EXIT_OK
 
