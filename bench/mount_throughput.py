@@ -3,9 +3,12 @@ client itself and the loopback ceiling. Prints GB/s and ratios; writes JSON.
 
     python bench/mount_throughput.py            # 24 files x 16 MiB, 3 cache nodes, 4 readers
     python bench/mount_throughput.py --quick    # 8 files x 8 MiB
+    python bench/mount_throughput.py --small    # 4000 files of 60-160 KB: mount vs local disk
 
 Starts a Ray of its own and a 3-node cache cluster, writes a dataset to a local origin,
-registers and warms it, then reads every file with N reader threads:
+registers and warms it, then reads every file with N readers.
+
+Big files (default), N reader threads:
 
   loopback ceiling        socket.sendfile → recv_into over loopback (bench/read_throughput.py)
   client, sequential      cachefs:// files streamed with readinto (8 MiB pieces)
@@ -13,6 +16,14 @@ registers and warms it, then reads every file with N reader threads:
   client, random          1 MiB reads at random offsets, through cachefs://
   mount, random           the same offsets through the mount, pages dropped first
   mount, re-read          sequential again: served by the kernel page cache (keep_cache)
+
+Small files (--small), N reader processes each `open().read()` of its share of the files
+(bench/file_readers.py), files/s side by side with the same files on local disk:
+
+  local disk              the origin directory, page cache warm (read once before)
+  mount, first read       a fresh mount (nothing cached in the kernel or the mount), cluster warm
+  mount, pages dropped    again, the kernel's pages dropped first: the mount's own block cache answers
+  mount, re-read          again: the kernel page cache answers (keep_cache)
 
 Needs FUSE (root, /dev/fuse, fusermount3).
 """
@@ -72,6 +83,18 @@ def _random(opener: Callable[[str], Any]) -> Callable[[tuple[str, list[int]]], i
     return read
 
 
+def _cpu_seconds(mountpoint: Path) -> float:
+    """CPU time (user + system) the mount's process has used so far: a figure that a busy
+    shared machine disturbs far less than throughput does."""
+    from csi.mounter import mount_pids
+
+    pids = mount_pids(str(mountpoint))
+    if not pids:
+        return float("nan")
+    fields = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _drop_pages(paths: list[str]) -> None:
     """Forget the kernel's cached pages of these files, so the next read goes to FUSE."""
     for p in paths:
@@ -82,47 +105,67 @@ def _drop_pages(paths: list[str]) -> None:
             os.close(fd)
 
 
+def _write_big(origin: Path, args: argparse.Namespace) -> None:
+    for i in range(args.files):
+        (origin / f"shard-{i:04d}.bin").write_bytes(os.urandom(args.file_mib * MiB))
+
+
+def _write_small(origin: Path, args: argparse.Namespace) -> int:
+    """`args.files` files of 60-160 KB, 100 to a directory (as image datasets are laid out)."""
+    rnd, total = random.Random(7), 0
+    for i in range(args.files):
+        path = origin / f"d{i // 100:03d}" / f"{i:06d}.jpg"
+        path.parent.mkdir(exist_ok=True)
+        size = rnd.randint(60_000, 160_000)
+        path.write_bytes(os.urandom(size))
+        total += size
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="8 files x 8 MiB")
-    ap.add_argument("--files", type=int, default=24)
+    ap.add_argument("--small", action="store_true", help="many small files through the mount vs local disk")
+    ap.add_argument("--files", type=int, default=None, help="default 24 (4000 with --small)")
     ap.add_argument("--file-mib", type=int, default=16)
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--nodes", type=int, default=3)
-    ap.add_argument("--json", default="bench/results/mount_throughput.json", help="where to write the figures")
+    ap.add_argument("--json", default=None, help="where to write the figures (default bench/results/...)")
     args = ap.parse_args()
     if args.quick:
-        args.files, args.file_mib = 8, 8
+        args.files, args.file_mib = args.files or 8, 8
+    args.files = args.files or (4000 if args.small else 24)
+    args.json = args.json or f"bench/results/mount_{'small' if args.small else 'throughput'}.json"
 
     import ray
 
     from cachefs.admin import AdminClient
     from cachefs.config import ClientConfig, ClusterConfig
-    from cachefs.filesystem import CachefsFileSystem
-    from read_throughput import loopback_ceiling
     from server import hosting
 
     work = Path(tempfile.mkdtemp(prefix="cachefs-bench-mount-"))
     os.environ["CACHEFS_HOME"] = str(work / "home")
     origin, mountpoint = work / "origin", work / "mnt"
     origin.mkdir()
-    size = args.file_mib * MiB
-    for i in range(args.files):
-        (origin / f"shard-{i:04d}.bin").write_bytes(os.urandom(size))
-    (work / "blob.bin").write_bytes(os.urandom(min(args.files * size, 256 * MiB)))
-    rel = sorted(p.name for p in origin.iterdir())
-    rnd = random.Random(3)
-    offsets = {r: [rnd.randrange(0, size - RANDOM_READ) for _ in range(max(4, args.file_mib // 2))] for r in rel}
-    figures: dict[str, float] = {}
+    if args.small:
+        total = _write_small(origin, args)
+    else:
+        _write_big(origin, args)
+        total = args.files * args.file_mib * MiB
     cli = [sys.executable, "-m", "cachefs.cli.main"]
-    mounted = False
     ray.init(address="local", namespace="cachefs-bench", logging_level="ERROR", log_to_driver=False,
              include_dashboard=False)
     try:
+<<<<<<< HEAD
         handle = hosting.up(ClusterConfig(nodes=args.nodes, memory_bytes=max(256 * MiB, 2 * args.files * size // args.nodes),
                                           disk_bytes=0, namespace="cachefs-bench",
                                           allowed_origins=(f"file://{origin}/",)))
         config = ClientConfig(endpoint=",".join(handle.endpoints), token=handle.token, admin_token=handle.admin_token)
+=======
+        handle = hosting.up(ClusterConfig(nodes=args.nodes, memory_bytes=max(256 * MiB, 2 * total // args.nodes),
+                                          disk_bytes=0, namespace="cachefs-bench"))
+        config = ClientConfig(endpoint=",".join(handle.endpoints), token=handle.token)
+>>>>>>> fuse
 
         async def register() -> None:
             async with AdminClient(config) as admin:
@@ -133,42 +176,106 @@ def main() -> int:
 
         asyncio.run(register())
         env = {**os.environ, "CACHEFS_ENDPOINT": config.endpoint, "CACHEFS_TOKEN": config.token}
-        done = subprocess.run([*cli, "mount", "bench", str(mountpoint)], capture_output=True, text=True,
-                              timeout=120, env=env)
-        if done.returncode != 0:
-            print(done.stderr, file=sys.stderr)
-            return 1
-        mounted = True
-        fs = CachefsFileSystem(endpoint=config.endpoint, token=config.token, skip_instance_cache=True)
-        via_client = [f"bench/{r}" for r in rel]
-        via_mount = [str(mountpoint / r) for r in rel]
-        total = args.files * size
 
-        def record(label: str, result: tuple[int, float], expected: int) -> None:
-            nbytes, secs = result
-            assert nbytes == expected, f"{label}: read {nbytes} of {expected} bytes"
-            figures[label] = nbytes / secs / 1e9
+        def mount() -> None:
+            done = subprocess.run([*cli, "mount", "bench", str(mountpoint)], capture_output=True, text=True,
+                                  timeout=120, env=env)
+            if done.returncode != 0:
+                raise SystemExit(f"cachefs mount failed: {done.stderr}")
 
-        figures["loopback ceiling"] = loopback_ceiling(str(work / "blob.bin"), streams=args.readers)
-        record("client, sequential", _timed(via_client, _stream(fs.open), args.readers), total)
-        _drop_pages(via_mount)
-        record("mount, sequential", _timed(via_mount, _stream(lambda p: open(p, "rb", buffering=0)), args.readers), total)
-        random_total = sum(len(o) for o in offsets.values()) * RANDOM_READ
-        record("client, random", _timed([(f"bench/{r}", offsets[r]) for r in rel], _random(fs.open), args.readers),
-               random_total)
-        _drop_pages(via_mount)
-        record("mount, random", _timed([(str(mountpoint / r), offsets[r]) for r in rel],
-                                       _random(lambda p: open(p, "rb", buffering=0)), args.readers), random_total)
-        _timed(via_mount, _stream(lambda p: open(p, "rb", buffering=0)), args.readers)  # fill the page cache
-        record("mount, re-read (page cache)", _timed(via_mount, _stream(lambda p: open(p, "rb", buffering=0)),
-                                                     args.readers), total)
-        fs.close()
+        if args.small:
+            report = _small(args, origin, mountpoint, total, mount)
+        else:
+            mount()
+            report = _big(args, work, config, origin, mountpoint)
     finally:
-        if mounted:
-            subprocess.run([*cli, "unmount", str(mountpoint)], capture_output=True, timeout=60)
+        subprocess.run([*cli, "unmount", str(mountpoint)], capture_output=True, timeout=60)
         hosting.down(os.environ, namespace="cachefs-bench")
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def _small(args: argparse.Namespace, origin: Path, mountpoint: Path, total: int,
+           mount: Callable[[], None]) -> dict[str, Any]:
+    """Files/s through the mount against local disk, `args.readers` processes each."""
+    from file_readers import read_files
+
+    rel = sorted(str(p.relative_to(origin)) for p in origin.rglob("*.jpg"))
+    local = [str(origin / r) for r in rel]
+    via_mount = [str(mountpoint / r) for r in rel]
+    rates: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # µs of the mount process's CPU per file
+
+    def timed(label: str, paths: list[str]) -> None:
+        before = _cpu_seconds(mountpoint)
+        files, nbytes, secs = read_files(paths, args.readers)
+        assert (files, nbytes) == (len(rel), total), f"{label}: read {files} files, {nbytes} of {total} bytes"
+        rates[label] = files / secs
+        cpu[label] = (_cpu_seconds(mountpoint) - before) / files * 1e6
+
+    read_files(local, args.readers)  # warm the page cache
+    timed("local disk", local)
+    mount()  # fresh: nothing of these files is cached in the kernel or the mount yet
+    timed("mount, first read", via_mount)
+    _drop_pages(via_mount)
+    timed("mount, pages dropped", via_mount)
+    timed("mount, re-read (page cache)", via_mount)
+
+    print(f"\nsmall files: {len(rel)} files of 60-160 KB ({total / MiB:.0f} MiB), {args.readers} reader processes, "
+          f"{args.nodes} cache nodes, {os.cpu_count()} cores")
+    print(f"{'path':<30}{'files/s':>10}{'x local':>10}{'mount CPU us/file':>20}")
+    for label, rate in rates.items():
+        mount_cpu = f"{cpu[label]:>20.0f}" if label != "local disk" else ""
+        print(f"{label:<30}{rate:>10.0f}{rate / rates['local disk']:>10.2f}{mount_cpu}")
+    return {"files": len(rel), "bytes": total, "readers": args.readers, "files_per_s": rates,
+            "ratios": {k: v / rates["local disk"] for k, v in rates.items()},
+            "mount_cpu_us_per_file": {k: v for k, v in cpu.items() if k != "local disk"}}
+
+
+def _big(args: argparse.Namespace, work: Path, config: Any, origin: Path, mountpoint: Path) -> dict[str, Any]:
+    """GB/s: loopback ceiling, client and mount, sequential and random, and the page-cache re-read."""
+    from cachefs.filesystem import CachefsFileSystem
+    from read_throughput import loopback_ceiling
+
+    size = args.file_mib * MiB
+    (work / "blob.bin").write_bytes(os.urandom(min(args.files * size, 256 * MiB)))
+    rel = sorted(p.name for p in origin.iterdir())
+    rnd = random.Random(3)
+    offsets = {r: [rnd.randrange(0, size - RANDOM_READ) for _ in range(max(4, args.file_mib // 2))] for r in rel}
+    figures: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # seconds of the mount process's CPU per GB read through it
+    fs = CachefsFileSystem(endpoint=config.endpoint, token=config.token, skip_instance_cache=True)
+    via_client = [f"bench/{r}" for r in rel]
+    via_mount = [str(mountpoint / r) for r in rel]
+    total = args.files * size
+
+    def record(label: str, run: Callable[[], tuple[int, float]], expected: int) -> None:
+        before = _cpu_seconds(mountpoint)
+        nbytes, secs = run()
+        assert nbytes == expected, f"{label}: read {nbytes} of {expected} bytes"
+        figures[label] = nbytes / secs / 1e9
+        if label.startswith("mount"):
+            cpu[label] = (_cpu_seconds(mountpoint) - before) / (nbytes / 1e9)
+
+    figures["loopback ceiling"] = loopback_ceiling(str(work / "blob.bin"), streams=args.readers)
+    unbuffered = _stream(lambda p: open(p, "rb", buffering=0))
+    record("client, sequential", lambda: _timed(via_client, _stream(fs.open), args.readers), total)
+    _drop_pages(via_mount)
+    record("mount, sequential", lambda: _timed(via_mount, unbuffered, args.readers), total)
+    random_total = sum(len(o) for o in offsets.values()) * RANDOM_READ
+    record("client, random", lambda: _timed([(f"bench/{r}", offsets[r]) for r in rel], _random(fs.open),
+                                            args.readers), random_total)
+    _drop_pages(via_mount)
+    record("mount, random", lambda: _timed([(str(mountpoint / r), offsets[r]) for r in rel],
+                                           _random(lambda p: open(p, "rb", buffering=0)), args.readers), random_total)
+    _timed(via_mount, unbuffered, args.readers)  # fill the page cache
+    record("mount, re-read (page cache)", lambda: _timed(via_mount, unbuffered, args.readers), total)
+    fs.close()
 
     ratios = {
         "mount_vs_client_sequential": figures["mount, sequential"] / figures["client, sequential"],
@@ -178,17 +285,14 @@ def main() -> int:
     print(f"\nmount throughput: {args.files} files x {args.file_mib} MiB, {args.readers} readers, "
           f"{args.nodes} cache nodes, {os.cpu_count()} cores")
     ceiling = figures["loopback ceiling"]
-    print(f"{'path':<30}{'GB/s':>8}{'x loopback':>12}")
+    print(f"{'path':<30}{'GB/s':>8}{'x loopback':>12}{'mount CPU s/GB':>16}")
     for label, rate in figures.items():
-        print(f"{label:<30}{rate:>8.2f}{rate / ceiling:>12.2f}")
+        mount_cpu = f"{cpu[label]:>16.2f}" if label in cpu else ""
+        print(f"{label:<30}{rate:>8.2f}{rate / ceiling:>12.2f}{mount_cpu}")
     print(f"mount / client: sequential {ratios['mount_vs_client_sequential']:.2f}, "
           f"random {ratios['mount_vs_client_random']:.2f}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"files": args.files, "file_mib": args.file_mib, "readers": args.readers,
-                               "GBps": figures, "ratios": ratios}, indent=2))
-    print(f"wrote {out}")
-    return 0
+    return {"files": args.files, "file_mib": args.file_mib, "readers": args.readers, "GBps": figures,
+            "ratios": ratios, "mount_cpu_s_per_GB": cpu}
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """`cachefs csi`, `cachefs mount`, `cachefs unmount`: volumes from the command line.
 
 `csi` runs the Kubernetes node plugin; `mount` and `unmount` give the same FUSE mount
-outside Kubernetes. Heavy modules (grpc, mfusepy, the client) are imported inside the
+outside Kubernetes. Heavy modules (grpc, pyfuse3, the client) are imported inside the
 handlers so `cachefs --help` stays fast.
 """
 
@@ -46,6 +46,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--attr-timeout", type=float, default=None,
                    help="seconds the kernel may cache attributes and entries")
     p.add_argument("--op-timeout", type=float, default=None, help="seconds before a stuck read answers EIO")
+    p.add_argument("--cache-bytes", type=int, default=None,
+                   help="budget of the mount's chunk cache, shared by every open file (default 256 MiB)")
     p.set_defaults(func=_run_mount)
 
     p = subparsers.add_parser(
@@ -88,7 +90,8 @@ def _run_mount(args: argparse.Namespace) -> int:
     target = os.path.abspath(args.mountpoint)
     if find_mount(target) is not None:
         raise ConfigError(f"{target} is already a cachefs mount; run `cachefs unmount {target}` first")
-    mount_config = load(MountConfig, {"attr_timeout": args.attr_timeout, "op_timeout": args.op_timeout})
+    mount_config = load(MountConfig, {"attr_timeout": args.attr_timeout, "op_timeout": args.op_timeout,
+                                      "cache_bytes": args.cache_bytes})
     catalog = ClusterCatalog(load(ClientConfig))
     try:
         info = catalog.lookup(args.dataset)

@@ -17,33 +17,40 @@ _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, with the terminating NUL
 _DRIVER_NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9.-]{0,61}[a-zA-Z0-9])?$")
 
 
+FOREVER = 10 * 365 * 24 * 3600.0  # seconds; the kernel keeps what it caches for as long as the mount lives
+MiB = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class MountConfig:
     """How one FUSE mount behaves; the mount process gets these as flags."""
 
     SECTION = "mount"
 
-    # Snapshots never change, so the kernel may keep attributes, entries (and misses) for
-    # an hour; an hour rather than forever so a wrongly built tree heals without a remount.
-    attr_timeout: float = 3600.0
-    # Upper bound on one file operation that reaches the network: a FUSE request that
-    # never answers blocks the reader, so the mount answers EIO instead of hanging.
+    # How long the kernel may keep entries, attributes and misses. A snapshot never
+    # changes and the mount's tree is built once, so nothing it caches can go stale:
+    # the default is "for as long as the mount lives".
+    attr_timeout: float = FOREVER
+    # Upper bound on one fetch: a FUSE request that never answers blocks the reader,
+    # so the mount answers EIO instead of hanging.
     op_timeout: float = 120.0
-    # Largest read the kernel sends in one request (libfuse caps this at 1 MiB).
-    max_read_bytes: int = 1024 * 1024
     # Kernel readahead of the mount's backing device: large sequential reads become few
-    # large requests, which is what the block-sized client reads want.
-    readahead_bytes: int = 8 * 1024 * 1024
-    # Worker threads serving reads; FUSE itself runs multi-threaded in front of them.
-    fuse_threads: int = 32
+    # large requests (1 MiB each, FUSE's largest), many in flight.
+    readahead_bytes: int = 8 * MiB
+    # The mount's one chunk cache, shared by every open file: block-sized chunks of big
+    # files, whole small files. The kernel page cache sits in front of it; this holds
+    # what the kernel dropped, readahead, and files being read by several processes.
+    cache_bytes: int = 256 * MiB
+    # Chunks (blocks) fetched ahead of a sequential reader of a big file.
+    readahead_chunks: int = 2
 
     def __post_init__(self) -> None:
         if self.attr_timeout < 0 or self.op_timeout <= 0:
             raise ConfigError("attr_timeout must be ≥ 0 and op_timeout > 0 (seconds)")
-        if not 4096 <= self.max_read_bytes <= 64 * 1024 * 1024:
-            raise ConfigError("max_read_bytes must be between 4 KiB and 64 MiB")
-        if self.readahead_bytes < 0 or self.fuse_threads < 1:
-            raise ConfigError("readahead_bytes must be ≥ 0 and fuse_threads ≥ 1")
+        if self.readahead_bytes < 0 or self.readahead_chunks < 0:
+            raise ConfigError("readahead_bytes and readahead_chunks must be ≥ 0")
+        if self.cache_bytes < 16 * MiB:
+            raise ConfigError("cache_bytes must be at least 16 MiB (a few blocks)")
 
 
 @dataclass(frozen=True)

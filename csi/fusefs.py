@@ -1,32 +1,34 @@
-"""FUSE operations: a read-only view of one dataset snapshot over an fsspec filesystem.
+"""FUSE operations: a read-only view of one dataset snapshot, on pyfuse3's low-level,
+inode-based async API, served on the same asyncio loop as the cachefs client.
 
-Attributes and listings come from a SnapshotTree built once at mount time, so `ls`,
-`stat` and `os.walk` never touch the network. Reads go through the fsspec filesystem
-(cachefs: block-sized fetches from the owning cache nodes, with readahead). Snapshots
-never change, which is what lets us keep the kernel page cache across opens
-(`keep_cache`) and hand out long attribute and entry timeouts.
+Entries and attributes come from the SnapshotTree built once at mount time (no network).
+Bytes come from a SnapshotReader (chunks through the mount's one cache). A snapshot never
+changes, so everything the kernel may cache it may keep for the life of the mount:
+entries, attributes and misses (`entry_timeout`/`attr_timeout`), listings with their
+attributes (pyfuse3 always answers readdirplus), and pages across opens (`keep_cache`).
 
-Every operation that reaches the network runs on a worker pool and is waited for with a
-deadline: a stuck request answers EIO with a log line instead of hanging the reader.
+An open file needs no state of its own: its handle is its inode, and reads of any handle
+share the mount's chunks. Errors become errnos in one place (`_errno`): missing paths
+ENOENT, writes EROFS, everything else EIO with a log line, and a read waits at most the
+mount's op deadline. No exception but FUSEError may leave a handler: pyfuse3 would drop
+the request, and the reader that sent it would hang.
 """
 
 from __future__ import annotations
 
 import errno
-import itertools
+import functools
 import logging
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
-import mfusepy as fuse
+import pyfuse3
+from pyfuse3 import FUSEError
 
 from csi.config import MountConfig
-from csi.tree import SnapshotTree
+from csi.reader import SnapshotReader
+from csi.tree import Entry, SnapshotTree
 
 log = logging.getLogger("cachefs.fuse")
 T = TypeVar("T")
@@ -43,221 +45,205 @@ def errno_of(exc: BaseException) -> int:
     return errno.EIO
 
 
-@dataclass
-class Handle:
-    """One open(): its fsspec file object, opened on first read, guarded by `lock`
-    because a file object keeps a position and a cache that concurrent reads would race."""
+def _errno(what: str, exc: Exception, timeout: float) -> int:
+    """The one place an exception becomes an errno; EIO always leaves a log line saying why."""
+    code = errno_of(exc)
+    if isinstance(exc, TimeoutError):
+        log.error("%s: no answer within %g s (cache cluster and origin unreachable?); answering EIO",
+                  what, timeout)
+    elif code == errno.EIO:
+        log.error("%s failed, answering EIO: %s: %s", what, type(exc).__name__, exc)
+    return code
 
-    path: str
-    size: int
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    file: Any = None
+
+def _answers_errno(op: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """Turn any exception of a handler into FUSEError (see the module docstring)."""
+
+    @functools.wraps(op)
+    async def guarded(self: "DatasetOperations", *args: Any) -> T:
+        try:
+            return await op(self, *args)
+        except FUSEError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a bug must cost one request an EIO, never the mount
+            raise FUSEError(_errno(f"{op.__name__}{args[:2]}", e, self.config.op_timeout)) from None
+
+    return guarded
 
 
-class DatasetOperations(fuse.Operations):
-    """The mount's operations; `fs` + `root` name the snapshot (for cachefs: root = dataset)."""
+async def _refused(self: Any, *_args: Any) -> Any:
+    raise FUSEError(errno.EROFS)
 
-    use_ns = True  # mfusepy: times in nanoseconds
 
-    def __init__(self, fs: Any, root: str, tree: SnapshotTree, config: MountConfig, mtime: float | None = None) -> None:
-        self.fs = fs
-        self.root = root.rstrip("/")
+class DatasetOperations(pyfuse3.Operations):
+    """The mount's operations over one snapshot tree and its reader."""
+
+    supports_dot_lookup = True  # "." and ".." are answered from the tree
+
+    def __init__(self, tree: SnapshotTree, reader: SnapshotReader, config: MountConfig,
+                 mtime: float | None = None, on_init: Callable[[], None] | None = None) -> None:
+        super().__init__()
         self.tree = tree
+        self.reader = reader
         self.config = config
         self._mtime_ns = int((mtime or time.time()) * 1e9)
-        self._handles: dict[int, Handle] = {}
-        self._handles_lock = threading.Lock()  # guards _handles
-        self._ids = itertools.count(1)
-        self._pool = ThreadPoolExecutor(max_workers=config.fuse_threads, thread_name_prefix="cachefs-read")
+        self._on_init = on_init
+        self._nlinks: dict[int, int] = {}  # directory inode → st_nlink, counted once
+        self._opened = bytearray(len(tree) + 1)  # inode → opened before (its pages may be cached)
 
-    # ---- helpers -------------------------------------------------------------------
+    def init(self) -> None:
+        """Called while the kernel's INIT is answered; must not raise."""
+        if self._on_init is not None:
+            try:
+                self._on_init()
+            except Exception as e:  # noqa: BLE001 - tuning is best effort
+                log.warning("after-mount hook failed: %s", e)
 
-    def _full(self, path: str) -> str:
-        rel = path.strip("/")
-        return f"{self.root}/{rel}" if rel else self.root
+    # ---- entries and attributes: from the tree, no network --------------------------------
 
-    def _entry(self, path: str):  # -> Entry
-        entry = self.tree.lookup(path)
+    def _entry(self, inode: int) -> Entry:
+        entry = self.tree.entry(inode)
         if entry is None:
-            raise fuse.FuseOSError(errno.ENOENT)
+            raise FUSEError(errno.ENOENT)
         return entry
 
-    def _remote(self, what: str, fn: Callable[[], T]) -> T:
-        """Run fn on the pool with the op deadline; map its failure to an errno, once."""
-        future = self._pool.submit(fn)
-        try:
-            return future.result(timeout=self.config.op_timeout)
-        except FutureTimeout:
-            future.cancel()
-            log.error("%s: no answer within %.0f s (cache cluster and origin unreachable?); answering EIO",
-                      what, self.config.op_timeout)
-            raise fuse.FuseOSError(errno.EIO) from None
-        except fuse.FuseOSError:
-            raise
-        except Exception as e:  # noqa: BLE001 - every failure must become an errno, never a crash
-            code = errno_of(e)
-            if code == errno.EIO:
-                log.error("%s failed, answering EIO: %s: %s", what, type(e).__name__, e)
-            raise fuse.FuseOSError(code) from e
+    def _attributes(self, entry: Entry) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = entry.inode
+        attr.st_mode = entry.mode
+        attr.st_size = entry.size
+        attr.st_blocks = (entry.size + 511) // 512
+        if entry.children is None:
+            attr.st_nlink = 1
+        else:
+            nlink = self._nlinks.get(entry.inode)
+            if nlink is None:
+                nlink = self._nlinks[entry.inode] = SnapshotTree.nlink(entry)
+            attr.st_nlink = nlink
+        attr.st_uid = attr.st_gid = 0
+        attr.st_atime_ns = attr.st_mtime_ns = attr.st_ctime_ns = self._mtime_ns
+        attr.entry_timeout = attr.attr_timeout = self.config.attr_timeout
+        return attr
 
-    # ---- session -------------------------------------------------------------------
+    @_answers_errno
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        parent = self._entry(parent_inode)
+        if name == b".":
+            entry: Entry | None = parent
+        elif name == b"..":
+            entry = self.tree.lookup(parent.path.rpartition("/")[0])
+        else:
+            entry = self.tree.child(parent_inode, os.fsdecode(name))
+        if entry is None:
+            miss = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
+            miss.entry_timeout = self.config.attr_timeout
+            return miss
+        return self._attributes(entry)
 
-    def init_with_config(self, conn: Any, config: Any) -> None:
-        """Negotiate large reads and many requests in flight (parallel DataLoader workers)."""
-        if conn is None:
-            return
-        # libfuse3 refuses to start unless this equals the max_read mount option.
-        conn.max_read = self.config.max_read_bytes
-        conn.max_readahead = max(conn.max_readahead, self.config.max_read_bytes)
-        conn.max_background = max(conn.max_background, 64)
-        conn.congestion_threshold = max(conn.congestion_threshold, 48)
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        """Inodes live as long as the mount: nothing to count."""
 
-    # ---- metadata: from the tree, no network -------------------------------------------
+    @_answers_errno
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._attributes(self._entry(inode))
 
-    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-        entry = self._entry(path)
-        t = self._mtime_ns
-        return {
-            "st_mode": entry.mode,
-            "st_nlink": 2 + sum(1 for c in entry.children.values() if c.is_dir) if entry.is_dir else 1,
-            "st_size": entry.size,
-            "st_blocks": (entry.size + 511) // 512,
-            "st_uid": 0,
-            "st_gid": 0,
-            "st_atime": t,
-            "st_mtime": t,
-            "st_ctime": t,
-        }
+    @_answers_errno
+    async def opendir(self, inode: int, ctx: Any = None) -> int:
+        if self._entry(inode).children is None:
+            raise FUSEError(errno.ENOTDIR)
+        return inode
 
-    def readdir(self, path: str, fh: int) -> Iterator[Any]:
-        entry = self._entry(path)
-        if not entry.is_dir:
-            raise fuse.FuseOSError(errno.ENOTDIR)
-        yield "."
-        yield ".."
-        for name, child in entry.children.items():
-            yield name, {"st_mode": child.mode}, 0
+    @_answers_errno
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        """Entry i of the listing has offset i + 1; stops when the kernel's buffer is full."""
+        children = self._entry(fh).listing()
+        for i in range(start_id, len(children)):
+            child = children[i]
+            name = os.fsencode(child.path.rpartition("/")[2])
+            if not pyfuse3.readdir_reply(token, name, self._attributes(child), i + 1):
+                return
 
-    def access(self, path: str, amode: int) -> int:
-        self._entry(path)
-        if amode & os.W_OK:
-            raise fuse.FuseOSError(errno.EROFS)
-        return 0
+    async def releasedir(self, fh: int) -> None:
+        """Directory handles hold nothing."""
 
-    def statfs(self, path: str) -> dict[str, int]:
-        bsize = 4096
-        blocks = (self.tree.bytes + bsize - 1) // bsize
-        inodes = self.tree.files + self.tree.count_dirs()
-        return {"f_bsize": bsize, "f_frsize": bsize, "f_blocks": blocks, "f_bfree": 0, "f_bavail": 0,
-                "f_files": inodes, "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
+    @_answers_errno
+    async def statfs(self, ctx: Any = None) -> pyfuse3.StatvfsData:
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_blocks = (self.tree.bytes + 4095) // 4096
+        stats.f_bfree = stats.f_bavail = 0
+        stats.f_files = len(self.tree)
+        stats.f_ffree = stats.f_favail = 0
+        stats.f_namemax = 255
+        return stats
 
-    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
-        self._entry(path)
-        raise fuse.FuseOSError(fuse.ENOATTR)
+    @_answers_errno
+    async def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        self._entry(inode)
+        raise FUSEError(pyfuse3.ENOATTR)
 
-    def listxattr(self, path: str) -> list[str]:
-        self._entry(path)
+    @_answers_errno
+    async def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        self._entry(inode)
         return []
 
-    # ---- data ----------------------------------------------------------------------
+    # ---- data ----------------------------------------------------------------------------
 
-    def open(self, path: str, fi: Any) -> int:
-        """raw_fi: we get the fuse_file_info itself, to set keep_cache."""
-        if fi.flags & _WRITE_FLAGS:
-            raise fuse.FuseOSError(errno.EROFS)
-        entry = self._entry(path)
-        if entry.is_dir:
-            raise fuse.FuseOSError(errno.EISDIR)
-        handle_id = next(self._ids)
-        with self._handles_lock:
-            self._handles[handle_id] = Handle(path=self._full(path), size=entry.size)
-        fi.fh = handle_id
-        fi.keep_cache = 1  # the snapshot cannot have changed since the last open
-        return 0
+    @_answers_errno
+    async def open(self, inode: int, flags: int, ctx: Any = None) -> pyfuse3.FileInfo:
+        """The handle is the inode; `keep_cache`: the pages of earlier opens are still right."""
+        if flags & _WRITE_FLAGS:
+            raise FUSEError(errno.EROFS)
+        entry = self._entry(inode)
+        if entry.children is not None:
+            raise FUSEError(errno.EISDIR)
+        if not self._opened[inode]:
+            # The first open: no page of the file can be cached yet, so its first read will
+            # come; start the fetch now. Later opens are usually answered by the page cache.
+            self._opened[inode] = 1
+            self.reader.prefetch(entry.path, entry.size)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
-    def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-        with self._handles_lock:
-            handle = self._handles.get(fi.fh)
-        if handle is None:
-            raise fuse.FuseOSError(errno.EBADF)
-        if offset >= handle.size or size <= 0:
-            return b""
-        size = min(size, handle.size - offset)
-        file = handle.file
-        if file is not None and file.ready(offset, offset + size) and handle.lock.acquire(blocking=False):
-            # read ahead already and nobody else reading this handle: no network, so no deadline hop
-            try:
-                return self._copy_out(handle, offset, size)
-            finally:
-                handle.lock.release()
-        return self._remote(f"read {handle.path} [{offset}, {offset + size})", lambda: self._read(handle, offset, size))
-
-    def _read(self, handle: Handle, offset: int, size: int) -> bytes:
-        # A stuck read elsewhere may hold the lock: give up when the op deadline would.
-        if not handle.lock.acquire(timeout=self.config.op_timeout):
-            raise TimeoutError(f"another read of {handle.path} is stuck")
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        entry = self.tree.entry(fh)
+        if entry is None or entry.children is not None:
+            raise FUSEError(errno.EBADF)
         try:
-            if handle.file is None:
-                handle.file = self.fs.open(handle.path, "rb")
-            return self._copy_out(handle, offset, size)
-        finally:
-            handle.lock.release()
+            return await self.reader.read(entry.path, entry.size, off, size)
+        except Exception as e:  # noqa: BLE001 - every failure must become an errno, never a crash
+            raise FUSEError(_errno(f"read {entry.path} [{off}, {off + size})", e, self.config.op_timeout)) from None
 
-    @staticmethod
-    def _copy_out(handle: Handle, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of the open file; the caller holds handle.lock."""
-        handle.file.seek(offset)
-        data = handle.file.read(size)
-        if len(data) != size:
-            raise OSError(errno.EIO, f"short read: {len(data)} of {size} bytes at {offset}; "
-                                     f"the file has {handle.size} bytes in the snapshot")
-        return data
+    async def flush(self, fh: int) -> None:
+        """Nothing to write back. ENOSYS tells the kernel so: it never sends a flush again
+        (one request less per close)."""
+        raise FUSEError(errno.ENOSYS)
 
-    def release(self, path: str, fi: Any) -> int:
-        with self._handles_lock:
-            handle = self._handles.pop(fi.fh, None)
-        if handle is not None and handle.file is not None:
-            file = handle.file
-            self._pool.submit(_close_quietly, file, handle.path)
-        return 0
+    async def release(self, fh: int) -> None:
+        """Handles hold nothing: the chunks belong to the mount."""
 
-    def destroy(self, path: str) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    # ---- writes: always refused (a read-only mount stops most of them in the kernel) ------
 
-    # ---- writes: always refused ------------------------------------------------------
-
-    def _read_only(self, *args: Any, **kwargs: Any) -> int:
-        raise fuse.FuseOSError(errno.EROFS)
-
-    chmod = chown = create = link = mkdir = mknod = rename = rmdir = _read_only
-    setxattr = removexattr = symlink = truncate = unlink = utimens = write = _read_only
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _refused
+    write = create = setxattr = removexattr = fsync = fsyncdir = _refused
 
 
-def _close_quietly(file: Any, path: str) -> None:
-    try:
-        file.close()
-    except Exception as e:  # noqa: BLE001 - closing a read-only file must never crash a mount
-        log.warning("closing %s: %s", path, e)
-
-
-def fuse_options(config: MountConfig, fsname: str) -> dict[str, Any]:
-    """Mount options: read-only, kernel cache kept, long timeouts, large reads."""
-    opts: dict[str, Any] = {
-        "ro": True,
-        "fsname": fsname,
-        "subtype": "cachefs",
-        "kernel_cache": True,
-        "attr_timeout": config.attr_timeout,
-        "entry_timeout": config.attr_timeout,
-        "negative_timeout": config.attr_timeout,
-        "max_read": config.max_read_bytes,
-        "default_permissions": True,
-    }
+def fuse_options(config: MountConfig, fsname: str) -> set[str]:
+    """Mount options: read-only, our fstype (fuse.cachefs), the kernel checks permissions."""
+    opts = {"ro", "default_permissions", "subtype=cachefs", f"fsname={fsname}"}
     if os.geteuid() == 0:
-        opts["allow_other"] = True  # pods run as other users than the root plugin
+        opts.add("allow_other")  # pods run as other users than the root plugin
     return opts
 
 
-def serve(ops: DatasetOperations, mountpoint: str, fsname: str, foreground: bool = True) -> None:
-    """Mount and serve until unmounted (fusermount3 -u) or SIGTERM; multi-threaded."""
-    fuse.FUSE(ops, mountpoint, raw_fi=True, foreground=foreground, **fuse_options(ops.config, fsname))
+async def serve(ops: DatasetOperations, mountpoint: str, fsname: str) -> None:
+    """Mount, serve on the running loop until unmounted or `pyfuse3.terminate()`, clean up.
+
+    Needs `pyfuse3.asyncio.enable()` first. Raises RuntimeError if the mount fails.
+    """
+    pyfuse3.init(ops, mountpoint, fuse_options(ops.config, fsname))
+    try:
+        await pyfuse3.main()
+    finally:
+        # After fusermount3 -u the kernel is done with us already; after terminate() (or
+        # an error) we must unmount ourselves. close() copes with both.
+        pyfuse3.close(unmount=True)

@@ -14,6 +14,7 @@ import mmap
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -95,6 +96,48 @@ def test_mount_shows_the_snapshot_and_unmount_leaves_nothing(env, dataset, mount
     assert again.returncode == 2 and "nothing of cachefs is mounted" in again.stderr
 
 
+def _serve(env: dict[str, str], dataset: str, point: Path) -> subprocess.Popen:
+    """The mount process itself (our child, so its exit code can be read), once it answers."""
+    point.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "csi.mount_process", "--source", f"cachefs://{dataset}",
+                             "--target", str(point)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while find_mount(str(point)) is None:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "the mount did not appear"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("how", ["sigterm", "fusermount3"])
+def test_sigterm_or_fusermount_unmounts_and_the_process_exits_0(env, dataset, mounts_root, sample_origin, how):
+    point = mounts_root / f"stop-{how}"
+    proc = _serve(env, dataset, point)
+    try:
+        assert (point / "README.txt").read_bytes() == (sample_origin / "README.txt").read_bytes()
+        if how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            subprocess.run(["fusermount3", "-u", str(point)], check=True, timeout=10)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert find_mount(str(point)) is None and "unmounted" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="sysfs tuning needs root")
+def test_the_mount_raises_kernel_readahead_and_requests_in_flight(mount):
+    device = find_mount(str(mount)).device
+    with open(f"/sys/class/bdi/{device}/read_ahead_kb") as f:
+        assert int(f.read()) == 8 * 1024
+    connection = Path(f"/sys/fs/fuse/connections/{device.partition(':')[2]}")
+    if connection.exists():  # only where fusectl is mounted (systemd hosts mount it)
+        assert int((connection / "max_background").read_text()) == 64
+
+
 def test_mounting_an_unknown_dataset_fails_with_a_message_and_mounts_nothing(env, mounts_root):
     point = mounts_root / "unknown"
     done = cli(env, "mount", "no-such-dataset", str(point))
@@ -120,6 +163,20 @@ def test_attributes_and_listings_match_the_manifest(mount, sample_origin):
             assert sorted(os.listdir(mount / rel)) == sorted(os.listdir(path))
         else:
             assert st.st_mode & 0o7777 == 0o444 and st.st_size == path.stat().st_size
+
+
+KINDS = [("empty", "empty.bin"), ("one_byte", "train/cats/002.jpg"), ("small", "train/cats/001.jpg"),
+         ("exactly_one_block", "train/dogs/deep/er/x.bin"), ("several_blocks_last_partial", "val/big.bin"),
+         ("odd_name", "val/name with spaces & ünïcode.txt")]
+
+
+@pytest.mark.parametrize("kind,name", KINDS, ids=[k[0] for k in KINDS])
+def test_every_kind_of_file_reads_back_byte_for_byte(mount, sample_origin, kind, name):
+    expected = (sample_origin / name).read_bytes()
+    with open(mount / name, "rb") as f:
+        assert f.read() == expected
+    with open(mount / name, "rb", buffering=0) as f:  # again, in small reads
+        assert b"".join(iter(lambda: f.read(65536), b"")) == expected
 
 
 def test_reads_at_any_offset_return_the_origin_bytes(mount, sample_origin):

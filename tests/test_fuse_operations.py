@@ -1,134 +1,348 @@
-"""The FUSE operations without a kernel mount: the promises a mount cannot show quickly.
+"""The mount's parts without a kernel mount: the snapshot tree and its inodes, the chunk
+cache (budget, LRU, single-flight), the reader (whole small files, chunks, readahead, the
+deadline) and the errnos of the FUSE operations.
 
-A read that never returns must answer EIO within the op deadline (a hung FUSE request
-hangs the reader); every failure must become an errno, never a crash. The filesystem
-under the operations is an fsspec memory filesystem, with one subclass that blocks or
-fails on purpose.
+Bytes come through the reader's one seam, `fetch(path, start, end)`, here over files in
+memory; one file's fetch never answers and another fails as an unreachable cluster does.
+The real mount over the real cluster is tests/test_fuse_mount.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import threading
+import logging
+import os
 import time
 
-import mfusepy as fuse
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
+from pyfuse3 import ENOATTR, FUSEError
 
 from cachefs.errors import NodeUnavailable
-from csi.config import MountConfig
+from csi.chunkcache import ChunkCache
+from csi.config import FOREVER, MountConfig
 from csi.fusefs import DatasetOperations
-from csi.tree import SnapshotTree
+from csi.reader import SnapshotReader
+from csi.tree import DIR_MODE, FILE_MODE, ROOT_INODE, SnapshotTree
 
 pytestmark = pytest.mark.timeout(60)
 
+KiB, MiB = 1024, 1024 * 1024
+CHUNK = 64 * KiB
+FILES = {
+    "small.bin": os.urandom(10_000),
+    "exact.bin": os.urandom(CHUNK),
+    "big.bin": os.urandom(5 * CHUNK + 123),
+    "empty.bin": b"",
+    "sub/deeper/x.bin": os.urandom(100),
+    "sub/stuck.bin": os.urandom(1000),
+    "down.bin": os.urandom(1000),
+}
 
-class FileInfo:
-    """Stands in for libfuse's fuse_file_info (raw_fi): flags in, fh and keep_cache out."""
 
-    def __init__(self, flags: int = 0) -> None:
-        self.flags, self.fh, self.keep_cache = flags, 0, 0
+class MemoryOrigin:
+    """The fetch seam over FILES; remembers every fetch. 'stuck' never answers, 'down' fails."""
 
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.fetches: list[tuple[str, int, int]] = []
 
-class TroubledFS(MemoryFileSystem):
-    """Reads of 'stuck' block until released; reads of 'down' fail as an unreachable cluster does."""
-
-    protocol = "troubled"
-    release = threading.Event()
-
-    def cat_file(self, path, start=None, end=None, **kwargs):
+    async def fetch(self, path: str, start: int, end: int) -> bytes:
+        self.fetches.append((path, start, end))
+        await asyncio.sleep(0)  # a real fetch always yields to the loop
         if "stuck" in path:
-            self.release.wait(30)
+            await asyncio.Event().wait()
         if "down" in path:
             raise NodeUnavailable("no cache node answered and the origin is unreachable")
-        return super().cat_file(path, start, end, **kwargs)
+        return self.files[path][start:end]
 
-    def open(self, path, mode="rb", **kwargs):
-        if mode != "rb":
-            return super().open(path, mode, **kwargs)
-        fs = self
 
-        class File:
-            def seek(self, offset):
-                self.offset = offset
-
-            def read(self, size):
-                return fs.cat_file(path, self.offset, self.offset + size)
-
-            def close(self):
-                pass
-
-        return File()
+def tree_of(files: dict[str, bytes]) -> SnapshotTree:
+    return SnapshotTree.from_listing((path, len(data), False) for path, data in files.items())
 
 
 @pytest.fixture
-def ops():
-    fs = TroubledFS(skip_instance_cache=True)
-    fs.store.clear()
-    for name in ("ds/ok.bin", "ds/sub/stuck.bin", "ds/down.bin"):
-        fs.pipe_file(name, b"x" * 10_000)
-    tree = SnapshotTree.from_fs(fs, "ds")
-    operations = DatasetOperations(fs, "ds", tree, MountConfig(op_timeout=1.0), mtime=1_700_000_000.0)
-    yield operations
-    TroubledFS.release.set()
-    operations.destroy("/")
-    TroubledFS.release.clear()
+def origin() -> MemoryOrigin:
+    return MemoryOrigin(FILES)
 
 
-def _open(ops: DatasetOperations, path: str, flags: int = 0) -> FileInfo:
-    fi = FileInfo(flags)
-    ops.open(path, fi)
-    return fi
+@pytest.fixture
+def reader(origin) -> SnapshotReader:
+    return SnapshotReader(origin.fetch, ChunkCache(16 * MiB), CHUNK, readahead=2, timeout=0.5)
 
 
-def test_the_tree_comes_from_one_listing_and_answers_attributes(ops):
-    assert sorted(name if isinstance(name, str) else name[0] for name in ops.readdir("/", 0)) == \
-        [".", "..", "down.bin", "ok.bin", "sub"]
-    assert ops.getattr("/ok.bin")["st_size"] == 10_000
-    assert ops.getattr("/sub")["st_mode"] & 0o777 == 0o555
-    assert ops.statfs("/")["f_files"] == 3 + 2  # files + directories (root, sub)
+@pytest.fixture
+def ops(reader) -> DatasetOperations:
+    return DatasetOperations(tree_of(FILES), reader, MountConfig(op_timeout=0.5), mtime=1_700_000_000.0)
 
 
-def test_open_keeps_the_page_cache_and_reads_return_the_bytes(ops):
-    fi = _open(ops, "/ok.bin")
-    assert fi.keep_cache == 1
-    assert ops.read("/ok.bin", 4096, 8192, fi) == b"x" * (10_000 - 8192)
-    assert ops.read("/ok.bin", 4096, 20_000, fi) == b""
-    ops.release("/ok.bin", fi)
+# ---- the tree: inodes assigned once ---------------------------------------------------------
+
+def test_every_entry_gets_one_inode_and_parents_are_implied():
+    tree = tree_of(FILES)
+    assert tree.files == len(FILES) and tree.bytes == sum(map(len, FILES.values()))
+    assert tree.dirs == 3 and len(tree) == len(FILES) + 3  # root, sub, sub/deeper
+    inodes = [tree.lookup(p).inode for p in [*FILES, "", "sub", "sub/deeper"]]
+    assert sorted(inodes) == list(range(ROOT_INODE, ROOT_INODE + len(tree)))
+    for path in FILES:
+        entry = tree.lookup(path)
+        assert tree.entry(entry.inode) is entry and entry.path == path and entry.mode == FILE_MODE
+    sub = tree.lookup("sub")
+    assert sub.mode == DIR_MODE and tree.child(sub.inode, "stuck.bin") is tree.lookup("sub/stuck.bin")
+    assert SnapshotTree.nlink(tree.root) == 3 and SnapshotTree.nlink(sub) == 3
 
 
-def test_a_read_that_never_returns_answers_eio_at_the_deadline(ops):
-    fi = _open(ops, "/sub/stuck.bin")
+def test_listing_order_is_fixed_so_readdir_offsets_hold():
+    tree = tree_of(FILES)
+    first = [e.path for e in tree.root.listing()]
+    assert first == [e.path for e in tree.root.listing()] == ["small.bin", "exact.bin", "big.bin", "empty.bin",
+                                                               "sub", "down.bin"]
+
+
+TREE_REFUSALS = [
+    ("dot_dot", [("../etc/passwd", 1, False)], 0),
+    ("dot", [("./a", 1, False)], 0),
+    ("a_file_where_a_directory_is", [("a", 1, False), ("a/b", 1, False)], 1),
+    ("a_name_listed_twice", [("a", 1, False), ("a", 2, False)], 1),
+]
+
+
+@pytest.mark.parametrize("case,listing,files", TREE_REFUSALS, ids=[c[0] for c in TREE_REFUSALS])
+def test_the_tree_refuses_what_would_escape_or_collide(case, listing, files):
+    tree = SnapshotTree.from_listing(listing)
+    assert tree.files == files and tree.lookup("..") is None
+
+
+def test_a_find_listing_is_cut_to_the_root_and_never_exposes_outside_it():
+    found = {"ds": {"type": "directory", "size": 0}, "ds/a.bin": {"type": "file", "size": 3},
+             "ds/d": {"type": "directory", "size": 0}, "dsx/b.bin": {"type": "file", "size": 4}}
+    tree = SnapshotTree.from_find(found, "ds")
+    assert [e.path for e in tree.root.listing()] == ["a.bin", "d"] and tree.lookup("a.bin").size == 3
+
+
+def test_unknown_inodes_are_none():
+    tree = tree_of(FILES)
+    assert tree.entry(0) is None and tree.entry(len(tree) + 1) is None and tree.child(999, "x") is None
+
+
+# ---- the chunk cache --------------------------------------------------------------------------
+
+async def test_concurrent_readers_of_a_chunk_cause_one_load():
+    cache, loads = ChunkCache(16 * MiB), []
+
+    async def load() -> bytes:
+        loads.append(1)
+        await asyncio.sleep(0.01)
+        return b"x" * 100
+
+    results = await asyncio.gather(*(cache.get(("f", 0), load) for _ in range(20)))
+    assert loads == [1] and all(r == b"x" * 100 for r in results)
+    assert await cache.get(("f", 0), load) == b"x" * 100 and loads == [1]
+
+
+async def test_the_budget_evicts_the_least_recently_used():
+    cache = ChunkCache(16 * MiB)
+
+    def load(byte: bytes):
+        async def go() -> bytes:
+            return byte * (6 * MiB)
+        return go
+
+    await cache.get("a", load(b"a"))
+    await cache.get("b", load(b"b"))
+    assert cache.peek("a") is not None  # a is now the most recently used
+    await cache.get("c", load(b"c"))
+    assert "b" not in cache and "a" in cache and "c" in cache and cache.size == 12 * MiB
+    await cache.get("huge", lambda: _const(b"h" * (17 * MiB)))
+    assert "huge" not in cache and cache.size <= cache.budget  # larger than the budget: served, not kept
+
+
+async def _const(data: bytes) -> bytes:
+    return data
+
+
+async def test_a_failed_load_is_forgotten_and_the_next_read_tries_again():
+    cache, attempts = ChunkCache(16 * MiB), []
+
+    async def flaky() -> bytes:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise NodeUnavailable("down")
+        return b"ok"
+
+    with pytest.raises(NodeUnavailable):
+        await cache.get("k", flaky)
+    assert await cache.get("k", flaky) == b"ok" and len(attempts) == 2
+
+
+async def test_closing_the_cache_answers_waiting_readers_with_eio():
+    cache = ChunkCache(16 * MiB)
+
+    async def never() -> bytes:
+        await asyncio.Event().wait()
+        return b""
+
+    waiting = asyncio.ensure_future(cache.get("k", never))
+    await asyncio.sleep(0.01)
+    cache.close()
+    with pytest.raises(OSError) as err:
+        await waiting
+    assert err.value.errno == errno.EIO
+    with pytest.raises(OSError):
+        await cache.get("other", never)
+
+
+# ---- the reader -------------------------------------------------------------------------------
+
+async def test_a_small_file_is_fetched_whole_once_for_every_read_of_it(reader, origin):
+    data = FILES["small.bin"]
+    reader.prefetch("small.bin", len(data))
+    for offset, length in [(0, 4096), (4096, 4096), (9000, 4096), (0, 1 * MiB), (len(data), 10)]:
+        assert bytes(await reader.read("small.bin", len(data), offset, length)) == data[offset:offset + length]
+    assert origin.fetches == [("small.bin", 0, len(data))]
+
+
+async def test_a_file_of_exactly_one_chunk_is_one_fetch(reader, origin):
+    data = FILES["exact.bin"]
+    assert bytes(await reader.read("exact.bin", len(data), 0, 1 * MiB)) == data
+    assert origin.fetches == [("exact.bin", 0, CHUNK)]
+
+
+async def test_reads_of_a_big_file_return_its_bytes_at_any_offset_and_fetch_whole_chunks(reader, origin):
+    data = FILES["big.bin"]
+    for offset, length in [(CHUNK * 3 + 5, 100), (CHUNK - 10, 20), (len(data) - 1, 10), (len(data), 10),
+                           (CHUNK * 2 + 1, CHUNK * 2), (0, 10)]:
+        assert bytes(await reader.read("big.bin", len(data), offset, length)) == data[offset:offset + length]
+    for _path, start, end in origin.fetches:
+        assert start % CHUNK == 0 and end - start in (CHUNK, len(data) % CHUNK)
+    assert len(origin.fetches) == len({f[1] for f in origin.fetches}) == 6  # each chunk once
+    assert bytes(await reader.read("big.bin", len(data), 0, len(data) + 100)) == data  # all at once
+
+
+async def test_a_sequential_reader_gets_the_next_chunks_fetched_ahead(reader, origin):
+    data, piece = FILES["big.bin"], CHUNK // 8
+    for offset in range(0, CHUNK // 2, piece):
+        await reader.read("big.bin", len(data), offset, piece)
+        await asyncio.sleep(0.01)
+        streamed = offset + piece >= CHUNK // 2  # half a chunk read contiguously: a stream
+        assert sorted(f[1] // CHUNK for f in origin.fetches) == ([0, 1, 2] if streamed else [0])
+
+
+async def test_a_stream_keeps_only_the_chunks_it_has_not_had_all_of(reader, origin):
+    data, piece = FILES["big.bin"], CHUNK // 4
+    for offset in range(0, 2 * CHUNK + piece, piece):
+        assert bytes(await reader.read("big.bin", len(data), offset, piece)) == data[offset:offset + piece]
+    await asyncio.sleep(0.01)
+    assert ("big.bin", 0) not in reader.cache and ("big.bin", 1) not in reader.cache  # served: the kernel has them
+    assert ("big.bin", 2) in reader.cache and ("big.bin", 3) in reader.cache  # being read, and ahead
+
+
+async def test_a_random_reader_gets_no_readahead_even_when_the_kernel_splits_its_reads(reader, origin):
+    data, piece = FILES["big.bin"], CHUNK // 8
+    for offset in (3 * CHUNK + 100, 1 * CHUNK + 100):
+        await reader.read("big.bin", len(data), offset, piece)  # one read, split in two requests
+        await reader.read("big.bin", len(data), offset + piece, piece)
+    await asyncio.sleep(0.01)
+    assert sorted(f[1] // CHUNK for f in origin.fetches) == [1, 3]
+
+
+async def test_a_fetch_that_never_answers_fails_at_the_deadline(reader):
     started = time.monotonic()
-    with pytest.raises(fuse.FuseOSError) as err:
-        ops.read("/sub/stuck.bin", 4096, 0, fi)
-    assert err.value.errno == errno.EIO
-    assert 0.9 < time.monotonic() - started < 5
+    with pytest.raises(TimeoutError):
+        await reader.read("sub/stuck.bin", 1000, 0, 4096)
+    assert 0.4 < time.monotonic() - started < 3
 
 
-def test_a_cluster_and_origin_failure_answers_eio_with_a_log_line(ops, caplog):
-    fi = _open(ops, "/down.bin")
-    with pytest.raises(fuse.FuseOSError) as err:
-        ops.read("/down.bin", 4096, 0, fi)
-    assert err.value.errno == errno.EIO
-    assert "down.bin" in caplog.text and "origin is unreachable" in caplog.text
+async def test_a_short_fetch_is_an_error_not_silently_short_bytes():
+    origin = MemoryOrigin({"f": b"abc"})
+    reader = SnapshotReader(origin.fetch, ChunkCache(16 * MiB), CHUNK, readahead=0, timeout=1)
+    with pytest.raises(OSError) as err:
+        await reader.read("f", 10, 0, 10)  # the snapshot says 10 bytes, the fetch brings 3
+    assert err.value.errno == errno.EIO and "short read" in str(err.value)
+
+
+# ---- the FUSE operations: attributes, handles, errnos -----------------------------------------
+
+async def test_entries_and_attributes_come_from_the_tree_with_timeouts_for_the_life_of_the_mount(ops):
+    attr = await ops.lookup(ROOT_INODE, b"big.bin")
+    assert attr.st_size == len(FILES["big.bin"]) and attr.st_mode == FILE_MODE and attr.st_nlink == 1
+    assert attr.entry_timeout == attr.attr_timeout == FOREVER == MountConfig().attr_timeout
+    assert attr.st_mtime_ns == 1_700_000_000 * 10**9
+    sub = await ops.lookup(ROOT_INODE, b"sub")
+    assert sub.st_mode == DIR_MODE and (await ops.getattr(sub.st_ino)).st_ino == sub.st_ino
+    assert (await ops.lookup(sub.st_ino, b"..")).st_ino == ROOT_INODE
+    assert (await ops.lookup(sub.st_ino, b".")).st_ino == sub.st_ino
+
+
+async def test_a_missing_name_is_a_cached_miss(ops):
+    miss = await ops.lookup(ROOT_INODE, b"no-such-file")
+    assert miss.st_ino == 0 and miss.entry_timeout == FOREVER  # the kernel answers ENOENT itself from now on
+
+
+async def test_open_keeps_the_page_cache_and_the_handle_is_the_inode(ops):
+    inode = (await ops.lookup(ROOT_INODE, b"small.bin")).st_ino
+    fi = await ops.open(inode, os.O_RDONLY)
+    assert fi.keep_cache and fi.fh == inode
+    assert bytes(await ops.read(fi.fh, 8192, 4096)) == FILES["small.bin"][8192:]
+    assert await ops.read(fi.fh, 20_000, 4096) == b""
+    await ops.release(fi.fh)
+
+
+async def test_the_filesystem_reports_its_size_and_no_free_space_and_no_xattrs(ops):
+    stats = await ops.statfs()
+    assert stats.f_files == len(FILES) + 3 and stats.f_bfree == stats.f_bavail == 0
+    assert await ops.listxattr(ROOT_INODE) == []
+
+
+async def _inode(ops: DatasetOperations, path: str) -> int:
+    inode = ROOT_INODE
+    for part in path.split("/"):
+        inode = (await ops.lookup(inode, part.encode())).st_ino
+    return inode
+
+
+async def _read(ops: DatasetOperations, path: str) -> bytes:
+    fi = await ops.open(await _inode(ops, path), os.O_RDONLY)
+    return await ops.read(fi.fh, 0, 4096)
 
 
 ERRNOS = [
-    ("missing_file", lambda o: o.getattr("/nope"), errno.ENOENT),
-    ("missing_dir_listing", lambda o: list(o.readdir("/nope", 0)), errno.ENOENT),
-    ("open_for_writing", lambda o: _open(o, "/ok.bin", flags=1), errno.EROFS),  # O_WRONLY
-    ("open_a_directory", lambda o: _open(o, "/sub"), errno.EISDIR),
-    ("write", lambda o: o.write("/ok.bin", b"y", 0, 0), errno.EROFS),
-    ("mkdir", lambda o: o.mkdir("/new", 0o755), errno.EROFS),
-    ("unlink", lambda o: o.unlink("/ok.bin"), errno.EROFS),
-    ("access_for_writing", lambda o: o.access("/ok.bin", 2), errno.EROFS),  # W_OK
+    ("unknown_inode", lambda o: o.getattr(10_000), errno.ENOENT),
+    ("lookup_in_an_unknown_directory", lambda o: o.lookup(10_000, b"x"), errno.ENOENT),
+    ("open_for_writing", lambda o: o.open(ROOT_INODE + 1, os.O_WRONLY), errno.EROFS),
+    ("open_for_appending", lambda o: o.open(ROOT_INODE + 1, os.O_RDONLY | os.O_APPEND), errno.EROFS),
+    ("open_a_directory", lambda o: o.open(ROOT_INODE, os.O_RDONLY), errno.EISDIR),
+    ("opendir_a_file", lambda o: o.opendir(ROOT_INODE + 1), errno.ENOTDIR),
+    ("write", lambda o: o.write(ROOT_INODE + 1, 0, b"y"), errno.EROFS),
+    ("create", lambda o: o.create(ROOT_INODE, b"new", 0o644, os.O_WRONLY, None), errno.EROFS),
+    ("mkdir", lambda o: o.mkdir(ROOT_INODE, b"new", 0o755, None), errno.EROFS),
+    ("unlink", lambda o: o.unlink(ROOT_INODE, b"small.bin", None), errno.EROFS),
+    ("setattr", lambda o: o.setattr(ROOT_INODE + 1, None, None, None, None), errno.EROFS),
+    ("getxattr", lambda o: o.getxattr(ROOT_INODE + 1, b"user.x"), ENOATTR),
+    ("read_a_stuck_file", lambda o: _read(o, "sub/stuck.bin"), errno.EIO),
+    ("read_when_cluster_and_origin_are_down", lambda o: _read(o, "down.bin"), errno.EIO),
 ]
 
 
 @pytest.mark.parametrize("case,call,code", ERRNOS, ids=[e[0] for e in ERRNOS])
-def test_errors_are_errnos(ops, case, call, code):
-    with pytest.raises(fuse.FuseOSError) as err:
-        call(ops)
+async def test_errors_are_errnos(ops, case, call, code):
+    with pytest.raises(FUSEError) as err:
+        await call(ops)
     assert err.value.errno == code
+
+
+async def test_a_failed_read_answers_eio_with_a_log_line_saying_why(ops, caplog):
+    caplog.set_level(logging.ERROR, logger="cachefs.fuse")
+    with pytest.raises(FUSEError):
+        await _read(ops, "down.bin")
+    with pytest.raises(FUSEError):
+        await _read(ops, "sub/stuck.bin")
+    assert "down.bin" in caplog.text and "origin is unreachable" in caplog.text and "EIO" in caplog.text
+    assert "sub/stuck.bin" in caplog.text and "no answer within" in caplog.text
+
+
+async def test_no_exception_but_fuse_error_leaves_a_handler(ops):
+    ops.tree = None  # a bug anywhere below a handler...
+    with pytest.raises(FUSEError) as err:  # ...costs that request an EIO, never the mount
+        await ops.getattr(ROOT_INODE)
+    assert err.value.errno == errno.EIO
