@@ -259,7 +259,10 @@ class BlockReader:
     async def close(self) -> None:
         if self.io is not None:
             io, self.io = self.io, None
-            await asyncio.to_thread(io.close)
+            try:
+                await asyncio.to_thread(io.close)
+            except RuntimeError:  # interpreter shutdown: no thread to hand it to, close from here
+                io.close()
         for origin in self._origins.values():
             await origin.close()
         self._origins.clear()

@@ -43,11 +43,11 @@ def _read_only(*_args: Any, **_kwargs: Any) -> None:
 def _close_quietly(loop: Any, blocks: BlockReader, transport: Transport) -> None:
     if loop is None or loop.is_closed() or not loop.is_running():
         return
-    try:
-        sync(loop, blocks.close, timeout=2)
-        sync(loop, transport.close, timeout=2)
-    except Exception:  # interpreter shutdown or a dead loop: nothing left to close cleanly
-        pass
+    for close in (transport.close, blocks.close):  # the session first: it is what warns when left open
+        try:
+            sync(loop, close, timeout=2)
+        except Exception:  # interpreter shutdown or a dead loop: nothing left to close cleanly
+            pass
 
 
 class CachefsFileSystem(AsyncFileSystem):

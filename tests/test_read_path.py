@@ -131,3 +131,26 @@ def test_readinto_fills_a_reused_buffer_across_blocks(cachefs_cluster, local_dat
         while n := f.readinto(buf):
             got += buf[:n]
     assert got == data
+
+
+def test_a_script_that_reads_and_exits_prints_no_warnings(cachefs_cluster, local_dataset) -> None:
+    import subprocess
+    import sys
+
+    name, files = local_dataset
+    script = f"""
+import fsspec
+from cachefs.filesystem import CachefsFileSystem
+with fsspec.open("cachefs://{name}/README.txt", "rb") as f:
+    assert f.read() == {files["README.txt"]!r}
+def scoped():  # an instance that goes away before the end
+    return CachefsFileSystem(skip_instance_cache=True).cat(["{name}/train/cats/001.jpg", "{name}/val/big.bin"])
+assert len(scoped()) == 2
+kept = CachefsFileSystem(skip_instance_cache=True)  # one alive at exit
+assert kept.cat_file("{name}/train/dogs/001.jpg") == {files["train/dogs/001.jpg"][:0]!r} + kept.cat_file("{name}/train/dogs/001.jpg")
+print("read")
+"""
+    env = {**cachefs_cluster.env, "CACHEFS_ENDPOINT": cachefs_cluster.endpoint, "CACHEFS_TOKEN": cachefs_cluster.token}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "read", r.stderr
+    assert "Unclosed" not in r.stderr and "Traceback" not in r.stderr, r.stderr
