@@ -130,7 +130,15 @@ def load(
         if value is not None:
             values[name] = value
     coerced = {k: _coerce(k, hints[k], v) for k, v in values.items()}
-    return cls(**coerced)
+    config = cls(**coerced)
+    object.__setattr__(config, "_given", frozenset(values))  # which fields some source set (see `given`)
+    return config
+
+
+def given(config: Any) -> frozenset[str] | None:
+    """The fields of a loaded config that a flag, variable or file set (not defaults); None
+    for a config built in code, where every field counts as given."""
+    return getattr(config, "_given", None)
 
 
 @dataclass(frozen=True)
@@ -277,21 +285,18 @@ class ClusterConfig:
                     raise ConfigError(f"allowed_origin_hosts entry {host!r} is not a lowercase host name, an IP "
                                       "address or a CIDR such as 10.0.0.0/8") from None
 
-    def node_config(self, token: str, admin_token: str, disk_dir: str) -> NodeConfig:
-        port = self.port if self.port in (0,) or self.nodes <= 1 else 0
-        return NodeConfig(
-            memory_bytes=self.memory_bytes,
-            disk_bytes=self.disk_bytes,
-            disk_dir=disk_dir if self.disk_bytes else "",
-            host=self.host,
-            port=port,
-            block_size=self.block_size,
-            eviction=self.eviction,
-            token=token,
-            admin_token=admin_token,
-            tls_cert=self.tls_cert,
-            tls_key=self.tls_key,
-        )
+    def node_overrides(self, token: str, admin_token: str, disk_dir: str) -> dict[str, Any]:
+        """What `up` decides for a node; every other NodeConfig field the node reads on its own
+        host (its `[node]` table and CACHEFS_* variables, then defaults). Cluster settings
+        count only where given: a default here must not hide a node's own setting."""
+        chosen = given(self)
+        out: dict[str, Any] = {"token": token, "admin_token": admin_token, "disk_dir": disk_dir}
+        for name in ("memory_bytes", "disk_bytes", "host", "eviction", "tls_cert", "tls_key"):
+            if chosen is None or name in chosen:
+                out[name] = getattr(self, name)
+        if chosen is None or "port" in chosen:
+            out["port"] = self.port if self.nodes <= 1 else 0  # several nodes on one host: any free port
+        return out
 
 
 __all__ = ["ClientConfig", "NodeConfig", "ClusterConfig", "load", "parse_size", "format_size", "DEFAULT_PORT",

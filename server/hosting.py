@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cachefs.config import ClusterConfig, cachefs_home, cluster_file, read_cluster_file
+from cachefs.config import ClusterConfig, NodeConfig, load, cachefs_home, cluster_file, read_cluster_file
 from cachefs.errors import CachefsError, ConfigError, Unavailable
 from server.coordinator import Coordinator
 from server.node_actor import CacheNodeActor
@@ -226,7 +226,8 @@ def ensure_nodes(config: ClusterConfig, tokens: Tokens, env: Mapping[str, str]) 
         name = NODE_PREFIX + node_id
         actor = _actor(name, config.namespace)
         if actor is None:
-            node_config = config.node_config(tokens.reader, tokens.admin, str(disk_root / node_id))
+            node_config = config.node_overrides(tokens.reader, tokens.admin, str(disk_root / node_id))
+            load(NodeConfig, node_config, env)  # refused here, with its reason, rather than in a dying actor
             actor = remote_cls.options(
                 name=name, namespace=config.namespace, lifetime="detached", get_if_exists=True,
                 num_cpus=0, max_concurrency=10_000, scheduling_strategy=strategy,

@@ -105,7 +105,8 @@ class CacheNode:
         self.directory = directory
         self.metrics = NodeMetrics(node_id)
         self.memory = MemoryStore(config.memory_bytes, config.eviction)
-        self.disk = DiskStore(config.disk_dir, config.disk_bytes, config.eviction) if config.disk_dir else None
+        self.disk = DiskStore(config.disk_dir, config.disk_bytes, config.eviction) \
+            if config.disk_dir and config.disk_bytes else None
         self.ring = Ring()
         self._datasets: dict[str, DatasetState] = {}
         self._loads: Group[DatasetState] = Group()
@@ -416,6 +417,8 @@ class CacheNode:
             "evictions": self.memory.evictions + (self.disk.evictions if self.disk else 0),
             "datasets": self.cached_bytes(),
             "uptime": time.time() - self.started,
+            "settings": {k: getattr(self.config, k) for k in ("memory_bytes", "disk_bytes", "eviction",
+                                                               "origin_timeout", "warm_concurrency", "nice")},
             **self.metrics.totals,
         }
 

@@ -21,7 +21,7 @@ import ray
 from aiohttp import web
 
 from cachefs import wire
-from cachefs.config import NodeConfig
+from cachefs.config import NodeConfig, load
 from cachefs.errors import Unavailable
 from cachefs.tls import server_context
 from cachefs.wire import DatasetInfo
@@ -80,8 +80,10 @@ def _set_priority(nice: int) -> None:
 class CacheNodeActor:
     """One cache node. Created by the coordinator's placement (server/hosting.py)."""
 
-    def __init__(self, node_id: str, config: NodeConfig, coordinator_name: str, namespace: str) -> None:
+    def __init__(self, node_id: str, overrides: dict[str, Any], coordinator_name: str, namespace: str) -> None:
         logging.basicConfig(level=logging.INFO)
+        # `up` decides some settings; the rest come from this host's [node] table and CACHEFS_* variables
+        config = load(NodeConfig, overrides)
         _set_priority(config.nice)
         self.node_id = node_id
         self.config = config

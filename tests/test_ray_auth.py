@@ -38,8 +38,8 @@ def _gcs_environ(port: int) -> dict[str, str]:
     raise AssertionError(f"no gcs_server of the Ray on port {port}")
 
 
-def _up_status_down(env: dict[str, str]) -> tuple[dict, dict[str, str]]:
-    """up → status → down; returns the cluster file and the Ray head's environment."""
+def _up_status_down(env: dict[str, str]) -> tuple[dict, dict[str, str], dict]:
+    """up → status → down; returns the cluster file, the Ray head's environment and the status."""
     r = run_cli("up", "--nodes", "1", "--memory", "32MiB", "--disk", "0", "--json", env=env, timeout=240)
     assert r.returncode == 0, r.stderr
     recorded = json.loads(Path(env["CACHEFS_HOME"], "cluster.json").read_text())
@@ -48,27 +48,34 @@ def _up_status_down(env: dict[str, str]) -> tuple[dict, dict[str, str]]:
         head_env = _gcs_environ(port)
         status = run_cli("status", "--json", env=env)
         assert status.returncode == 0, status.stderr
-        assert len(json.loads(status.stdout)["nodes"]) == 1
+        doc = json.loads(status.stdout)
+        assert len(doc["nodes"]) == 1
     finally:
         down = run_cli("down", "--json", env=env, timeout=120)
     assert down.returncode == 0, down.stderr
     assert json.loads(down.stdout)["stopped"] is True
     assert _local_ray_pids(port) == [], "down left Ray processes behind"
-    return recorded, head_env
+    return recorded, head_env, doc
 
 
 def test_up_with_a_ray_token_file_present_runs_ray_with_token_auth(tmp_path: Path) -> None:
     token_file = default_token_path({"HOME": str(tmp_path)})
     token_file.parent.mkdir(parents=True)
     token_file.write_text("a-token-that-ray-init-wrote-earlier")
-    recorded, head_env = _up_status_down(_env(tmp_path))
+    # and node settings from the config file and the environment, as a client's are read
+    (tmp_path / ".cachefs").mkdir()
+    (tmp_path / ".cachefs" / "config.toml").write_text('[node]\nwarm_concurrency = 3\nmemory_bytes = "48MiB"\n')
+    recorded, head_env, status = _up_status_down(_env(tmp_path, CACHEFS_ORIGIN_TIMEOUT="7"))
+    settings = status["nodes"][0]["settings"]
+    assert settings["warm_concurrency"] == 3 and settings["origin_timeout"] == 7.0
+    assert settings["memory_bytes"] == 32 * 1024 * 1024  # `up --memory` wins over the file
     assert recorded["ray_auth"] == "token"
     assert head_env.get("RAY_AUTH_MODE") == "token"
     assert token_file.read_text() == "a-token-that-ray-init-wrote-earlier", "the user's token must be kept"
 
 
 def test_up_without_a_token_creates_a_private_one_and_uses_it(tmp_path: Path) -> None:
-    recorded, head_env = _up_status_down(_env(tmp_path))
+    recorded, head_env, _ = _up_status_down(_env(tmp_path))
     token_file = default_token_path({"HOME": str(tmp_path)})
     assert recorded["ray_auth"] == "token" and head_env.get("RAY_AUTH_MODE") == "token"
     assert token_file.stat().st_mode & 0o777 == 0o600
@@ -76,7 +83,7 @@ def test_up_without_a_token_creates_a_private_one_and_uses_it(tmp_path: Path) ->
 
 
 def test_up_with_ray_auth_mode_token_and_a_token_in_the_environment(tmp_path: Path) -> None:
-    recorded, head_env = _up_status_down(_env(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t" * 40))
+    recorded, head_env, _ = _up_status_down(_env(tmp_path, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="t" * 40))
     assert recorded["ray_auth"] == "token" and head_env.get("RAY_AUTH_TOKEN") == "t" * 40
     assert not default_token_path({"HOME": str(tmp_path)}).exists()
 
@@ -85,7 +92,7 @@ def test_up_with_ray_auth_mode_disabled_runs_ray_without_auth_even_with_a_token_
     token_file = default_token_path({"HOME": str(tmp_path)})
     token_file.parent.mkdir(parents=True)
     token_file.write_text("present-but-unwanted")
-    recorded, head_env = _up_status_down(_env(tmp_path, RAY_AUTH_MODE="disabled"))
+    recorded, head_env, _ = _up_status_down(_env(tmp_path, RAY_AUTH_MODE="disabled"))
     assert recorded["ray_auth"] == "disabled" and head_env.get("RAY_AUTH_MODE") == "disabled"
 
 
