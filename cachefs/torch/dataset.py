@@ -99,12 +99,14 @@ class CachefsDataset(Dataset):
         read_ahead = future is not None
         if future is None:
             future = self._read(paths)
-        if here.lookahead is not None:
-            here.prefetcher.expect(here.lookahead.after(batch))
         what = f"a batch of {len(batch)} samples from {paths[0] if paths else '-'}"
         results = self.client.wait(future, what)
         if read_ahead and any(isinstance(r, BaseException) for r in results):
             results = self.client.wait(self._read(paths), what)  # read ahead is not the last word: again, now
+        if here.lookahead is not None:
+            # Only now: reads ahead started with the batch asked for would share the nodes
+            # and the wire with it and delay it. They run while this one is consumed.
+            here.prefetcher.expect(here.lookahead.after(batch))
         for r in results:
             if isinstance(r, BaseException):
                 raise r  # names the file (FileNotFoundError for a missing one)
