@@ -14,7 +14,9 @@ Peers (the dataset warm in the cache before any cachefs peer is timed):
                              (a fresh mount: every read goes through FUSE)
   DataLoader, 4 workers      cachefs.torch.CachefsDataset in a torch DataLoader (if torch is installed),
                              its sampler's order known to the workers, which read their next batches ahead;
-                             persistent workers, one untimed epoch first; samples are bytes (collate_fn=list)
+                             persistent workers, one untimed epoch first; samples are bytes, and the
+                             default collate_fn hands a batch on as it is (cachefs's crosses to the
+                             trainer in shared memory, cachefs/torch/batch.py)
   ..., RandomSampler         the same with the DataLoader's own shuffle: a batch is read when asked for
   local disk DataLoader      the same DataLoader over the local files: what the DataLoader itself costs
                              (every sample's bytes pickled through a pipe to the trainer)
@@ -98,7 +100,7 @@ def dataloader_rate(dataset: Any, workers: int, repeat: int, sampler: Any = None
     import torch.utils.data as tud
 
     loader = tud.DataLoader(dataset, batch_size=BATCH, shuffle=sampler is None, sampler=sampler,
-                            num_workers=workers, collate_fn=list, persistent_workers=True, prefetch_factor=4)
+                            num_workers=workers, persistent_workers=True, prefetch_factor=4)
     epochs = iter(range(repeat + 1))
 
     def epoch() -> float:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,19 @@ def test_two_workers_with_the_cachefs_sampler_give_every_sample_in_order_read_ah
     for worker in (0, 1):  # each worker read ahead every batch after its first
         read_ahead = [ahead for _, ahead, w in got if w == worker]
         assert read_ahead == [False] + [True] * (len(read_ahead) - 1)
+
+
+def test_a_batch_of_bytes_reaches_the_trainer_as_a_list_of_bytes_through_shared_memory(cachefs_cluster,
+                                                                                       images) -> None:
+    name, files = images
+    ds = dataset(cachefs_cluster, f"{name}/train")
+    sampler = ds.sampler(seed=2)
+    batches = list(DataLoader(ds, batch_size=16, sampler=sampler, num_workers=2))  # the default collate_fn
+    assert all(type(b) is list and all(type(s) is bytes for s in b) for b in batches)
+    assert [s for b in batches for s in b] == [files[ds.path(i)] for i in sampler]
+    batch = ds.__getitems__([0, 1, 2])
+    assert ForkingPickler.loads(ForkingPickler.dumps(batch)) == pickle.loads(pickle.dumps(batch)) == list(batch)
+    assert len(ForkingPickler.dumps(batch)) < 1000  # a file descriptor, not the bytes
 
 
 def test_a_plain_random_sampler_gives_every_sample_once(cachefs_cluster, images) -> None:

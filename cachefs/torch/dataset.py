@@ -17,6 +17,7 @@ import pyarrow as pa
 from torch.utils.data import Dataset, get_worker_info
 
 from cachefs.filesystem import CachefsFileSystem
+from cachefs.torch.batch import Samples
 from cachefs.torch.client import Client
 from cachefs.torch.order import Batch, CachefsSampler, Follow, Lookahead, Order, rank_and_world
 from cachefs.torch.prefetch import Prefetcher
@@ -111,7 +112,7 @@ class CachefsDataset(Dataset):
             if isinstance(r, BaseException):
                 raise r  # names the file (FileNotFoundError for a missing one)
         if self.transform is None:
-            return results
+            return Samples(results)  # to the trainer through shared memory (cachefs/torch/batch.py)
         return [self.transform(p, data) for p, data in zip(paths, results)]
 
     def _index(self, i: Any) -> int:
