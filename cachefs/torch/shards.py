@@ -61,9 +61,11 @@ class CachefsShards(IterableDataset):
         ahead: concurrent.futures.Future[bytes | None] | None = None
         try:
             for i, path in enumerate(mine):
-                current = ahead if ahead is not None else self._begin(path)
+                data = self.client.wait(ahead if ahead is not None else self._begin(path), f"shard {path}")
+                # The next one starts once this one is in (not sharing the wire with it), and
+                # arrives while this one is consumed.
                 ahead = self._begin(mine[i + 1]) if i + 1 < len(mine) else None
-                yield from self._samples(path, current)
+                yield from self._samples(path, data)
         finally:  # the consumer stopped early: the shard read ahead is not needed
             if ahead is not None:
                 ahead.cancel()
@@ -78,8 +80,7 @@ class CachefsShards(IterableDataset):
             return None  # streamed when its turn comes
         return await fs._cat_file(path)
 
-    def _samples(self, path: str, whole: concurrent.futures.Future[bytes | None]) -> Iterator[tuple[str, Any]]:
-        data = self.client.wait(whole, f"shard {path}")
+    def _samples(self, path: str, data: bytes | None) -> Iterator[tuple[str, Any]]:
         if not self.tar:
             yield path, data
             return
