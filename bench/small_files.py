@@ -12,8 +12,14 @@ Peers (the dataset warm in the cache before any cachefs peer is timed):
   cachefs batched            fs.cat([256 paths]) in a loop, one thread
   mount, 4 processes         `cachefs mount`, then 4 processes open().read() every file
                              (a fresh mount: every read goes through FUSE)
-  DataLoader, 4 workers      cachefs.torch.CachefsDataset in a torch DataLoader (if torch is installed)
-  local disk DataLoader      the same DataLoader over the local files (what the workers themselves cost)
+  DataLoader, 4 workers      cachefs.torch.CachefsDataset in a torch DataLoader (if torch is installed),
+                             its sampler's order known to the workers, which read their next batches ahead;
+                             persistent workers, one untimed epoch first; samples are bytes, and the
+                             default collate_fn hands a batch on as it is (cachefs's crosses to the
+                             trainer in shared memory, cachefs/torch/batch.py)
+  ..., RandomSampler         the same with the DataLoader's own shuffle: a batch is read when asked for
+  local disk DataLoader      the same DataLoader over the local files: what the DataLoader itself costs
+                             (every sample's bytes pickled through a pipe to the trainer)
 
 and, for whole-file reads of large files, warm `fs.cat_file` of 48 MiB files against the
 loopback ceiling (socket.sendfile → recv_into, bench/read_throughput.py).
@@ -87,18 +93,25 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def dataloader_rate(dataset: Any, workers: int, repeat: int) -> float:
+def dataloader_rate(dataset: Any, workers: int, repeat: int, sampler: Any = None) -> float:
+    """files/s of the best of `repeat` epochs of a DataLoader as a training job runs one:
+    persistent workers, started (one untimed epoch) before the clock, as the processes of
+    the local-disk peers are; shuffled by `sampler` (with `set_epoch`) or by the DataLoader."""
     import torch.utils.data as tud
 
-    loader = tud.DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=workers,
-                            collate_fn=list, persistent_workers=False, prefetch_factor=4)
+    loader = tud.DataLoader(dataset, batch_size=BATCH, shuffle=sampler is None, sampler=sampler,
+                            num_workers=workers, persistent_workers=True, prefetch_factor=4)
+    epochs = iter(range(repeat + 1))
 
     def epoch() -> float:
+        if sampler is not None:
+            sampler.set_epoch(next(epochs))
         t0 = time.perf_counter()
         n = sum(len(batch) for batch in loader)
         assert n == len(dataset)
         return time.perf_counter() - t0
 
+    epoch()  # the workers start, connect and load the manifest
     return best_rate(len(dataset), epoch, repeat)
 
 
@@ -207,7 +220,9 @@ def main() -> int:
                     try:
                         from cachefs.torch import CachefsDataset
                         ds = CachefsDataset("small/train", endpoint=handle.endpoint, token=handle.token)
-                        rates["DataLoader, 4 workers"] = dataloader_rate(ds, 4, repeat)
+                        rates["DataLoader, 4 workers"] = dataloader_rate(ds, 4, repeat, ds.sampler(seed=0))
+                        ds = CachefsDataset("small/train", endpoint=handle.endpoint, token=handle.token)
+                        rates["DataLoader, 4 workers, RandomSampler"] = dataloader_rate(ds, 4, repeat)
                         rates["local disk DataLoader, 4 workers"] = dataloader_rate(LocalFiles(local), 4, repeat)
                     except ImportError as e:
                         doc["notes"]["torch"] = f"skipped: {e}"

@@ -40,8 +40,11 @@ def _read_only(*_args: Any, **_kwargs: Any) -> None:
                         "write to the origin and run `cachefs dataset refresh`")
 
 
-def _close_quietly(loop: Any, blocks: BlockReader, transport: Transport) -> None:
-    if loop is None or loop.is_closed() or not loop.is_running():
+def _close_quietly(loop: Any, blocks: BlockReader, transport: Transport, pid: int) -> None:
+    # A copy inherited by a forked child (a DataLoader worker) has no loop thread there: the
+    # loop looks running but nothing would ever run the close, and waiting for it stalls the
+    # child for seconds. The parent closes its own.
+    if pid != os.getpid() or loop is None or loop.is_closed() or not loop.is_running():
         return
     for close in (transport.close, blocks.close):  # the session first: it is what warns when left open
         try:
@@ -75,7 +78,7 @@ class CachefsFileSystem(AsyncFileSystem):
         self.pool = BufferPool(wire.DEFAULT_BLOCK_SIZE)  # open files' block buffers, reused
         self._views: dict[str, DatasetView] = {}
         if not asynchronous:  # like s3fs: close the session when the instance goes away
-            weakref.finalize(self, _close_quietly, self.loop, self.blocks, self.transport)
+            weakref.finalize(self, _close_quietly, self.loop, self.blocks, self.transport, os.getpid())
 
     # -- paths ---------------------------------------------------------------------------
     @classmethod
