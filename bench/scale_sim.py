@@ -104,7 +104,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
 def key_of(b: int) -> str:
     """Block b of the dataset: 10 blocks to a file."""
     f, i = divmod(b, BLOCKS_PER_FILE)
-    return block_key("train", "snap-1", f"shards/{f:07d}.tar", "etag-1", i)
+    return block_key("train", "snap-1", f"shards/{f:07d}.tar", i)
 
 
 def block_positions(blocks: int) -> tuple[np.ndarray, float]:
