@@ -27,7 +27,7 @@ COPY cachefs ./cachefs
 COPY shard ./shard
 COPY server ./server
 COPY csi ./csi
-RUN pip wheel --wheel-dir /wheels . "ray[default,data]==${RAY_VERSION}"
+RUN pip wheel --wheel-dir /wheels ".[server,csi,operator]" "ray[default]==${RAY_VERSION}"
 
 # ---- runtime ------------------------------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim
@@ -54,7 +54,7 @@ RUN groupadd --gid 1000 cachefs \
  && chown -R 1000:1000 /cachefs
 
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links=/wheels cachefs "ray[default,data]==${RAY_VERSION}" \
+    pip install --no-cache-dir --no-index --find-links=/wheels "cachefs[server,csi,operator]" "ray[default]==${RAY_VERSION}" \
  && cachefs --help >/dev/null
 
 ENV CACHEFS_HOME=/cachefs/home \

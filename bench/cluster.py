@@ -21,7 +21,7 @@ class Cluster:
 
     def __init__(self, work: Path, nodes: int, budget: int, eviction: str, block_size: int,
                  namespace: str) -> None:
-        from cachefs.config import ClusterConfig
+        from server.config import ClusterConfig
         from server import hosting
 
         self.nodes, self.budget, self.eviction, self.namespace = nodes, budget, eviction, namespace

@@ -140,7 +140,8 @@ def main() -> int:
     import ray
 
     from cachefs.admin import AdminClient
-    from cachefs.config import ClientConfig, ClusterConfig
+    from cachefs.config import ClientConfig
+    from server.config import ClusterConfig
     from server import hosting
 
     work = Path(tempfile.mkdtemp(prefix="cachefs-bench-mount-"))
@@ -156,16 +157,10 @@ def main() -> int:
     ray.init(address="local", namespace="cachefs-bench", logging_level="ERROR", log_to_driver=False,
              include_dashboard=False)
     try:
-<<<<<<< HEAD
-        handle = hosting.up(ClusterConfig(nodes=args.nodes, memory_bytes=max(256 * MiB, 2 * args.files * size // args.nodes),
+        handle = hosting.up(ClusterConfig(nodes=args.nodes, memory_bytes=max(256 * MiB, 2 * total // args.nodes),
                                           disk_bytes=0, namespace="cachefs-bench",
                                           allowed_origins=(f"file://{origin}/",)))
         config = ClientConfig(endpoint=",".join(handle.endpoints), token=handle.token, admin_token=handle.admin_token)
-=======
-        handle = hosting.up(ClusterConfig(nodes=args.nodes, memory_bytes=max(256 * MiB, 2 * total // args.nodes),
-                                          disk_bytes=0, namespace="cachefs-bench"))
-        config = ClientConfig(endpoint=",".join(handle.endpoints), token=handle.token)
->>>>>>> fuse
 
         async def register() -> None:
             async with AdminClient(config) as admin:

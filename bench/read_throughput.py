@@ -135,7 +135,7 @@ def main() -> int:
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from cachefs.config import ClusterConfig
+    from server.config import ClusterConfig
     from cachefs.filesystem import CachefsFileSystem
     from server import hosting
 

@@ -51,7 +51,7 @@ def load_in_memory(files: int) -> dict[str, Any]:
     and loaded as a client does: from IPC bytes to the index. No cluster, no wire."""
     import pyarrow as pa
 
-    from cachefs.manifest import Manifest, _hash_ordered, for_readers, from_ipc, path_hash, to_ipc
+    from cachefs.common.manifest import Manifest, _hash_ordered, for_readers, from_ipc, path_hash, to_ipc
 
     paths = [f"d{i // PER_FOLDER:05d}/f{i:08d}.bin" for i in range(files)]
     table = _hash_ordered(pa.table({
@@ -73,7 +73,8 @@ def load_in_memory(files: int) -> dict[str, Any]:
 
 def run(quick: bool) -> dict[str, Any]:
     from bench.cluster import local_ray
-    from cachefs.config import DEFAULT_ALLOWED_ORIGINS, ClientConfig, ClusterConfig
+    from cachefs.config import ClientConfig
+    from server.config import ClusterConfig, DEFAULT_ALLOWED_ORIGINS
     from cachefs.filesystem import CachefsFileSystem
     from server import hosting
 
@@ -139,7 +140,7 @@ async def admin_warm(config: Any) -> Any:
 
 def client_figures(fs: Any, files: int) -> dict[str, Any]:
     """What a client pays for the manifest, and for metadata calls once it holds it."""
-    from cachefs import wire
+    from cachefs.common import wire
 
     out: dict[str, Any] = {}
     for key, query in (("manifest_wire_bytes", "?versions=0"), ("manifest_full_bytes", "")):

@@ -146,7 +146,8 @@ def main() -> int:
     from bench.cluster import MountUnavailable, local_ray, mounted
     from bench.read_throughput import loopback_ceiling
     from cachefs.admin import AdminClient
-    from cachefs.config import DEFAULT_ALLOWED_ORIGINS, ClientConfig, ClusterConfig
+    from cachefs.config import ClientConfig
+    from server.config import ClusterConfig, DEFAULT_ALLOWED_ORIGINS
     from cachefs.filesystem import CachefsFileSystem
     from server import hosting
 

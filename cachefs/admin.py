@@ -13,11 +13,11 @@ import dataclasses
 import time
 from typing import Any, Callable, Sequence
 
-from cachefs import wire
+from cachefs.common import wire
 from cachefs.config import ClientConfig
-from cachefs.errors import CachefsError, Forbidden
+from cachefs.common.errors import CachefsError, Forbidden
 from cachefs.transport import Endpoints, Transport
-from cachefs.wire import DatasetInfo, OperationInfo
+from cachefs.common.wire import DatasetInfo, OperationInfo
 
 Progress = Callable[[OperationInfo], None]
 

@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 import xxhash
 
-from cachefs import wire
-from cachefs.errors import CachefsError, IntegrityError, NodeUnavailable, from_body
+from cachefs.common import wire
+from cachefs.common.errors import CachefsError, IntegrityError, NodeUnavailable, from_body
 
 HEADER_LIMIT = 64 * 1024
 ERROR_LIMIT = 1024 * 1024  # an error body larger than this is not one of ours

@@ -17,17 +17,17 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-from cachefs import wire
+from cachefs.common import wire
 from cachefs.batching import NodeQueue
 from cachefs.config import ClientConfig
-from cachefs.errors import (CachefsError, IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
+from cachefs.common.errors import (CachefsError, IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
                             Unavailable)
 from cachefs.ioloops import IOLoops
-from cachefs.manifest import FileEntry, Manifest, from_ipc
-from cachefs.origin import Origin
+from cachefs.common.manifest import FileEntry, Manifest, from_ipc
+from cachefs.common.origin import Origin
 from cachefs.plan import Slice
 from cachefs.transport import Endpoints, Transport
-from cachefs.wire import DatasetInfo
+from cachefs.common.wire import DatasetInfo
 from shard import Ring
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Sequence
 from urllib.parse import urlsplit
 
 from cachefs.blockproto import FrameReader, Outcome, request_head
-from cachefs.errors import NodeUnavailable
+from cachefs.common.errors import NodeUnavailable
 
 
 class DirectReads:

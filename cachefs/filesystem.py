@@ -20,16 +20,17 @@ from fsspec.asyn import AsyncFileSystem, sync, sync_wrapper
 from fsspec.caching import BaseCache
 from fsspec.spec import AbstractBufferedFile
 
-from cachefs import wire
+from cachefs.common import wire
 from cachefs.blocks import BlockReader, DatasetView
 from cachefs.buffers import BufferPool, new_bytes
-from cachefs.config import ClientConfig, load
+from cachefs.config import ClientConfig
+from cachefs.common.settings import load
 from cachefs.direct import DirectReads
-from cachefs.errors import BadRequest, CachefsError, NodeUnavailable, NotFound, ReadOnlyError, SnapshotGone
-from cachefs.manifest import FileEntry, Manifest, check_path, from_ipc
+from cachefs.common.errors import BadRequest, CachefsError, NodeUnavailable, NotFound, ReadOnlyError, SnapshotGone
+from cachefs.common.manifest import FileEntry, Manifest, check_path, from_ipc
 from cachefs.plan import Slice, plan
 from cachefs.transport import Transport
-from cachefs.wire import DatasetInfo
+from cachefs.common.wire import DatasetInfo
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
 DIRECT_MAX = 4 * 1024 * 1024  # sync reads up to this size may go on the caller's thread (cachefs/direct.py)

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from cachefs import wire
-from cachefs.errors import CachefsError
-from cachefs.manifest import FileEntry
-from cachefs.wire import DatasetInfo
+from cachefs.common import wire
+from cachefs.common.errors import CachefsError
+from cachefs.common.manifest import FileEntry
+from cachefs.common.wire import DatasetInfo
 from shard import block_key, blocks_for_range, pack_key
 
 

@@ -1,5 +1,6 @@
-"""TLS contexts for the nodes' HTTP: the server's from a certificate and key, the
-client's from a CA bundle. Optional: without a certificate the nodes speak plain HTTP.
+"""TLS for clients of the nodes' HTTP: a context from a CA bundle (the nodes' own context,
+from a certificate and key, is server/tls.py). Optional: without a certificate the nodes
+speak plain HTTP.
 
 On Kubernetes clients reach cache nodes by pod IP (the ring's URLs), which no
 certificate names; `tls_server_name` lets a client check every node against the one
@@ -10,18 +11,7 @@ from __future__ import annotations
 
 import ssl
 
-from cachefs.errors import ConfigError
-
-
-def server_context(cert: str, key: str) -> ssl.SSLContext:
-    """A TLS 1.2+ server context; a bad certificate or key fails at start with its paths."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        ctx.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"cannot load the TLS certificate {cert} with key {key}: {e}") from e
-    return ctx
+from cachefs.common.errors import ConfigError
 
 
 def client_context(ca_bundle: str = "") -> ssl.SSLContext:

@@ -13,10 +13,10 @@ from typing import Any, Mapping, Sequence
 
 import aiohttp
 
-from cachefs import wire
+from cachefs.common import wire
 from cachefs.blockproto import FrameClient
 from cachefs.config import ClientConfig
-from cachefs.errors import CachefsError, NodeUnavailable, from_body
+from cachefs.common.errors import CachefsError, NodeUnavailable, from_body
 from cachefs.tls import client_context
 
 

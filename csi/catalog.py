@@ -12,15 +12,15 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Mapping, Protocol
 
 from cachefs.config import ClientConfig
-from cachefs.errors import NodeUnavailable
-from cachefs.wire import DatasetInfo
+from cachefs.common.errors import NodeUnavailable
+from cachefs.common.wire import DatasetInfo
 
 
 class Catalog(Protocol):
     endpoint: str
 
     def lookup(self, name: str) -> DatasetInfo:
-        """The dataset's info; raises cachefs.errors.NotFound (a FileNotFoundError) if unknown."""
+        """The dataset's info; raises cachefs.common.errors.NotFound (a FileNotFoundError) if unknown."""
         ...
 
     def source(self, name: str) -> str:

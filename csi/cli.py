@@ -66,7 +66,11 @@ def _logging(level: str) -> None:
 
 
 def _run_csi(args: argparse.Namespace) -> int:
-    from cachefs.config import ClientConfig, load
+    from cachefs.common.extras import require
+
+    require("csi", "csi")
+    from cachefs.config import ClientConfig
+    from cachefs.common.settings import load
     from csi.catalog import ClusterCatalog
     from csi.config import CsiConfig, MountConfig
     from csi.server import run
@@ -80,11 +84,16 @@ def _run_csi(args: argparse.Namespace) -> int:
 
 
 def _run_mount(args: argparse.Namespace) -> int:
-    from cachefs.config import ClientConfig, cachefs_home, load
-    from cachefs.errors import ConfigError, NotFound
+    from cachefs.common.extras import require
+
+    require("csi", "mount")
+    from cachefs.config import ClientConfig
+    from cachefs.common.settings import cachefs_home, load
+    from cachefs.common.errors import ConfigError, NotFound
     from csi.catalog import ClusterCatalog
     from csi.config import MountConfig
-    from csi.mounter import Mounter, find_mount
+    from csi.mounter import Mounter
+    from csi.mounts import find_mount
     from csi.state import key_of
 
     target = os.path.abspath(args.mountpoint)
@@ -115,8 +124,9 @@ def _run_mount(args: argparse.Namespace) -> int:
 
 
 def _run_unmount(args: argparse.Namespace) -> int:
-    from cachefs.errors import ConfigError
-    from csi.mounter import Mounter, find_mount, mount_pids
+    from cachefs.common.errors import ConfigError
+    from csi.mounter import Mounter, mount_pids
+    from csi.mounts import find_mount
 
     target = os.path.abspath(args.mountpoint)
     if find_mount(target) is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cachefs.errors import ConfigError
+from cachefs.common.errors import ConfigError
 
 DRIVER_NAME = "cachefs.csi.io"  # must equal the CSIDriver object's name in the Helm chart
 _MAX_SOCKET_PATH = 107  # sun_path is 108 bytes, with the terminating NUL

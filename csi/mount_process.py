@@ -67,7 +67,7 @@ def config_args(config: MountConfig) -> list[str]:
 def tune_kernel(target: str, readahead_bytes: int) -> None:
     """Raise the mount's readahead and requests in flight, once the kernel's INIT is answered
     (INIT would lower them again). Best effort: needs root (sysfs); a failure costs throughput."""
-    from csi.mounter import find_mount
+    from csi.mounts import find_mount
 
     entry = find_mount(target)
     if entry is None:
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("CACHEFS_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from cachefs.errors import CachefsError
+    from cachefs.common.errors import CachefsError
 
     try:
         config = MountConfig(attr_timeout=args.attr_timeout, op_timeout=args.op_timeout,

@@ -13,23 +13,22 @@ import enum
 import errno
 import logging
 import os
-import re
-import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Mapping
 
-from cachefs.errors import CachefsError
+from cachefs.common import procs
+from cachefs.common.errors import CachefsError
+from cachefs.common.waiting import wait_until
 from csi.config import MountConfig
+from csi.mounts import find_mount
 
 log = logging.getLogger("cachefs.csi.mounter")
 
 FUSERMOUNT = "fusermount3"
 MOUNT_MODULE = "csi.mount_process"
-FSTYPE = "fuse.cachefs"  # "fuse." + the subtype csi.fusefs mounts with
 
 
 class MountError(CachefsError):
@@ -46,57 +45,10 @@ class Health(enum.Enum):
     ABSENT = "absent"  # nothing of ours is mounted there
 
 
-@dataclass(frozen=True)
-class MountEntry:
-    mountpoint: str
-    fstype: str
-    source: str
-    device: str  # "major:minor", names the mount's bdi in sysfs
-
-
-def _unescape(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def read_mounts(mountinfo: str = "/proc/self/mountinfo") -> dict[str, MountEntry]:
-    """Mount point → entry; the last mount on a point wins, as it does for lookups."""
-    mounts: dict[str, MountEntry] = {}
-    with open(mountinfo) as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fields, rest = left.split(), right.split()
-            if len(fields) < 5 or len(rest) < 2:
-                continue
-            point = _unescape(fields[4])
-            mounts[point] = MountEntry(point, rest[0], _unescape(rest[1]), fields[2])
-    return mounts
-
-
-def find_mount(target: str) -> MountEntry | None:
-    entry = read_mounts().get(os.path.realpath(target)) or read_mounts().get(target)
-    return entry if entry is not None and entry.fstype == FSTYPE else None
-
-
-def pid_alive(pid: int) -> bool:
-    """True for a live process; a zombie (exited, not yet reaped) counts as dead."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
 def is_mount_process(pid: int, target: str) -> bool:
     """Is `pid` our mount process for `target` (and not a reused pid)?"""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except OSError:
-        return False
-    return MOUNT_MODULE.encode() in argv and os.fsencode(target) in argv and pid_alive(pid)
+    argv = procs.command_line(pid)
+    return MOUNT_MODULE.encode() in argv and os.fsencode(target) in argv and procs.alive(pid)
 
 
 def log_tail(path: str, lines: int = 8) -> str:
@@ -173,7 +125,7 @@ class Mounter:
             with self._children_lock:
                 self._children.pop(pid, None)
             return False
-        return pid_alive(pid)
+        return procs.alive(pid)
 
     def health(self, target: str, pid: int) -> Health:
         mounted = find_mount(target) is not None
@@ -213,20 +165,10 @@ class Mounter:
 
     def _wait_exit(self, pid: int, timeout: float) -> None:
         """Unmounting ends the FUSE loop; a process that lingers gets SIGTERM, then SIGKILL."""
-        deadline = time.monotonic() + timeout
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    break
-                log.warning("mount process %d did not exit; sent %s", pid, sig.name)
-                deadline = time.monotonic() + min(timeout, 5.0)
-            while time.monotonic() < deadline:
-                if not self.alive(pid):
-                    return
-                time.sleep(0.05)
-        if self.alive(pid):
+        if wait_until(lambda: not self.alive(pid), timeout):
+            return
+        log.warning("mount process %d did not exit within %.0f s; stopping it", pid, timeout)
+        if procs.terminate([pid], grace=min(timeout, 5.0)):
             raise MountError(f"mount process {pid} survived SIGKILL")
 
 
@@ -251,8 +193,4 @@ def _stat_within(path: str, timeout: float) -> bool:
 
 def mount_pids(target: str) -> list[int]:
     """Pids of our mount processes serving `target` (for `cachefs unmount`, which has no records)."""
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit() and is_mount_process(int(name), target):
-            pids.append(int(name))
-    return pids
+    return sorted(pid for pid in procs.processes() if is_mount_process(pid, target))

@@ -10,7 +10,7 @@ import os
 
 import grpc
 
-from cachefs.wire import DATASET_NAME_RE
+from cachefs.common.wire import DATASET_NAME_RE
 from csi import errors
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc as pb_grpc

@@ -33,6 +33,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterator
 
+from cachefs.common.files import write_atomically
+
 log = logging.getLogger("cachefs.csi.state")
 
 VERSION = 1
@@ -100,13 +102,8 @@ class StateStore:
         return record if os.path.normpath(record.target) == os.path.normpath(target) else None
 
     def put(self, record: VolumeRecord) -> None:
-        path = self._path(record.target)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(record.to_json(), f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        data = json.dumps(record.to_json(), indent=2, sort_keys=True).encode()
+        write_atomically(self._path(record.target), data, mode=0o644, durable=True)
 
     def delete(self, target: str) -> None:
         for path in (self._path(target), self.log_path(target)):

@@ -17,11 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping
 
-from cachefs.wire import ALL_NAMESPACES, DatasetInfo
+from cachefs.common.wire import ALL_NAMESPACES, DatasetInfo
 from csi import errors
 from csi.catalog import Catalog
 from csi.config import CsiConfig, MountConfig
-from csi.mounter import Health, Mounter, MountError, MountTimeout, find_mount
+from csi.mounter import Health, Mounter, MountError, MountTimeout
+from csi.mounts import find_mount
 from csi.state import StateStore, VolumeRecord
 
 log = logging.getLogger("cachefs.csi.volumes")

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachefs.errors import BadRequest, CachefsError, NotFound
-from cachefs.wire import DatasetInfo, OperationInfo
+from cachefs.common.errors import BadRequest, CachefsError, NotFound
+from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.operations import Operation, Operations
 from server.origin_policy import OriginPolicy
 from server.placement import build_ring

@@ -14,7 +14,6 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,8 +25,11 @@ from typing import Any, Callable, Mapping
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cachefs.config import ClusterConfig, NodeConfig, load, cachefs_home, cluster_file, read_cluster_file
-from cachefs.errors import CachefsError, ConfigError, Unavailable
+from cachefs.common import procs
+from cachefs.common.files import write_atomically
+from cachefs.common.settings import cachefs_home, cluster_file, load, read_cluster_file
+from server.config import ClusterConfig, NodeConfig
+from cachefs.common.errors import CachefsError, ConfigError, Unavailable
 from server.coordinator import Coordinator
 from server.node_actor import CacheNodeActor
 from server.origin_policy import OriginPolicy
@@ -116,42 +118,15 @@ def _local_ray_pids(port: int) -> list[int]:
     `ray stop` would stop every Ray cluster on the machine; this stops only ours.
     """
     marks = (_ray_temp_dir(port).encode(), f":{port}".encode())
-    parents: dict[int, int] = {}
-    ours: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if any(m in cmdline for m in marks):
-            ours.add(int(entry.name))
-    grew = True
-    while grew:
-        more = {pid for pid, ppid in parents.items() if ppid in ours} - ours
-        ours |= more
-        grew = bool(more)
+    table = procs.processes()
+    ours = procs.with_descendants((pid for pid, (_, cmd) in table.items() if any(m in cmd for m in marks)), table)
     ours.discard(os.getpid())
     return sorted(ours)
 
 
 def stop_local_ray(address: str) -> None:
     port = int(address.rsplit(":", 1)[1])
-    pids = _local_ray_pids(port)
-    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.1)
-        pids = [p for p in pids if Path(f"/proc/{p}").exists()]
-        if not pids:
-            break
+    procs.terminate(_local_ray_pids(port), grace=10.0)
     shutil.rmtree(_ray_temp_dir(port), ignore_errors=True)
 
 
@@ -314,10 +289,7 @@ def watch(config: ClusterConfig, env: Mapping[str, str] = os.environ, interval: 
 def write_cluster_file(handle: ClusterHandle, env: Mapping[str, str] = os.environ) -> Path:
     path = cluster_file(env)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(handle.to_json(), f)
-    os.replace(path.with_suffix(".tmp"), path)
+    write_atomically(path, json.dumps(handle.to_json()).encode())  # 0600: it holds the tokens
     return path
 
 

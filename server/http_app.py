@@ -17,8 +17,8 @@ from typing import Any, Awaitable, Callable, Protocol
 import xxhash
 from aiohttp import web
 
-from cachefs import wire
-from cachefs.errors import BadRequest, CachefsError, Forbidden, NotFound, RangeNotSatisfiable, Unauthorized
+from cachefs.common import wire
+from cachefs.common.errors import BadRequest, CachefsError, Forbidden, NotFound, RangeNotSatisfiable, Unauthorized
 from server.node import BlockRead, CacheNode
 from server.stores import read_ranges
 

@@ -17,12 +17,12 @@ from typing import Any, Protocol, Sequence
 import pyarrow as pa
 import xxhash
 
-from cachefs import wire
-from cachefs.config import NodeConfig
-from cachefs.errors import (BadRequest, CachefsError, NotFound, RangeNotSatisfiable, SnapshotGone, StaleEpoch)
-from cachefs.manifest import Manifest, check_path, for_readers, from_ipc, to_ipc
-from cachefs.origin import Origin
-from cachefs.wire import DatasetInfo, OperationInfo
+from cachefs.common import wire
+from server.config import NodeConfig
+from cachefs.common.errors import (BadRequest, CachefsError, NotFound, RangeNotSatisfiable, SnapshotGone, StaleEpoch)
+from cachefs.common.manifest import Manifest, check_path, for_readers, from_ipc, to_ipc
+from cachefs.common.origin import Origin
+from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.metrics import NodeMetrics
 from server.singleflight import Group
 from server.stores import DiskStore, MemoryStore, StoredBlock, digest_of, read_ranges

@@ -20,11 +20,12 @@ from typing import Any, Awaitable, Callable, TypeVar
 import ray
 from aiohttp import web
 
-from cachefs import wire
-from cachefs.config import NodeConfig, load
-from cachefs.errors import Unavailable
-from cachefs.tls import server_context
-from cachefs.wire import DatasetInfo
+from cachefs.common import wire
+from server.config import NodeConfig
+from cachefs.common.settings import load
+from cachefs.common.errors import Unavailable
+from server.tls import server_context
+from cachefs.common.wire import DatasetInfo
 from server.coordinator import cachefs_error_or_raise
 from server.http_app import make_app
 from server.node import CacheNode, OriginSpec

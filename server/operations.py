@@ -15,8 +15,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from cachefs.errors import CachefsError, Cancelled, NotFound
-from cachefs.wire import OperationInfo
+from cachefs.common.errors import CachefsError, Cancelled, NotFound
+from cachefs.common.wire import OperationInfo
 
 KEEP = 200
 

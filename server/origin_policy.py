@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 from urllib.parse import urlsplit
 
-from cachefs.errors import BadRequest, Forbidden, OriginUnavailable
+from cachefs.common.errors import BadRequest, Forbidden, OriginUnavailable
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, MutableMapping
 
-from cachefs.errors import ConfigError
+from cachefs.common.errors import ConfigError
 
 TOKEN = "token"
 DISABLED = "disabled"

@@ -16,10 +16,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from cachefs.errors import BadRequest, Conflict, NotFound
-from cachefs.manifest import build_table, snapshot_id, to_ipc
-from cachefs.wire import ALL_NAMESPACES, DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, NAMESPACE_RE, DatasetInfo
-from cachefs.origin import Origin, split_origin
+from cachefs.common.files import write_atomically
+from cachefs.common.errors import BadRequest, Conflict, NotFound
+from cachefs.common.manifest import build_table, snapshot_id, to_ipc
+from cachefs.common.wire import ALL_NAMESPACES, DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, NAMESPACE_RE, DatasetInfo
+from cachefs.common.origin import Origin, split_origin
+from server.listing import list_files
 from shard import default_threshold
 
 
@@ -104,7 +106,7 @@ class DatasetRecord:
 def take_snapshot(spec: DatasetSpec, progress: Callable[[int, int], None] | None = None,
                   cancelled: threading.Event | None = None) -> DatasetRecord:
     """List the origin once and freeze it as a manifest. Blocking: run it in a thread."""
-    entries = Origin(spec.origin, spec.storage_options).list_files(progress, cancelled)
+    entries = list_files(Origin(spec.origin, spec.storage_options), progress, cancelled)
     table = build_table(entries, spec.block_size, spec.pack_threshold)
     layout = f"packed:{spec.block_size}:{spec.pack_threshold}" if spec.pack_threshold else ""
     packs = max(table.column("pack").to_pylist(), default=-1) + 1
@@ -189,9 +191,9 @@ class Registry:
         if self.dir is None:
             return
         name, snap = record.info.name, record.info.snapshot
-        _write_private(self.dir / f"{name}.{snap}.arrow", record.manifest_ipc)
+        write_atomically(self.dir / f"{name}.{snap}.arrow", record.manifest_ipc)
         doc = {"info": record.info.to_json(), "storage_options": record.storage_options}
-        _write_private(self.dir / f"{name}.json", json.dumps(doc).encode())
+        write_atomically(self.dir / f"{name}.json", json.dumps(doc).encode())
         if old is not None and old.info.snapshot != snap:
             (self.dir / f"{name}.{old.info.snapshot}.arrow").unlink(missing_ok=True)
 
@@ -202,11 +204,3 @@ class Registry:
             (self.dir / f"{name}.json").unlink(missing_ok=True)
             (self.dir / f"{name}.{record.info.snapshot}.arrow").unlink(missing_ok=True)
         return record
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cachefs.errors import CachefsError, OriginUnavailable
-from cachefs.manifest import FileEntry, Manifest
-from cachefs.origin import Origin
-from cachefs.wire import DatasetInfo
+from cachefs.common.errors import CachefsError, OriginUnavailable
+from cachefs.common.manifest import FileEntry, Manifest
+from cachefs.common.origin import Origin
+from cachefs.common.wire import DatasetInfo
 from shard import block_bounds, block_count, block_key, pack_key
 
 

@@ -10,14 +10,22 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from cachefs.errors import CachefsError
-from cachefs.wire import OperationInfo
+from cachefs.common.errors import CachefsError
+from cachefs.common.wire import OperationInfo
 from server.units import Unit, all_units
 
-if TYPE_CHECKING:
-    from server.node import CacheNode, DatasetState
+
+class Node(Protocol):
+    """What a warm-up needs of its cache node (server.node.CacheNode)."""
+
+    node_id: str
+    ring: Any
+    config: Any
+
+    async def dataset(self, name: str) -> Any: ...
+    async def unit(self, state: Any, unit: Unit) -> tuple[Any, str]: ...
 
 KEEP_WARMS = 100  # warm-up reports kept per node, for the coordinator to collect
 
@@ -29,7 +37,7 @@ class Warm:
     cancelled: bool = False
 
 
-def owned_units(state: "DatasetState", ring: Any, node_id: str) -> list[Unit]:
+def owned_units(state: Any, ring: Any, node_id: str) -> list[Unit]:
     """The units this node holds a replica of (blocking: O(files) hashing and ring walks)."""
     replicas = state.info.replicas
     return [u for u in all_units(state.info, state.manifest) if node_id in ring.owners(u.key, replicas)]
@@ -38,7 +46,7 @@ def owned_units(state: "DatasetState", ring: Any, node_id: str) -> list[Unit]:
 class Warmups:
     """The warm-ups a node runs, with their progress and cancellation."""
 
-    def __init__(self, node: "CacheNode") -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
         self._warms: dict[str, Warm] = {}
 

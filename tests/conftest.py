@@ -12,7 +12,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +63,7 @@ class TestCluster:
 
     def add_dataset(self, name: str, origin_url: str, **kw: Any):  # -> DatasetInfo
         """Register (waiting for the listing) and return the DatasetInfo."""
-        from cachefs.wire import DatasetInfo
+        from cachefs.common.wire import DatasetInfo
 
         async def go():
             async with self.admin() as a:
@@ -169,7 +168,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def cachefs_cluster(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestCluster]:
     """cachefs on the 3-node Ray cluster: one cache node per Ray node."""
-    from cachefs.config import DEFAULT_ALLOWED_ORIGINS, ClusterConfig
+    from server.config import ClusterConfig, DEFAULT_ALLOWED_ORIGINS
     from server import hosting
 
     home = tmp_path_factory.mktemp("cachefs-home")
@@ -238,13 +237,13 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180)
 
 
 def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    """cachefs's own bounded wait, failing the test with what it waited for."""
+    from cachefs.common.waiting import wait_until as wait
+
+    value = wait(predicate, timeout, interval)
+    if not value:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return value
 
 
 __all__ = ["TestCluster", "write_tree", "sample_files", "run_cli", "wait_until", "shutil", "MiB", "BLOCK"]

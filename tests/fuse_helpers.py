@@ -7,7 +7,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-from csi.mounter import mount_pids, read_mounts
+from csi.mounter import mount_pids
+from csi.mounts import read_mounts
 
 
 def origin_files(root: Path) -> dict[str, bytes]:

@@ -11,10 +11,10 @@ from urllib.parse import urlencode
 import aiohttp
 import pytest
 
-from cachefs import wire
+from cachefs.common import wire
 from cachefs.admin import AdminClient
 from cachefs.config import ClientConfig
-from cachefs.errors import ConfigError, Forbidden
+from cachefs.common.errors import ConfigError, Forbidden
 from conftest import run_cli
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cachefs import wire
+from cachefs.common import wire
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import ray
 
-from cachefs import wire
+from cachefs.common import wire
 from conftest import BLOCK, NAMESPACE, wait_until, write_tree
 
 KiB = 1024

@@ -12,9 +12,9 @@ import pytest
 import xxhash
 from aiohttp import web
 
-from cachefs import wire
+from cachefs.common import wire
 from cachefs.blockproto import FrameClient
-from cachefs.errors import IntegrityError, NodeUnavailable, NotFound, OriginChanged
+from cachefs.common.errors import IntegrityError, NodeUnavailable, NotFound, OriginChanged
 
 DATA = bytes(range(256)) * 4096  # 1 MiB the server cuts items from
 

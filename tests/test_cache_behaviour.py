@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from cachefs.errors import OriginChanged
+from cachefs.common.errors import OriginChanged
 from conftest import BLOCK, MiB, NAMESPACE, wait_until, write_tree
 
 
@@ -146,10 +146,11 @@ def _write_legacy_record(state_dir: Path, name: str, origin: Path) -> None:
     """A dataset as cachefs 0.1 left it on disk: no packs, a manifest of three columns."""
     import json
 
-    from cachefs.manifest import build_table, snapshot_id, to_ipc
-    from cachefs.origin import Origin
+    from cachefs.common.manifest import build_table, snapshot_id, to_ipc
+    from cachefs.common.origin import Origin
+    from server.listing import list_files
 
-    table = build_table(Origin(f"file://{origin}").list_files()).select(["path", "size", "version"])
+    table = build_table(list_files(Origin(f"file://{origin}"))).select(["path", "size", "version"])
     snap = snapshot_id(table)
     info = {"name": name, "origin": f"file://{origin}", "snapshot": snap, "files": table.num_rows,
             "bytes": sum(table.column("size").to_pylist()), "replicas": 1, "block_size": 1024 * 1024,

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from cachefs.config import ClientConfig, ClusterConfig, NodeConfig, load, parse_size
-from cachefs.errors import BadRequest, ConfigError, NotFound, from_wire, OriginChanged
-from cachefs.manifest import FileEntry, Manifest, build_table, check_path, from_ipc, snapshot_id, to_ipc
+from cachefs.config import ClientConfig
+from server.config import ClusterConfig, NodeConfig
+from cachefs.common.settings import load, parse_size
+from cachefs.common.errors import BadRequest, ConfigError, NotFound, from_wire, OriginChanged
+from cachefs.common.manifest import FileEntry, Manifest, build_table, check_path, from_ipc, snapshot_id, to_ipc
 
 
 @pytest.mark.parametrize("text,value", [("4096", 4096), ("256MiB", 256 << 20), ("1G", 1 << 30), ("2GiB", 2 << 30),

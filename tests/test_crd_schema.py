@@ -13,7 +13,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cachefs.wire import DATASET_NAME_RE
+from cachefs.common.wire import DATASET_NAME_RE
 from helm_render import CHART_DIR
 from server.k8s.crd import (
     API_VERSION,

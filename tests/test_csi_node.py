@@ -21,7 +21,8 @@ import pytest
 from csi_helpers import DATASET, NODE_ID, RPC_TIMEOUT, Plugin, publish_request
 from fuse_helpers import cleanup_mounts, origin_files
 
-from csi.mounter import find_mount, pid_alive
+from cachefs.common.procs import alive as pid_alive
+from csi.mounts import find_mount
 from csi.proto import csi_pb2 as pb
 
 pytestmark = pytest.mark.timeout(180)

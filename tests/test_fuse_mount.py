@@ -26,7 +26,9 @@ import pytest
 
 from fuse_helpers import cleanup_mounts, origin_files
 
-from csi.mounter import find_mount, mount_pids, pid_alive
+from cachefs.common.procs import alive as pid_alive
+from csi.mounter import mount_pids
+from csi.mounts import find_mount
 
 pytestmark = pytest.mark.timeout(180)
 

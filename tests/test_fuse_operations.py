@@ -18,7 +18,7 @@ import time
 import pytest
 from pyfuse3 import ENOATTR, FUSEError
 
-from cachefs.errors import NodeUnavailable
+from cachefs.common.errors import NodeUnavailable
 from csi.chunkcache import ChunkCache
 from csi.config import FOREVER, MountConfig
 from csi.fusefs import DatasetOperations

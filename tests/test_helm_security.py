@@ -11,7 +11,7 @@ from typing import Any
 import helm_python as helm
 import pytest
 
-from cachefs.config import DEFAULT_ALLOWED_ORIGINS
+from server.config import DEFAULT_ALLOWED_ORIGINS
 from helm_render import CASES, CHART_DIR, Rendered, container, containers, env_of, render, volume
 
 
@@ -194,7 +194,8 @@ def test_the_allowlist_reaches_cachefs_up(default: Rendered, tls: Rendered) -> N
 
 
 def test_the_allowlist_values_load_as_the_cluster_config(tls: Rendered) -> None:
-    from cachefs.config import ClusterConfig, load
+    from server.config import ClusterConfig
+    from cachefs.common.settings import load
 
     env = {k: v for k, v in env_of(container(tls.head_pod, "cachefs")).items() if isinstance(v, str)}
     config = load(ClusterConfig, env=env)

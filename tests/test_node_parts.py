@@ -108,7 +108,7 @@ async def test_reopen_drops_stray_files_and_leaves_the_rest_of_the_disk_dir_alon
 
 
 async def test_a_node_restarted_on_a_corrupted_disk_tier_refetches_that_block_and_never_serves_it(tmp_path) -> None:
-    from cachefs.config import NodeConfig
+    from server.config import NodeConfig
     from server.node import CacheNode, OriginSpec
     from server.registry import DatasetSpec, take_snapshot
 

@@ -16,9 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from cachefs import wire
-from cachefs.config import DEFAULT_ALLOWED_ORIGINS, ClusterConfig, load
-from cachefs.errors import BadRequest, ConfigError, Forbidden
+from cachefs.common import wire
+from server.config import ClusterConfig, DEFAULT_ALLOWED_ORIGINS
+from cachefs.common.settings import load
+from cachefs.common.errors import BadRequest, ConfigError, Forbidden
 from conftest import NAMESPACE, write_tree
 from server.origin_policy import OriginPolicy
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cachefs import wire
-from cachefs.config import NodeConfig
-from cachefs.errors import NotFound, OriginChanged
-from cachefs.manifest import LEGACY_SCHEMA, FileEntry, Manifest, build_table, from_ipc, to_ipc
+from cachefs.common import wire
+from server.config import NodeConfig
+from cachefs.common.errors import NotFound, OriginChanged
+from cachefs.common.manifest import LEGACY_SCHEMA, FileEntry, Manifest, build_table, from_ipc, to_ipc
 from conftest import write_tree
 from server.node import CacheNode, OriginSpec
 from server.registry import DatasetSpec, take_snapshot

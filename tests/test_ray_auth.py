@@ -114,7 +114,7 @@ def test_a_failing_up_stops_the_ray_it_started(tmp_path: Path) -> None:
     ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": "/nonexistent/token"}, True, "holds no token"),
 ], ids=["unknown mode", "joining without a token", "token path without a token"])
 def test_bad_ray_auth_settings_say_what_to_change(tmp_path: Path, env, starting, message) -> None:
-    from cachefs.errors import ConfigError
+    from cachefs.common.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
         RayAuth.decide({"HOME": str(tmp_path), **env}, starting=starting)

@@ -20,7 +20,7 @@ from kubernetes.aio import client as kclient
 
 from cachefs import errors
 from cachefs.admin import AdminClient
-from cachefs.wire import DatasetInfo
+from cachefs.common.wire import DatasetInfo
 from conftest import sample_files, write_tree
 from helm_render import CHART_DIR
 from kubeapi_fake import FakeKubeApi

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cachefs.cli.main import build_parser
-from cachefs.errors import ConfigError
+from cachefs.common.errors import ConfigError
 from conftest import run_cli
 from server.k8s.cli import namespaces_of
 

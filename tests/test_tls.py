@@ -16,8 +16,9 @@ import aiohttp
 import pytest
 
 from cachefs.admin import AdminClient
-from cachefs.config import DEFAULT_ALLOWED_ORIGINS, ClientConfig, ClusterConfig
-from cachefs.errors import ConfigError, NodeUnavailable
+from cachefs.config import ClientConfig
+from server.config import ClusterConfig, DEFAULT_ALLOWED_ORIGINS
+from cachefs.common.errors import ConfigError, NodeUnavailable
 from conftest import BLOCK, MiB, sample_files, write_tree
 
 SERVER_NAME = "cachefs.tls.test"

@@ -7,8 +7,10 @@ import dataclasses
 import os
 from typing import Any
 
+from cachefs.common import extras
 from cachefs.cli.output import add_client_flags, add_json_flag, print_json, run_admin, stderr, stdout, table
-from cachefs.config import ClusterConfig, format_size, load
+from server.config import ClusterConfig
+from cachefs.common.settings import format_size, load
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +67,7 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    extras.require("server", "up")
     from server import hosting
 
     config = cluster_config(args)
@@ -84,6 +87,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
+    extras.require("server", "down")
     from server import hosting
 
     say = (lambda s: None) if args.json else (lambda s: stderr().print(f"[dim]{s}…[/dim]"))

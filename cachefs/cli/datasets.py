@@ -7,8 +7,8 @@ import json
 
 from cachefs.admin import AdminClient
 from cachefs.cli.output import add_client_flags, add_json_flag, follow, print_json, report, run_admin, table
-from cachefs.config import format_size, parse_size
-from cachefs.errors import BadRequest
+from cachefs.common.settings import format_size, parse_size
+from cachefs.common.errors import BadRequest
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -11,15 +11,19 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from cachefs.admin import AdminClient
+from cachefs.common import extras
 from cachefs.cli.output import add_json_flag, follow, print_json, stderr, stdout, table
-from cachefs.config import ClientConfig, ClusterConfig, cachefs_home, format_size, load
-from cachefs.errors import CachefsError
+from cachefs.config import ClientConfig
+from server.config import ClusterConfig
+from cachefs.common.settings import cachefs_home, format_size, load
+from cachefs.common.errors import CachefsError
 from cachefs.sample import SampleSpec, make_sample
 
 DATASET = "demo"
@@ -42,9 +46,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    say = (lambda s: None) if args.json else (lambda s: stderr().print(f"[dim]{s}…[/dim]"))
+    if extras.missing("server"):  # a light install: the demo brings what it needs, then starts over
+        extras.install("server", say)
+        os.execv(sys.executable, [sys.executable, "-m", "cachefs.cli.main", *sys.argv[1:]])
     from server import hosting
 
-    say = (lambda s: None) if args.json else (lambda s: stderr().print(f"[dim]{s}…[/dim]"))
     tmp = None if args.origin_dir else tempfile.TemporaryDirectory(prefix="cachefs-demo-")
     origin_dir = Path(args.origin_dir or tmp.name)  # type: ignore[union-attr]
     was_running = (cachefs_home() / "cluster.json").exists()

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from cachefs.cli.output import add_client_flags, add_json_flag, client_config, print_json, table
-from cachefs.config import format_size
+from cachefs.common.settings import format_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from cachefs.errors import CachefsError
+from cachefs.common.errors import CachefsError
 
 # Order is the order of `cachefs --help`. csi and server.k8s build on the client; they
 # are imported only here, at the command layer, so the library keeps its one-way deps.

@@ -16,8 +16,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from cachefs.admin import AdminClient
-from cachefs.config import ClientConfig, format_size, load
-from cachefs.wire import OperationInfo
+from cachefs.config import ClientConfig
+from cachefs.common.settings import format_size, load
+from cachefs.common.wire import OperationInfo
 
 T = TypeVar("T")
 

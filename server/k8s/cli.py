@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from cachefs.errors import ConfigError
+from cachefs.common.errors import ConfigError
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -67,6 +67,9 @@ def namespaces_of(args: argparse.Namespace, env: dict[str, str] | None = None) -
 
 
 def run(args: argparse.Namespace) -> int:
+    from cachefs.common.extras import require
+
+    require("operator", "operator")
     if args.workers < 1 or args.resync <= 0 or args.op_timeout <= 0:
         raise ConfigError("--workers must be ≥ 1, --resync and --op-timeout positive")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping, NamedTuple
 
-from cachefs.wire import DATASET_NAME_RE
+from cachefs.common.wire import DATASET_NAME_RE
 
 GROUP = "cachefs.io"
 VERSION = "v1alpha1"

@@ -26,8 +26,8 @@ import logging
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from cachefs import errors
-from cachefs.config import format_size
-from cachefs.wire import DatasetInfo, OperationInfo
+from cachefs.common.settings import format_size
+from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.k8s.crd import (
     FINALIZER,
     READY,

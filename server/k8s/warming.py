@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Protocol
 
 from cachefs import errors
-from cachefs.wire import DatasetInfo, OperationInfo
+from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.k8s.crd import Key
 
 log = logging.getLogger("cachefs.operator")

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
 
-from cachefs.errors import BadRequest, NotFound
+from cachefs.common.errors import BadRequest, NotFound
 from shard import NOT_PACKED, pack_layout
 
 SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.string()),

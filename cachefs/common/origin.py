@@ -1,23 +1,22 @@
-"""The origin: where a dataset really lives, reached through fsspec.
+"""The origin: where a dataset really lives, reached through fsspec, and read against the
+snapshot's version tokens, so that a changed file fails loudly instead of being served.
 
-The cache cluster reads origins; a client does too, only as a last resort when no cache
-node answers and it has credentials of its own (origin_fallback).
-Listing runs in a thread (it is admin work, with progress and cancellation); reads on a
-cache node's event loop use the filesystem's async API when it has one (s3fs, gcsfs),
-and a thread otherwise (local files).
+Cache nodes read origins; a client does too, only as a last resort when no cache node
+answers and it has credentials of its own (origin_fallback). Listing an origin to take a
+snapshot is the cluster's alone (server/listing.py). Reads on an event loop use the
+filesystem's async API when it has one (s3fs, gcsfs), and a thread otherwise (local files).
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
 
-from cachefs.errors import BadRequest, CachefsError, Cancelled, NotFound, OriginChanged, OriginUnavailable
-from cachefs.manifest import FileEntry, check_path
+from cachefs.common.errors import BadRequest, CachefsError, OriginChanged, OriginUnavailable
+from cachefs.common.manifest import FileEntry
 
 
 def version_token(info: dict[str, Any]) -> str:
@@ -108,38 +107,6 @@ class Origin:
                 await fs.set_session()
             self._async_fs = fs
         return self._async_fs
-
-    # -- listing (threads; admin path) ----------------------------------------------
-    def list_files(self, progress: Callable[[int, int], None] | None = None,
-                   cancelled: threading.Event | None = None) -> list[FileEntry]:
-        """Every file under the prefix with its size and version token."""
-        fs = self.sync_fs
-        fs.invalidate_cache()  # fsspec instances are shared and cache listings: a refresh must see today's
-        try:
-            if not fs.exists(self.root):
-                raise NotFound(f"origin {self.url} does not exist (or is empty)")
-            if fs.isfile(self.root):
-                raise BadRequest(f"origin {self.url} is a file; give the prefix (folder) that holds the dataset")
-            entries: list[FileEntry] = []
-            total = 0
-            for _dir, _subdirs, files in fs.walk(self.root, detail=True):
-                if cancelled is not None and cancelled.is_set():
-                    raise Cancelled("listing cancelled")
-                for info in files.values():
-                    if info.get("type") != "file":
-                        continue
-                    rel = fs._strip_protocol(info["name"])[len(self.root):].lstrip("/")
-                    entries.append(FileEntry(check_path(rel), int(info.get("size") or 0), version_token(info)))
-                    total += int(info.get("size") or 0)
-                if progress is not None:
-                    progress(len(entries), total)
-            return entries
-        except (NotFound, BadRequest, Cancelled):
-            raise
-        except FileNotFoundError as e:
-            raise NotFound(f"origin {self.url} does not exist: {e}") from e
-        except Exception as e:  # any backend's own error: report it, whatever its type
-            raise OriginUnavailable(f"cannot list origin {self.url}: {type(e).__name__}: {e}") from e
 
     # -- reads (event loop; data path) -------------------------------------------------
     async def read(self, entry: FileEntry, start: int, end: int) -> bytes:

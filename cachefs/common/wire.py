@@ -1,7 +1,7 @@
 """The wire contract between cache nodes and their clients, defined once.
 
 Server and client both import this module; it must stay a leaf (no Ray, no aiohttp
-server, nothing of ours but `cachefs.errors`). docs/api.md is its prose twin.
+server, nothing of ours but `cachefs.common.errors`). docs/api.md is its prose twin.
 """
 
 from __future__ import annotations
