@@ -45,10 +45,11 @@ class Cluster:
 
         return AdminClient(ClientConfig(endpoint=self.endpoint, token=self.token, admin_token=self.admin_token))
 
-    def register(self, name: str, origin: str, storage_options: dict[str, Any]) -> Any:
+    def register(self, name: str, origin: str, storage_options: dict[str, Any], pack_threshold: int | None = None) -> Any:
         async def go() -> Any:
             async with self._admin() as a:
-                op = await a.wait(await a.add_dataset(name, origin, storage_options), timeout=300)
+                op = await a.wait(await a.add_dataset(name, origin, storage_options, pack_threshold=pack_threshold),
+                                  timeout=300)
                 if op.state != "succeeded":
                     raise RuntimeError(f"registering {name} failed: {op.message or op.failures}")
                 return op

@@ -5,6 +5,7 @@ running cluster, byte for byte. What a training pod installs."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh venv with `pip install .` (no extras); pip's wheel cache makes it quick."""
-    where = tmp_path_factory.mktemp("light") / "venv"
+    """A fresh venv with `pip install .` (no extras) of a copy of the source (a build leaves
+    files behind); pip's wheel cache makes it quick."""
+    base = tmp_path_factory.mktemp("light")
+    source = base / "src"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "tests", "bench", "docs", "helm", "build",
+                                                                "*.egg-info", "__pycache__"))
+    where = base / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(where)], check=True, timeout=120)
-    done = subprocess.run([str(where / "bin" / "python"), "-m", "pip", "install", "-q", str(ROOT)],
+    done = subprocess.run([str(where / "bin" / "python"), "-m", "pip", "install", "-q", str(source)],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return where

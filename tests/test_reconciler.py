@@ -18,7 +18,7 @@ import pytest
 import yaml
 from kubernetes.aio import client as kclient
 
-from cachefs import errors
+from cachefs.common import errors
 from cachefs.admin import AdminClient
 from cachefs.common.wire import DatasetInfo
 from conftest import sample_files, write_tree

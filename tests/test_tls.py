@@ -154,7 +154,8 @@ def test_plain_http_to_a_tls_node_gets_no_answer(tls_cluster) -> None:
 
 
 def test_tls_settings_are_checked_when_built(tmp_path) -> None:
-    from cachefs.tls import client_context, server_context
+    from cachefs.tls import client_context
+    from server.tls import server_context
 
     with pytest.raises(ConfigError, match="go together"):
         ClusterConfig(tls_cert="/etc/cert.pem")

@@ -25,7 +25,7 @@ import asyncio
 import logging
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from cachefs import errors
+from cachefs.common import errors
 from cachefs.common.settings import format_size
 from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.k8s.crd import (

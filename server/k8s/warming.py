@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any, Callable, Protocol
 
-from cachefs import errors
+from cachefs.common import errors
 from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.k8s.crd import Key
 
