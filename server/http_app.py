@@ -329,13 +329,13 @@ def make_app(node: CacheNode, admin: Admin, token: str, admin_token: str) -> web
     app[TOKENS] = (token.encode(), admin_token.encode())
     app[ROLES] = {}
     routes = [  # (method, route, handler, who may call it): docs/api.md is this table in prose
+        ("POST", wire.READ, read_many, wire.READER),  # first: aiohttp tries routes in order, and this is the hot one
+        ("GET", wire.BLOCK, block, wire.READER),
         ("GET", wire.HEALTH, health, wire.OPEN),  # kubelet probes carry no token
         ("GET", wire.RING, ring, wire.READER),
         ("GET", wire.METRICS, metrics, wire.READER),
         ("GET", wire.DATASET, get_dataset, wire.READER),  # the node's own view of the dataset
         ("GET", wire.DATASET_MANIFEST, manifest, wire.READER),
-        ("GET", wire.BLOCK, block, wire.READER),
-        ("POST", wire.READ, read_many, wire.READER),
         *((c.method, c.route, admin_handler(c), c.role) for c in wire.ADMIN_CALLS),  # relayed to the coordinator
     ]
     for method, path, handler, role in routes:
