@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import shutil
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import write_json  # noqa: E402
 
 MiB = 1024 * 1024
 
@@ -217,10 +218,7 @@ def main() -> int:
         print(f"{label:<28}{v:>8.2f}{v / ceiling:>12.2f}{v / origin_gbps:>10.1f}")
     v = results["cachefs_warm_read_bytes"]
     print(f"{'cachefs warm, read() bytes':<28}{v:>8.2f}{v / ceiling:>12.2f}{v / origin_gbps:>10.1f}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_json(args.json, results)}")
     return 0
 
 

@@ -31,6 +31,14 @@ SECTIONS: dict[str, tuple[str, str]] = {  # name → (module, what it shows)
 }
 
 
+def section_main(module: Any) -> int:
+    """Run one section module as a script (`python bench/scale_sim.py [--quick]`)."""
+    ap = argparse.ArgumentParser(description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    print(module.report(module.run(ap.parse_args().quick)))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small sizes, for CI")

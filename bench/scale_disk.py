@@ -13,7 +13,6 @@ stay cached, as after a process restart; a reboot would make the scan slower too
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import sys
@@ -101,12 +100,7 @@ def report(doc: dict[str, Any]) -> str:
                   "ratio"], rows)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    print(report(run(ap.parse_args().quick)))
-    return 0
+if __name__ == "__main__":  # one section on its own: the same as `bench/scale.py --only ...`
+    from bench.scale import section_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(section_main(sys.modules[__name__]))

@@ -29,7 +29,6 @@ read goes to the block's primary under that epoch's ring, a miss there is an ori
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import math
 import sys
@@ -381,12 +380,7 @@ def report(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true")
-    print(report(run(ap.parse_args().quick)))
-    return 0
+if __name__ == "__main__":  # one section on its own: the same as `bench/scale.py --only ...`
+    from bench.scale import section_main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(section_main(sys.modules[__name__]))

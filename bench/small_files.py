@@ -29,7 +29,6 @@ Single-process peers are compared with local disk in 1 process, the others with 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import random
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import write_json  # noqa: E402
 
 MiB = 1024 * 1024
 BATCH = 256
@@ -256,10 +257,7 @@ def main() -> int:
               f"{w['loopback_gbps']:.2f} GB/s; ratio {w['ratio']:.2f}")
     for k, v in doc["notes"].items():
         print(f"note ({k}): {v}")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2))
-    print(f"\nwrote {out}")
+    print(f"\nwrote {write_json(args.json, doc)}")
     return 0
 
 

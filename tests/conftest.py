@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,41 @@ class TestCluster:
         urls = hosting.ensure_nodes(self.config, hosting.Tokens(self.token, self.admin_token), self.env)
         self.endpoints = tuple(urls)
         return urls
+
+    def dataset_of(self, files: dict[str, bytes], root: Path, prefix: str) -> str:
+        """`files` written under `root` and registered under a fresh name (returned)."""
+        origin = write_tree(root, files)
+        name = self.unique(prefix)
+        self.add_dataset(name, f"file://{origin}")
+        return name
+
+    def kill_a_node_while(self, read: Any, victim: str) -> list[BaseException]:
+        """Run `read()` over and over on a thread; kill node `victim` during it, and keep
+        reading for two more rounds. The errors the reads raised (none, in a good cluster)."""
+        import threading
+
+        import ray
+
+        errors: list[BaseException] = []
+        killed = threading.Event()
+
+        def rounds() -> None:
+            try:
+                after = 0
+                while after < 2:
+                    after += killed.is_set()
+                    read()
+            except BaseException as e:  # noqa: BLE001 - reported to the test
+                errors.append(e)
+
+        reader = threading.Thread(target=rounds)
+        reader.start()
+        time.sleep(0.3)
+        ray.kill(ray.get_actor(f"cachefs-{victim}", namespace=NAMESPACE), no_restart=True)
+        killed.set()
+        reader.join(timeout=120)
+        assert not reader.is_alive(), "the reads did not end within 120 s of the kill"
+        return errors
 
     def unique(self, prefix: str) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:6]}"

@@ -8,15 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import threading
 import time
 
 import aiohttp
 import pytest
-import ray
 
 from cachefs.common import wire
-from conftest import BLOCK, NAMESPACE, wait_until, write_tree
+from conftest import BLOCK, wait_until, write_tree
 
 KiB = 1024
 
@@ -35,10 +33,7 @@ def shaped_files(seed: int = 11) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def shaped(cachefs_cluster, tmp_path_factory) -> tuple[str, dict[str, bytes]]:
     files = shaped_files()
-    origin = write_tree(tmp_path_factory.mktemp("shaped"), files)
-    name = cachefs_cluster.unique("shaped")
-    cachefs_cluster.add_dataset(name, f"file://{origin}")
-    return name, files
+    return cachefs_cluster.dataset_of(files, tmp_path_factory.mktemp("shaped"), "shaped"), files
 
 
 def test_small_files_are_packed_and_large_ones_are_not(cachefs_cluster, shaped) -> None:
@@ -110,25 +105,12 @@ def test_a_batch_spanning_a_dead_node_falls_over_and_loses_nothing(cachefs_clust
     paths = [f"{name}/{rel}" for rel in files]
     expected = {p: files[p.split("/", 1)[1]] for p in paths}
     assert fs.cat(paths) == expected
-    errors: list[BaseException] = []
-    killed = threading.Event()
 
-    def batches_until_two_after_the_kill() -> None:
-        try:
-            after = 0
-            while after < 2:
-                after += killed.is_set()
-                assert fs.cat(paths) == expected
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def batch() -> None:
+        assert fs.cat(paths) == expected
 
-    reader = threading.Thread(target=batches_until_two_after_the_kill)
-    reader.start()
-    time.sleep(0.2)
-    ray.kill(ray.get_actor(f"cachefs-{victim['id']}", namespace=NAMESPACE), no_restart=True)
-    killed.set()
-    reader.join(timeout=120)
-    assert not reader.is_alive() and not errors, errors
+    errors = cachefs_cluster.kill_a_node_while(batch, victim["id"])
+    assert not errors, errors
     assert fs.blocks.origin_reads == 0  # the other nodes served every file, refetching the dead one's share
     cachefs_cluster.ensure_nodes()
     wait_until(lambda: len(cachefs_cluster.status()["nodes"]) == 3, what="the node to come back")

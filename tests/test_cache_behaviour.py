@@ -4,8 +4,6 @@ budgets, a dead node, a changed origin, refresh, and a restarted coordinator."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -111,26 +109,13 @@ def test_a_dead_cache_node_costs_a_refetch_never_a_failed_read(cachefs_cluster, 
     misses = cachefs_cluster.totals("misses")
 
     fs = cachefs_cluster.fs(connect_timeout=2.0)
-    errors: list[BaseException] = []
-    killed = threading.Event()
 
-    def read_until_two_rounds_after_the_kill() -> None:
-        try:
-            after_kill = 0
-            while after_kill < 2:
-                after_kill += killed.is_set()
-                for rel, data in files.items():
-                    assert fs.cat_file(f"{name}/{rel}") == data, rel
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+    def every_file() -> None:
+        for rel, data in files.items():
+            assert fs.cat_file(f"{name}/{rel}") == data, rel
 
-    reader = threading.Thread(target=read_until_two_rounds_after_the_kill)
-    reader.start()
-    time.sleep(0.3)
-    ray.kill(ray.get_actor(f"cachefs-{victim['id']}", namespace=NAMESPACE), no_restart=True)
-    killed.set()
-    reader.join(timeout=120)
-    assert not reader.is_alive() and not errors, errors
+    errors = cachefs_cluster.kill_a_node_while(every_file, victim["id"])
+    assert not errors, errors
     after = wait_until(lambda: (s := cachefs_cluster.status())["epoch"] > epoch and len(s["nodes"]) == 2 and s,
                        what="the ring to drop the dead node")
     assert fs.blocks.origin_reads == 0  # the surviving nodes served everything

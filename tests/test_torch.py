@@ -47,9 +47,7 @@ def image_files(seed: int = 21) -> dict[str, bytes]:
 def images(cachefs_cluster, tmp_path_factory) -> tuple[str, dict[str, bytes]]:
     """(dataset name, the files under train/ by their cachefs path)."""
     files = image_files()
-    origin = write_tree(tmp_path_factory.mktemp("images"), files)
-    name = cachefs_cluster.unique("images")
-    cachefs_cluster.add_dataset(name, f"file://{origin}")
+    name = cachefs_cluster.dataset_of(files, tmp_path_factory.mktemp("images"), "images")
     return name, {f"{name}/{rel}": data for rel, data in files.items() if rel.startswith("train/")}
 
 
