@@ -266,6 +266,39 @@ def fresh_origin(tmp_path: Path) -> Path:
     return write_tree(tmp_path / "origin", sample_files(seed=3))
 
 
+@pytest.fixture(scope="module")
+def chart() -> Iterator[Any]:
+    """The Helm chart, loaded once per test module (the helm tests)."""
+    import helm_python as helm
+    from helm_render import CHART_DIR
+
+    with helm.Chart.load(CHART_DIR) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def default(chart: Any) -> Any:
+    """The chart rendered with its default values."""
+    from helm_render import render
+
+    return render(chart, {})
+
+
+async def http_call(method: str, url: str, headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, Any]:
+    """One raw HTTP request to a node: (status, JSON body or raw bytes)."""
+    import json
+
+    import aiohttp
+
+    async with aiohttp.ClientSession() as s:
+        async with s.request(method, url, headers=headers, **kw) as r:
+            body = await r.read()
+            try:
+                return r.status, json.loads(body)
+            except ValueError:
+                return r.status, body
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run `cachefs ARGS` as a user would, in a subprocess."""
     return subprocess.run([sys.executable, "-m", "cachefs.cli.main", *args], capture_output=True, text=True,

@@ -149,3 +149,4 @@ def render(chart: Any, values: dict[str, Any]) -> Rendered:
             continue
         docs.extend(d for d in yaml.safe_load_all(text) if d)
     return Rendered(docs, notes)
+

@@ -4,18 +4,16 @@ that names the token needed, and does nothing; every reader route takes either t
 
 from __future__ import annotations
 
-import json
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 import pytest
 
 from cachefs.common import wire
 from cachefs.admin import AdminClient
 from cachefs.config import ClientConfig
 from cachefs.common.errors import ConfigError, Forbidden
-from conftest import run_cli
+from conftest import http_call, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +31,7 @@ def ds(cachefs_cluster, sample_origin) -> dict[str, Any]:
 
 
 async def call(method: str, url: str, token: str | None, **kw: Any) -> tuple[int, Any]:
-    headers = wire.bearer(token) if token else {}
-    async with aiohttp.ClientSession() as s:
-        async with s.request(method, url, headers=headers, **kw) as r:
-            body = await r.read()
-            try:
-                return r.status, json.loads(body)
-            except ValueError:
-                return r.status, body
+    return await http_call(method, url, wire.bearer(token) if token else {}, **kw)
 
 
 def url(ds: dict[str, Any], route: str, **query: str) -> str:

@@ -4,12 +4,12 @@ node keeps serving afterwards. No 500s, no tracebacks, nothing outside the datas
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import aiohttp
 import pytest
 
+from conftest import http_call as call
 from cachefs.common import wire
 
 
@@ -21,14 +21,6 @@ def ds(cachefs_cluster, sample_origin) -> dict[str, Any]:
             "auth": wire.bearer(cachefs_cluster.token), "admin": wire.bearer(cachefs_cluster.admin_token)}
 
 
-async def call(method: str, url: str, headers: dict[str, str] | None = None, **kw: Any) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as s:
-        async with s.request(method, url, headers=headers, **kw) as r:
-            body = await r.read()
-            try:
-                return r.status, json.loads(body)
-            except ValueError:
-                return r.status, body
 
 
 def block_url(ds: dict[str, Any], path: str, index: Any = 0, snapshot: str | None = None, name: str | None = None) -> str:

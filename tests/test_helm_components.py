@@ -7,7 +7,6 @@ import json
 import shlex
 from typing import Any
 
-import helm_python as helm
 import pytest
 
 from helm_render import CASES, CHART_DIR, NAMESPACE, Rendered, container, containers, env_of, render, volume
@@ -16,15 +15,6 @@ DRIVER = "cachefs.csi.io"
 PLUGIN_DIR = "/var/lib/kubelet/plugins/cachefs.csi.io/"
 
 
-@pytest.fixture(scope="module")
-def chart() -> Any:
-    with helm.Chart.load(CHART_DIR) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def default(chart: Any) -> Rendered:
-    return render(chart, {})
 
 
 def ray_start_resources(value: str) -> dict[str, Any]:

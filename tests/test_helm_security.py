@@ -12,18 +12,9 @@ import helm_python as helm
 import pytest
 
 from server.config import DEFAULT_ALLOWED_ORIGINS
-from helm_render import CASES, CHART_DIR, Rendered, container, containers, env_of, render, volume
+from helm_render import CASES, Rendered, container, containers, env_of, render, volume
 
 
-@pytest.fixture(scope="module")
-def chart() -> Any:
-    with helm.Chart.load(CHART_DIR) as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def default(chart: Any) -> Rendered:
-    return render(chart, {})
 
 
 @pytest.fixture(scope="module")
