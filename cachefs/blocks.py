@@ -10,7 +10,6 @@ read from the origin directly (if allowed and the client can reach it).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import defaultdict
@@ -20,8 +19,8 @@ from typing import Any
 from cachefs.common import wire
 from cachefs.batching import NodeQueue
 from cachefs.config import ClientConfig
-from cachefs.common.errors import (CachefsError, IntegrityError, NodeUnavailable, OriginUnavailable, StaleEpoch,
-                            Unavailable)
+from cachefs.common.errors import (CachefsError, IntegrityError, NodeUnavailable, OriginUnavailable, SnapshotGone,
+                            StaleEpoch, Unavailable)
 from cachefs.ioloops import IOLoops
 from cachefs.common.manifest import FileEntry, Manifest, from_ipc
 from cachefs.common.origin import Origin
@@ -135,6 +134,9 @@ class BlockReader:
             exhausted.append(s)
         if exhausted:
             await self._read_origin(view, exhausted)
+        gone = next((s.error for s in slices if isinstance(s.error, SnapshotGone)), None)
+        if gone is not None:  # the snapshot was replaced: the whole read is, not slice by slice
+            raise gone
 
     def _pick(self, routes: _Routes, s: Slice, replicas: int) -> str | None:
         """The first owner of the slice's unit that has not failed it, preferring nodes that
@@ -180,8 +182,7 @@ class BlockReader:
     async def _send(self, view: DatasetView, node: str, url: str, chunk: list[Slice]) -> None:
         """One request for `chunk`; sets each slice's outcome (never raises for them)."""
         info = view.info
-        body = json.dumps({"snapshot": info.snapshot, "items": [s.item for s in chunk]},
-                          separators=(",", ":")).encode()
+        body = wire.read_body(info.snapshot, [s.item for s in chunk])
         dests = [s.dest for s in chunk]
         epoch = self.ring.epoch if self.ring else 0
         if self._gate is None:

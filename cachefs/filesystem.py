@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
-import json
 import os
 import weakref
 from typing import Any
@@ -52,6 +51,14 @@ def _close_quietly(loop: Any, blocks: BlockReader, transport: Transport, pid: in
             sync(loop, close, timeout=2)
         except Exception:  # interpreter shutdown or a dead loop: nothing left to close cleanly
             pass
+
+
+def _bounds(size: int, start: int | None, end: int | None) -> tuple[int, int]:
+    """fsspec's (start, end) of a file of `size` bytes as [lo, hi): None for its ends,
+    negative from its end, clamped to it (lo >= hi: nothing to read)."""
+    lo = 0 if start is None else (start if start >= 0 else max(0, size + start))
+    hi = size if end is None else (end if end >= 0 else max(0, size + end))
+    return max(0, lo), min(hi, size)
 
 
 class CachefsFileSystem(AsyncFileSystem):
@@ -200,18 +207,6 @@ class CachefsFileSystem(AsyncFileSystem):
             if s.error is not None:
                 raise s.error
 
-    async def _read_into(self, path: str, start: int | None, end: int | None) -> bytes | bytearray:
-        """Bytes [start, end) of one file in one new buffer, filled in place by the receives."""
-        view, entry = await self._resolve(path)
-        start = 0 if start is None else (start if start >= 0 else max(0, entry.size + start))
-        end = entry.size if end is None else (end if end >= 0 else max(0, entry.size + end))
-        start, end = max(0, start), min(end, entry.size)
-        if start >= end:
-            return b""
-        out, dest = new_bytes(end - start)
-        await self._fill(view, plan(view.info, entry, start, end, dest))
-        return out
-
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         """Sync `cat_file`: a small read one node can answer goes on this thread
         (cachefs/direct.py); anything else through the event loop (`_cat_file`)."""
@@ -227,9 +222,7 @@ class CachefsFileSystem(AsyncFileSystem):
         entry = view.manifest.get(rel) if view is not None else None
         if view is None or entry is None:
             return None  # not loaded yet (or not a file): the usual path loads it, or says why
-        lo = 0 if start is None else (start if start >= 0 else max(0, entry.size + start))
-        hi = entry.size if end is None else (end if end >= 0 else max(0, entry.size + end))
-        lo, hi = max(0, lo), min(hi, entry.size)
+        lo, hi = _bounds(entry.size, start, end)
         if lo >= hi:
             return b""
         if hi - lo > DIRECT_MAX:
@@ -246,20 +239,17 @@ class CachefsFileSystem(AsyncFileSystem):
         if owner is None:
             return None
         url, epoch = owner
-        body = json.dumps({"snapshot": view.info.snapshot, "items": [slices[0].item]}, separators=(",", ":"))
+        body = wire.read_body(view.info.snapshot, [slices[0].item])
         try:
-            outcome = self.direct.read(url, view.info.name, body.encode(), epoch, [dest])
+            outcome = self.direct.read(url, view.info.name, body, epoch, [dest])
         except NodeUnavailable:
             self.blocks.mark_down(url)  # and the usual path tries the next owner
             return None
         return (out, dest) if outcome is not None and outcome[0] is None else None
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
-        try:
-            return await self._read_into(path, start, end)  # type: ignore[return-value]
-        except SnapshotGone:  # refreshed since the manifest was loaded: a fresh read sees the new one
-            self.invalidate_cache(path)
-            return await self._read_into(path, start, end)  # type: ignore[return-value]
+        (result,) = await self._cat_ranges([path], [start], [end], on_error="raise")
+        return result
 
     async def _cat_ranges(self, paths: list[str], starts: list[int] | int | None, ends: list[int] | int | None,
                           max_gap: Any = None, on_error: str = "return", **kwargs: Any) -> list[Any]:
@@ -269,18 +259,14 @@ class CachefsFileSystem(AsyncFileSystem):
         ends = ends if isinstance(ends, list) else [ends] * n  # type: ignore[list-item]
         if not len(starts) == len(ends) == n:
             raise BadRequest("cat_ranges needs as many starts and ends as paths")
-        for attempt in (0, 1):
-            try:
-                results = await self._read_many(list(zip(paths, starts, ends)))
-                break
-            except SnapshotGone:
-                if attempt:
-                    raise
-                self.invalidate_cache()
+        try:
+            results = await self._read_many(list(zip(paths, starts, ends)))
+        except SnapshotGone:  # refreshed since the manifest was loaded: a fresh read sees the new one
+            for path in paths:
+                self.invalidate_cache(path)
+            results = await self._read_many(list(zip(paths, starts, ends)))
         if on_error == "raise":
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
+            _raise_first(results)
         return results
 
     async def _cat(self, path: Any, recursive: bool = False, on_error: str = "raise", batch_size: Any = None,
@@ -288,12 +274,8 @@ class CachefsFileSystem(AsyncFileSystem):
         """Whole files, many at once (fsspec's `cat`): one batched read for all of them."""
         paths = await self._expand_path(path, recursive=recursive)
         files = [p for p in paths if not (await self._info(p))["type"] == "directory"] if recursive else paths
-        results = await self._cat_ranges(files, None, None, on_error="return")
+        results = await self._cat_ranges(files, None, None, on_error=on_error)
         out = dict(zip(files, results))
-        if on_error == "raise":
-            for r in results:
-                if isinstance(r, BaseException):
-                    raise r
         if on_error == "omit":
             out = {k: v for k, v in out.items() if not isinstance(v, BaseException)}
         single = len(paths) == 1 and not isinstance(path, list) and paths[0] == self._strip_protocol(path)
@@ -309,9 +291,7 @@ class CachefsFileSystem(AsyncFileSystem):
             except (CachefsError, OSError) as e:
                 results[i] = e
                 continue
-            lo = 0 if start is None else (start if start >= 0 else max(0, entry.size + start))
-            hi = entry.size if end is None else (end if end >= 0 else max(0, entry.size + end))
-            lo, hi = max(0, lo), min(hi, entry.size)
+            lo, hi = _bounds(entry.size, start, end)
             if lo >= hi:
                 results[i] = b""
                 continue
@@ -321,7 +301,11 @@ class CachefsFileSystem(AsyncFileSystem):
             _, all_slices, per_read = work.setdefault(view.info.name, (view, [], []))
             all_slices.extend(slices)
             per_read.append((i, slices))
-        await asyncio.gather(*(self.blocks.read(view, slices) for view, slices, _ in work.values()))
+        if len(work) == 1:  # one dataset, the usual case: no task for it
+            (view, slices, _), = work.values()
+            await self.blocks.read(view, slices)
+        else:
+            await asyncio.gather(*(self.blocks.read(view, slices) for view, slices, _ in work.values()))
         for _, _, per_read in work.values():
             for i, slices in per_read:
                 error = next((s.error for s in slices if s.error is not None), None)
@@ -478,6 +462,12 @@ def _cut(parts: list[memoryview | bytes], lo: int, n: int) -> bytes:
         pieces.append(memoryview(part)[start:start + take])
         left -= take
     return pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+
+
+def _raise_first(results: list[Any]) -> None:
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
 
 
 def _no_fetcher(start: int, end: int) -> bytes:

@@ -59,6 +59,11 @@ DEFAULT_PORT = 8477
 # JSON error body (DIGEST 0). An error of the whole request (token, epoch, snapshot) is an
 # ordinary JSON error response instead.
 FRAME = struct.Struct("<HHIQQ")  # status, reserved (0), item index, length, digest
+
+
+def read_body(snapshot: str, items: list[list]) -> bytes:
+    """The JSON body of a batch read (POST READ)."""
+    return json.dumps({"snapshot": snapshot, "items": items}, separators=(",", ":")).encode()
 ITEM_BLOCK = "b"
 ITEM_PACK = "p"
 MAX_BATCH_ITEMS = 4096
