@@ -70,10 +70,6 @@ class BlockRead:
         if self.end < 0:
             self.end = self.block.size
 
-    @property
-    def whole(self) -> bool:
-        return (self.start, self.end) == (0, self.block.size)
-
 
 @dataclass
 class Piece:

@@ -121,10 +121,11 @@ def _value_buffers(array: pa.Array) -> list[memoryview]:
     if pa.types.is_string(array.type):
         if not len(array):
             return []
-        offsets = pc.subtract(_offsets(array), _offsets(array)[0])
+        offsets = _offsets(array)
+        first, last = offsets[0].as_py(), offsets[-1].as_py()
+        relative = pc.subtract(offsets, first)
         data = array.buffers()[2]
-        first, last = _offsets(array)[0].as_py(), _offsets(array)[-1].as_py()
-        return [memoryview(offsets.buffers()[1])[:4 * len(offsets)],
+        return [memoryview(relative.buffers()[1])[:4 * len(relative)],
                 memoryview(data)[first:last] if data is not None else memoryview(b"")]
     width = array.type.bit_width // 8
     return [memoryview(array.buffers()[1])[array.offset * width:(array.offset + len(array)) * width]]
@@ -152,15 +153,20 @@ def from_ipc(data: bytes | pa.Buffer) -> pa.Table:
     except pa.ArrowInvalid as e:
         raise BadRequest(f"not an Arrow IPC manifest: {e}") from e
     if table.schema.equals(LEGACY_SCHEMA):
-        table = table.sort_by("path")  # so it was written; made sure of, since `by_path` relies on it
-        n = table.num_rows
-        paths = table.column("path").to_pylist()
-        table = _hash_ordered(table.append_column("pack", pa.array([NOT_PACKED] * n, pa.int32())).append_column(
-            "offset", pa.array([0] * n, pa.int32())).append_column(
-            "hash", pa.array([path_hash(p) for p in paths], pa.uint64())))
+        table = _upgraded(table)
     if not (table.schema.equals(SCHEMA) or table.schema.equals(READER_SCHEMA)):
         raise BadRequest(f"manifest schema {table.schema} is neither {SCHEMA} nor the older {LEGACY_SCHEMA}")
     return table
+
+
+def _upgraded(table: pa.Table) -> pa.Table:
+    """A schema-1 table in schema 2: hashed, nothing packed."""
+    table = table.sort_by("path")  # so it was written; made sure of, since `by_path` relies on it
+    n = table.num_rows
+    paths = table.column("path").to_pylist()
+    return _hash_ordered(table.append_column("pack", pa.array([NOT_PACKED] * n, pa.int32())).append_column(
+        "offset", pa.array([0] * n, pa.int32())).append_column(
+        "hash", pa.array([path_hash(p) for p in paths], pa.uint64())))
 
 
 def for_readers(table: pa.Table) -> pa.Table:
@@ -216,7 +222,7 @@ class Manifest:
 
     def __init__(self, table: pa.Table, snapshot: str = "") -> None:
         if table.schema.equals(LEGACY_SCHEMA):
-            table = from_ipc(to_ipc(table))
+            table = _upgraded(table)
         self.table = table.combine_chunks()
         self.snapshot = snapshot or snapshot_id(self.table)
         self.has_versions = "version" in self.table.column_names
