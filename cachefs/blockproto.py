@@ -238,6 +238,17 @@ class FrameConnection(asyncio.BufferedProtocol):
             done.set_exception(NodeUnavailable(f"{self.base} did not answer within {timeout:.0f} s"))
 
 
+def address(base: str, context: ssl.SSLContext | None, server_hostname: str | None
+            ) -> tuple[str, int, ssl.SSLContext | None, str | None]:
+    """Where to connect for a node's URL: (host, port, TLS context, name its certificate is
+    checked against); no TLS for http:// (https:// without a context: the system's CAs)."""
+    url = urlsplit(base)
+    host = url.hostname or "127.0.0.1"
+    if url.scheme != "https":
+        return host, url.port or 80, None, None
+    return host, url.port or 443, context or ssl.create_default_context(), server_hostname or host
+
+
 def request_head(base: str, name: str, token: str, epoch: int, body: bytes) -> bytes:
     """The whole HTTP request of one batch read (wire.READ), body included."""
     head = (f"POST {wire.route(wire.READ, name=name)} HTTP/1.1\r\nHost: {urlsplit(base).netloc}\r\n"
@@ -274,16 +285,11 @@ class FrameClient:
             conn = idle.pop()
             if conn.reusable and conn.transport is not None and not conn.transport.is_closing():
                 return conn
-        url = urlsplit(base)
-        host = url.hostname or "127.0.0.1"
-        tls = url.scheme == "https"
-        port = url.port or (443 if tls else 80)
+        host, port, context, name = address(base, self.ssl_context, self.server_hostname)
         loop = asyncio.get_running_loop()
-        context = (self.ssl_context or ssl.create_default_context()) if tls else None
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: FrameConnection(base), host, port, ssl=context,
-                                       server_hostname=(self.server_hostname or host) if tls else None),
+                loop.create_connection(lambda: FrameConnection(base), host, port, ssl=context, server_hostname=name),
                 self.connect_timeout)
         except (OSError, asyncio.TimeoutError) as e:
             raise NodeUnavailable(f"cannot connect to {base}: {type(e).__name__}: {e}") from e

@@ -18,9 +18,8 @@ import socket
 import ssl
 import threading
 from typing import Sequence
-from urllib.parse import urlsplit
 
-from cachefs.blockproto import FrameReader, Outcome, request_head
+from cachefs.blockproto import FrameReader, Outcome, address, request_head
 from cachefs.common.errors import NodeUnavailable
 
 
@@ -46,14 +45,11 @@ class DirectReads:
         return conns
 
     def _connect(self, base: str) -> socket.socket:
-        url = urlsplit(base)
-        host = url.hostname or "127.0.0.1"
-        tls = url.scheme == "https"
-        sock = socket.create_connection((host, url.port or (443 if tls else 80)), timeout=self.connect_timeout)
+        host, port, context, name = address(base, self.ssl_context, self.server_hostname)
+        sock = socket.create_connection((host, port), timeout=self.connect_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if tls:
-            context = self.ssl_context or ssl.create_default_context()
-            sock = context.wrap_socket(sock, server_hostname=self.server_hostname or host)
+        if context is not None:
+            sock = context.wrap_socket(sock, server_hostname=name)
         sock.settimeout(self.read_timeout)
         return sock
 
