@@ -13,7 +13,7 @@ import asyncio
 import concurrent.futures
 import gc
 import os
-from typing import Any, Coroutine, TypeVar
+from typing import Any, Coroutine, Sequence, TypeVar
 
 from torch.utils.data import get_worker_info
 
@@ -55,6 +55,15 @@ class Client:
             self._pid = os.getpid()
         assert self._fs is not None
         return self._fs
+
+    def paths(self, source: str | Sequence[str], what: str) -> list[str]:
+        """Every file below a folder (path order), or the paths given, as cachefs paths."""
+        if isinstance(source, str):
+            found = self.fs.find(source)
+            if not found:
+                raise FileNotFoundError(f"cachefs: no {what} under {source}")
+            return found
+        return [CachefsFileSystem._strip_protocol(p) for p in source]
 
     @property
     def timeout(self) -> float:

@@ -16,7 +16,6 @@ from typing import Any, Callable, Sequence
 import pyarrow as pa
 from torch.utils.data import Dataset, get_worker_info
 
-from cachefs.filesystem import CachefsFileSystem
 from cachefs.torch.batch import Samples
 from cachefs.torch.client import Client
 from cachefs.torch.order import Batch, CachefsSampler, Follow, Lookahead, Order, rank_and_world
@@ -53,12 +52,7 @@ class CachefsDataset(Dataset):
         if prefetch_batches < 0:
             raise ValueError("prefetch_batches must be 0 or more")
         self.client = Client(endpoint, token, storage_options)
-        if isinstance(root, str):
-            paths = self.client.fs.find(root)
-            if not paths:
-                raise FileNotFoundError(f"cachefs: no files under {root}")
-        else:
-            paths = [CachefsFileSystem._strip_protocol(p) for p in root]
+        paths = self.client.paths(root, "files")
         # One Arrow buffer, not a million Python strings: forked workers would copy a list
         # page by page as reference counts touch it (and spawned ones unpickle it faster).
         self._paths = pa.array(paths, pa.string())

@@ -16,7 +16,6 @@ from typing import Any, Iterator, Sequence
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from cachefs.filesystem import CachefsFileSystem
 from cachefs.torch.client import Client
 from cachefs.torch.order import rank_and_world
 
@@ -36,12 +35,7 @@ class CachefsShards(IterableDataset):
                  token: str | None = None, rank: int | None = None, world_size: int | None = None,
                  whole_shard_bytes: int = 64 * MiB, storage_options: dict[str, Any] | None = None) -> None:
         self.client = Client(endpoint, token, storage_options)
-        if isinstance(source, str):
-            shards = self.client.fs.find(source)
-            if not shards:
-                raise FileNotFoundError(f"cachefs: no shards under {source}")
-        else:
-            shards = [CachefsFileSystem._strip_protocol(p) for p in source]
+        shards = self.client.paths(source, "shards")
         if rank is None or world_size is None:
             rank, world_size = rank_and_world()
         if world_size < 1 or not 0 <= rank < world_size:
