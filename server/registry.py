@@ -21,7 +21,7 @@ from cachefs.common.errors import BadRequest, Conflict, NotFound
 from cachefs.common.manifest import build_table, snapshot_id, to_ipc
 from cachefs.common.wire import ALL_NAMESPACES, DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, NAMESPACE_RE, DatasetInfo
 from cachefs.common.origin import Origin, split_origin
-from server.listing import list_files
+from server.listing import list_origin
 from shard import default_threshold
 
 
@@ -106,8 +106,9 @@ class DatasetRecord:
 def take_snapshot(spec: DatasetSpec, progress: Callable[[int, int], None] | None = None,
                   cancelled: threading.Event | None = None) -> DatasetRecord:
     """List the origin once and freeze it as a manifest. Blocking: run it in a thread."""
-    entries = list_files(Origin(spec.origin, spec.storage_options), progress, cancelled)
-    table = build_table(entries, spec.block_size, spec.pack_threshold)
+    listing = list_origin(Origin(spec.origin, spec.storage_options), progress, cancelled)
+    entries = listing.files
+    table = build_table(entries, spec.block_size, spec.pack_threshold, listing.folders)
     layout = f"packed:{spec.block_size}:{spec.pack_threshold}" if spec.pack_threshold else ""
     packs = max(table.column("pack").to_pylist(), default=-1) + 1
     info = DatasetInfo(

@@ -133,9 +133,9 @@ def _write_legacy_record(state_dir: Path, name: str, origin: Path) -> None:
 
     from cachefs.common.manifest import build_table, snapshot_id, to_ipc
     from cachefs.common.origin import Origin
-    from server.listing import list_files
+    from server.listing import list_origin
 
-    table = build_table(list_files(Origin(f"file://{origin}"))).select(["path", "size", "version"])
+    table = build_table(list_origin(Origin(f"file://{origin}")).files).select(["path", "size", "version"])
     snap = snapshot_id(table)
     info = {"name": name, "origin": f"file://{origin}", "snapshot": snap, "files": table.num_rows,
             "bytes": sum(table.column("size").to_pylist()), "replicas": 1, "block_size": 1024 * 1024,

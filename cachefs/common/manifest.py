@@ -13,6 +13,11 @@ Schema 2, the table as the server builds it:
 - `version` (the origin's version token) is left out of what clients load by default
   (`GET .../manifest?versions=0`): readers do not need it (block keys name the snapshot,
   which already hashes every version), and it is the widest column.
+- the schema's metadata `cachefs.folders` lists, as JSON, the folders that no file implies
+  (empty ones, and ones that hold only empty folders: the leaves among them), so the tree
+  a reader sees is the origin's, not just its files' (MLPerf Storage's DLIO and
+  `ImageFolder` look at folders). Tables written before it have no such key and show the
+  folders their files imply.
 A schema-1 table (path, size, version; rows in path order) still loads: it is given the
 schema-2 columns on arrival, and no file of it is packed.
 """
@@ -20,6 +25,7 @@ schema-2 columns on arrival, and no file of it is packed.
 from __future__ import annotations
 
 import bisect
+import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -34,6 +40,7 @@ SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.
                     ("pack", pa.int32()), ("offset", pa.int32()), ("hash", pa.uint64()), ("by_path", pa.uint32())])
 READER_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "version"])  # what clients load
 LEGACY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.string())])
+FOLDERS_KEY = b"cachefs.folders"  # schema metadata: the folders no file implies, a JSON list
 
 
 def check_path(path: str) -> str:
@@ -70,8 +77,10 @@ def path_hash(path: str) -> int:
     return xxhash.xxh3_64_intdigest(path.encode())
 
 
-def build_table(entries: Iterable[FileEntry], block_size: int = 8 * 1024 * 1024, pack_threshold: int = 0) -> pa.Table:
-    """The snapshot's table: packs laid out in path order, rows in hash order."""
+def build_table(entries: Iterable[FileEntry], block_size: int = 8 * 1024 * 1024, pack_threshold: int = 0,
+                folders: Iterable[str] = ()) -> pa.Table:
+    """The snapshot's table: packs laid out in path order, rows in hash order; `folders`
+    (the origin's, relative) are kept where no file implies them."""
     files = sorted(entries, key=lambda e: e.path)
     paths = [e.path for e in files]
     sizes = [e.size for e in files]
@@ -82,7 +91,45 @@ def build_table(entries: Iterable[FileEntry], block_size: int = 8 * 1024 * 1024,
     in_path_order = pa.table({"path": paths, "size": sizes, "version": [e.version for e in files],
                               "pack": packs, "offset": offsets,
                               "hash": pa.array([path_hash(p) for p in paths], pa.uint64())})
-    return _hash_ordered(in_path_order)
+    return with_folders(_hash_ordered(in_path_order), _leaf_folders(folders, paths))
+
+
+def _leaf_folders(folders: Iterable[str], sorted_paths: list[str]) -> list[str]:
+    """The folders that neither a file nor another folder lies below, in path order: the
+    rest are implied by what lies below them."""
+    candidates = sorted({check_path(f) for f in folders} - {""})
+    leaves = []
+    for i, folder in enumerate(candidates):
+        below = folder + "/"
+        j = bisect.bisect_left(sorted_paths, below)
+        if j < len(sorted_paths) and sorted_paths[j].startswith(below):
+            continue
+        k = bisect.bisect_left(candidates, below, i + 1)
+        if k < len(candidates) and candidates[k].startswith(below):
+            continue
+        leaves.append(folder)
+    return leaves
+
+
+def with_folders(table: pa.Table, folders: list[str]) -> pa.Table:
+    """`table` recording `folders` (no file implies them) in its schema's metadata."""
+    if not folders:
+        return table
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), FOLDERS_KEY: json.dumps(folders).encode()})
+
+
+def folders_of(table: pa.Table) -> list[str]:
+    """The folders a table records beyond those its files imply (none in older tables)."""
+    raw = (table.schema.metadata or {}).get(FOLDERS_KEY)
+    if not raw:
+        return []
+    try:
+        folders = json.loads(raw)
+    except ValueError as e:
+        raise BadRequest(f"manifest's folder list is not JSON: {e}") from e
+    if not isinstance(folders, list) or not all(isinstance(f, str) for f in folders):
+        raise BadRequest("manifest's folder list must be a JSON list of paths")
+    return sorted(check_path(f) for f in folders)
 
 
 def _hash_ordered(table: pa.Table) -> pa.Table:
@@ -100,14 +147,19 @@ def snapshot_id(table: pa.Table, layout: str = "") -> str:
     packed differently make different blocks; a packed table is hashed column by column
     (Arrow buffers, in path order), an unpacked one file by file as cachefs 0.1 did, so a
     refresh of an unchanged older dataset keeps its snapshot."""
+    folders = folders_of(table)
     if not layout:
         h = xxhash.xxh3_128()
         rows = table.take(table.column("by_path")) if "by_path" in table.column_names else table
         for path, size, version in zip(*(rows.column(c).to_pylist() for c in ("path", "size", "version")),
                                        strict=True):
             h.update(f"{path}\0{size}\0{version}\n".encode())
+        if folders:  # an added or removed empty folder is a new snapshot; none keeps 0.1's ids
+            h.update(f"\0folders\0{json.dumps(folders)}".encode())
         return h.hexdigest()[:20]
     h = xxhash.xxh3_128(layout.encode())
+    if folders:
+        h.update(f"\0folders\0{json.dumps(folders)}".encode())
     rows = table.take(table.column("by_path")).combine_chunks()
     for name in ("path", "size", "version"):
         h.update(f"\0{name}\0".encode())
@@ -218,7 +270,8 @@ def _column_view(array: pa.Array, fmt: str) -> memoryview:
 
 
 class Manifest:
-    """A read-only index of one snapshot: files by path and the directories they imply."""
+    """A read-only index of one snapshot: files by path, the directories they imply, and
+    the folders the origin held beyond those (empty ones)."""
 
     def __init__(self, table: pa.Table, snapshot: str = "") -> None:
         if table.schema.equals(LEGACY_SCHEMA):
@@ -237,6 +290,7 @@ class Manifest:
         self._hashes = _column_view(column("hash"), "Q")
         self._by_path = _column_view(column("by_path"), "I")
         self._in_order = _InOrder(self._paths, self._by_path)
+        self._folders = [f.encode() for f in folders_of(self.table)]  # path order, as bytes
         self._pack_rows: list[int] | None = None  # rows of packed files, in pack order (server side)
         self._pack_starts: list[int] | None = None
 
@@ -288,10 +342,30 @@ class Manifest:
         hi = bisect.bisect_left(self._in_order, path.encode() + b"0", lo)  # '0' follows '/'
         return lo, hi
 
+    @property
+    def folders(self) -> list[str]:
+        """The folders no file implies (empty ones), in path order."""
+        return [f.decode() for f in self._folders]
+
+    def _folders_at(self, path: str) -> tuple[int, int]:
+        """Positions [lo, hi) in the recorded folders at or below `path` ('' : all). They
+        are leaves: a recorded folder has nothing recorded below it."""
+        if not path:
+            return 0, len(self._folders)
+        key = path.encode()
+        lo = bisect.bisect_left(self._folders, key)
+        if lo < len(self._folders) and self._folders[lo] == key:
+            return lo, lo + 1
+        lo = bisect.bisect_left(self._folders, key + b"/", lo)
+        return lo, bisect.bisect_left(self._folders, key + b"0", lo)  # '0' follows '/'
+
     def is_dir(self, path: str) -> bool:
         if not path:
             return True
         lo, hi = self._under(path)
+        if hi > lo:
+            return True
+        lo, hi = self._folders_at(path)
         return hi > lo
 
     def entry(self, path: str) -> tuple[str, int]:
@@ -312,13 +386,13 @@ class Manifest:
             return [(path, "file", self._sizes[row])]
         lo, hi = self._under(path)
         if hi <= lo:
-            if not path and not len(self):
-                return []
-            raise NotFound(f"no directory {path!r} in snapshot {self.snapshot}")
+            if not self.is_dir(path):
+                raise NotFound(f"no directory {path!r} in snapshot {self.snapshot}")
+            return self._folder_children(path, [])
         if hi - lo > _SKIP_FROM:
             skipped = self._skim(path, lo, hi)
             if skipped is not None:
-                return skipped
+                return self._folder_children(path, skipped)
         rows = self.table.column("by_path").slice(lo, hi - lo)
         skip = len(path.encode()) + 1 if path else 0
         rel = pc.binary_slice(pc.take(self._path_array, rows).cast(pa.binary()), skip, 1 << 30)
@@ -330,7 +404,22 @@ class Manifest:
         first = pc.list_element(pc.split_pattern(nested, "/", max_splits=1), 0)
         names = pc.unique(first).cast(pa.string()).to_pylist() if len(nested) else []
         out = [(base + n, "file", s) for n, s in zip(files, sizes)] + [(base + n, "directory", 0) for n in names]
-        return sorted(out)
+        return self._folder_children(path, out)
+
+    def _folder_children(self, path: str, children: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+        """`children` (from files) with the recorded folders' children of `path` added, sorted."""
+        lo, hi = self._folders_at(path)
+        base = f"{path}/" if path else ""
+        known = {name for name, _, _ in children}
+        for i in range(lo, hi):
+            rel = self._folders[i].decode()[len(base):]
+            if not rel:
+                continue  # `path` itself
+            child = base + rel.split("/", 1)[0]
+            if child not in known:
+                known.add(child)
+                children.append((child, "directory", 0))
+        return sorted(children)
 
     def _skim(self, path: str, lo: int, hi: int) -> list[tuple[str, str, int]] | None:
         """A big folder's children found by jumping over each subfolder's run (a bisection
@@ -360,7 +449,7 @@ class Manifest:
             yield self.at(row)
             return
         lo, hi = self._under(path)
-        if hi <= lo and path:
+        if hi <= lo and path and not self.is_dir(path):
             raise NotFound(f"no file or directory {path!r} in snapshot {self.snapshot}")
         for i in range(lo, hi):
             yield self.at(self._by_path[i])
