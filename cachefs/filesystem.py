@@ -20,6 +20,7 @@ from fsspec.caching import BaseCache
 from fsspec.spec import AbstractBufferedFile
 
 from cachefs.common import wire
+from cachefs import pins
 from cachefs.blocks import BlockReader, DatasetView
 from cachefs.buffers import BufferPool, new_bytes
 from cachefs.config import ClientConfig
@@ -27,6 +28,7 @@ from cachefs.common.settings import load
 from cachefs.direct import DirectReads
 from cachefs.common.errors import BadRequest, CachefsError, NodeUnavailable, NotFound, ReadOnlyError, SnapshotGone
 from cachefs.common.manifest import FileEntry, Manifest, check_path, from_ipc
+from cachefs.pins import Pins
 from cachefs.plan import Slice, plan
 from cachefs.transport import Transport
 from cachefs.common.wire import DatasetInfo
@@ -66,7 +68,9 @@ class CachefsFileSystem(AsyncFileSystem):
 
     Storage options: `endpoint`, `token` and the other ClientConfig fields (else
     CACHEFS_* variables, else the file `cachefs up` writes); `origin_storage_options`
-    for the direct-origin fallback.
+    for the direct-origin fallback; `snapshots` ({dataset: snapshot}) to read those
+    snapshots only. An instance reads each dataset at the snapshot it first loaded until
+    `invalidate_cache` (cachefs/pins.py).
     """
 
     protocol = "cachefs"
@@ -74,7 +78,8 @@ class CachefsFileSystem(AsyncFileSystem):
     async_impl = True
 
     def __init__(self, *, asynchronous: bool = False, loop: Any = None,
-                 origin_storage_options: dict[str, Any] | None = None, **kwargs: Any) -> None:
+                 origin_storage_options: dict[str, Any] | None = None,
+                 snapshots: dict[str, str] | None = None, **kwargs: Any) -> None:
         overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
         super().__init__(asynchronous=asynchronous, loop=loop, **kwargs)
         self.config = load(ClientConfig, overrides)
@@ -84,7 +89,7 @@ class CachefsFileSystem(AsyncFileSystem):
         self.direct = DirectReads(self.config.token, self.config.connect_timeout, self.config.read_timeout,
                                   self.transport.ssl_context, self.transport.server_name)
         self.pool = BufferPool(wire.DEFAULT_BLOCK_SIZE)  # open files' block buffers, reused
-        self._views: dict[str, DatasetView] = {}
+        self.pins = Pins(snapshots)
         if not asynchronous:  # like s3fs: close the session when the instance goes away
             weakref.finalize(self, _close_quietly, self.loop, self.blocks, self.transport, os.getpid())
 
@@ -105,21 +110,21 @@ class CachefsFileSystem(AsyncFileSystem):
         return name, check_path(rel)
 
     # -- datasets ------------------------------------------------------------------------
-    async def _view(self, name: str, reload: bool = False) -> DatasetView:
-        view = self._views.get(name)
-        if view is None or reload:
-            if not wire.DATASET_NAME_RE.match(name):
-                raise NotFound(f"no dataset named {name!r} (dataset names are lowercase)")
-            info = DatasetInfo.from_json(await self._any_node("GET", wire.route(wire.DATASET, name=name)))
-            # version tokens only for a client that may read the origin itself (it checks them)
-            versions = self.config.origin_fallback and self.blocks.origin_options is not None
-            query = "" if versions else "?versions=0"
-            body, headers = await self._any_node("GET", wire.route(wire.DATASET_MANIFEST, name=name) + query, raw=True)
-            snapshot = headers.get(wire.SNAPSHOT_HEADER, info.snapshot)
-            table = await asyncio.to_thread(from_ipc, body) if len(body) > 1 << 20 else from_ipc(body)
-            view = DatasetView(dataclasses.replace(info, snapshot=snapshot), Manifest(table, snapshot))
-            self._views[name] = view
-        return view
+    async def _view(self, name: str) -> DatasetView:
+        """The dataset as this instance reads it: the snapshot it holds (cachefs/pins.py)."""
+        return await self.pins.view(name, lambda want: self._load_view(name, want))
+
+    async def _load_view(self, name: str, want: str | None) -> DatasetView:
+        if not wire.DATASET_NAME_RE.match(name):
+            raise NotFound(f"no dataset named {name!r} (dataset names are lowercase)")
+        info = DatasetInfo.from_json(await self._any_node("GET", wire.route(wire.DATASET, name=name)))
+        # version tokens only for a client that may read the origin itself (it checks them)
+        versions = self.config.origin_fallback and self.blocks.origin_options is not None
+        query = "" if versions else "?versions=0"
+        body, headers = await self._any_node("GET", wire.route(wire.DATASET_MANIFEST, name=name) + query, raw=True)
+        snapshot = headers.get(wire.SNAPSHOT_HEADER, info.snapshot)
+        table = await asyncio.to_thread(from_ipc, body) if len(body) > 1 << 20 else from_ipc(body)
+        return DatasetView(dataclasses.replace(info, snapshot=snapshot), Manifest(table, snapshot))
 
     async def _any_node(self, method: str, path: str, raw: bool = False) -> Any:
         """A metadata call: any node answers (the ones the ring taught us included)."""
@@ -138,10 +143,9 @@ class CachefsFileSystem(AsyncFileSystem):
         return [DatasetInfo.from_json(d) for d in doc["datasets"]]
 
     def invalidate_cache(self, path: str | None = None) -> None:
-        if path is None:
-            self._views.clear()
-        else:
-            self._views.pop(self._strip_protocol(path).partition("/")[0], None)
+        """Move on to the current snapshot (of every dataset, or of the one `path` is in):
+        files already open keep theirs."""
+        self.pins.release(None if path is None else self._strip_protocol(path).partition("/")[0])
 
     # -- metadata ------------------------------------------------------------------------
     @staticmethod
@@ -200,9 +204,16 @@ class CachefsFileSystem(AsyncFileSystem):
             raise NotFound(f"no file {rel!r} in dataset {name} (snapshot {view.info.snapshot})")
         return view, entry
 
+    async def _read_view(self, view: DatasetView, slices: list[Slice]) -> None:
+        """Every read of bytes: from the view's snapshot, or SnapshotGone saying what to do."""
+        try:
+            await self.blocks.read(view, slices)
+        except SnapshotGone as e:
+            raise pins.gone(view.info.name, view.info.snapshot, "the dataset was refreshed") from e
+
     async def _fill(self, view: DatasetView, slices: list[Slice]) -> None:
         """Fill the slices' destinations; raise the first slice's error, if any."""
-        await self.blocks.read(view, slices)
+        await self._read_view(view, slices)
         for s in slices:
             if s.error is not None:
                 raise s.error
@@ -218,7 +229,7 @@ class CachefsFileSystem(AsyncFileSystem):
             name, rel = self._split(self._strip_protocol(path))
         except BadRequest:
             return None
-        view = self._views.get(name)
+        view = self.pins.get(name)
         entry = view.manifest.get(rel) if view is not None else None
         if view is None or entry is None:
             return None  # not loaded yet (or not a file): the usual path loads it, or says why
@@ -259,12 +270,7 @@ class CachefsFileSystem(AsyncFileSystem):
         ends = ends if isinstance(ends, list) else [ends] * n  # type: ignore[list-item]
         if not len(starts) == len(ends) == n:
             raise BadRequest("cat_ranges needs as many starts and ends as paths")
-        try:
-            results = await self._read_many(list(zip(paths, starts, ends)))
-        except SnapshotGone:  # refreshed since the manifest was loaded: a fresh read sees the new one
-            for path in paths:
-                self.invalidate_cache(path)
-            results = await self._read_many(list(zip(paths, starts, ends)))
+        results = await self._read_many(list(zip(paths, starts, ends)))
         if on_error == "raise":
             _raise_first(results)
         return results
@@ -303,9 +309,9 @@ class CachefsFileSystem(AsyncFileSystem):
             per_read.append((i, slices))
         if len(work) == 1:  # one dataset, the usual case: no task for it
             (view, slices, _), = work.values()
-            await self.blocks.read(view, slices)
+            await self._read_view(view, slices)
         else:
-            await asyncio.gather(*(self.blocks.read(view, slices) for view, slices, _ in work.values()))
+            await asyncio.gather(*(self._read_view(view, slices) for view, slices, _ in work.values()))
         for _, _, per_read in work.values():
             for i, slices in per_read:
                 error = next((s.error for s in slices if s.error is not None), None)

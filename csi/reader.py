@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import sys
 from typing import Awaitable, Callable, TypeVar
 
+from cachefs.common.errors import SnapshotGone
 from csi.chunkcache import ChunkCache
 
 # (path relative to the snapshot root, start, end) → exactly the bytes [start, end)
 Fetch = Callable[[str, int, int], Awaitable[bytes]]
 
+log = logging.getLogger("cachefs.fuse")
 T = TypeVar("T")
 _STREAMS = 4096  # files whose last read end is remembered (to tell sequential reads)
 
@@ -42,6 +45,7 @@ class SnapshotReader:
         self.readahead = readahead
         self.timeout = timeout
         self._runs: dict[str, tuple[int, int]] = {}  # path → (where its last read ended, contiguous bytes so far)
+        self._gone_logged = False
 
     async def read(self, path: str, size: int, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of the file, cut at its `size`."""
@@ -95,7 +99,16 @@ class SnapshotReader:
         return lambda: self._load(path, start, stop)
 
     async def _load(self, path: str, start: int, stop: int) -> bytes:
-        data = await within(self._fetch(path, start, stop), self.timeout)
+        try:
+            data = await within(self._fetch(path, start, stop), self.timeout)
+        except SnapshotGone as e:
+            # The mount shows one snapshot (its tree, its sizes); bytes of another would be
+            # wrong bytes. Fail loudly, and say once what to do.
+            if not self._gone_logged:
+                self._gone_logged = True
+                log.error("this mount's snapshot is no longer served: remount the volume to see the current "
+                          "one (reads of files not cached yet answer EIO until then): %s", e)
+            raise OSError(errno.EIO, f"{path}: the mount's snapshot is no longer served; remount ({e})") from e
         if len(data) != stop - start:
             raise OSError(errno.EIO, f"short read of {path}: {len(data)} of {stop - start} bytes at {start}")
         return data

@@ -57,13 +57,24 @@ class Client:
         return self._fs
 
     def paths(self, source: str | Sequence[str], what: str) -> list[str]:
-        """Every file below a folder (path order), or the paths given, as cachefs paths."""
+        """Every file below a folder (path order), or the paths given, as cachefs paths; the
+        snapshot of each dataset they are in is pinned, for this process and every worker."""
         if isinstance(source, str):
             found = self.fs.find(source)
             if not found:
                 raise FileNotFoundError(f"cachefs: no {what} under {source}")
-            return found
-        return [CachefsFileSystem._strip_protocol(p) for p in source]
+        else:
+            found = [CachefsFileSystem._strip_protocol(p) for p in source]
+        self._pin({p.partition("/")[0] for p in found})
+        return found
+
+    def _pin(self, names: set[str]) -> None:
+        """Workers read the snapshots this process listed (cachefs/pins.py), never a newer one."""
+        fs = self.fs
+        for name in sorted(names):
+            held = fs.pins.get(name)
+            fs.pins.want(name, held.info.snapshot if held is not None else fs.dataset_info(name).snapshot)
+        self.options["snapshots"] = fs.pins.snapshots()
 
     @property
     def timeout(self) -> float:
