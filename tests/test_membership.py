@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -405,3 +406,37 @@ def test_a_drain_is_refused_clearly_for_an_unknown_node_the_last_node_or_a_bad_d
     nodes["b"].draining = True
     with pytest.raises(BadRequest, match="last one serving"):
         drain_plan(nodes, "a", 10)
+
+
+def test_a_cache_node_on_a_hostpath_disk_is_named_by_its_host_so_a_restart_keeps_it() -> None:
+    from server.hosting import node_id_of
+
+    ray_id = "a1b2c3d4e5f60718"
+    assert node_id_of({"NodeID": ray_id, "Resources": {"cachefs_node": 1.0}}) == "node-a1b2c3d4e5"
+    named = {"NodeID": ray_id, "Resources": {"cachefs_node": 1.0, "cachefs_host_ip-10-0-1-7.EC2.internal": 1.0}}
+    assert node_id_of(named) == "node-ip-10-0-1-7-ec2-internal"
+    assert node_id_of({"NodeID": ray_id, "Resources": {"cachefs_host_..": 1.0}}) == "node-a1b2c3d4e5"
+
+
+# -- the chart: a drain before every stop, a host-named node on a hostPath disk ---------------
+def test_the_chart_drains_a_worker_before_it_stops_and_gives_it_the_time(chart: Any) -> None:
+    from helm_render import container, env_of, render
+
+    rendered = render(chart, {"ray": {"workers": {"drainDeadlineSeconds": 90}}})
+    worker = container(rendered.worker_pod, "ray-worker")
+    stop = " ".join(worker["lifecycle"]["preStop"]["exec"]["command"])
+    assert "cachefs node drain --here --deadline 90" in stop and stop.index("drain") < stop.index("ray stop")
+    assert rendered.worker_pod["spec"]["terminationGracePeriodSeconds"] == 120
+    assert env_of(worker)["POD_IP"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert "CACHEFS_ADMIN_TOKEN" not in env_of(worker)  # the drain goes through Ray, not the admin API
+
+
+def test_the_chart_names_a_hostpath_worker_by_its_kubernetes_node(chart: Any) -> None:
+    from helm_render import container, env_of, render
+
+    rendered = render(chart, {"cache": {"diskTier": {"type": "hostPath"}}})
+    (unquoted,) = shlex.split(rendered.worker_group["rayStartParams"]["resources"])  # as KubeRay's shell does
+    resources = json.loads(unquoted)
+    assert resources == {"cachefs_node": 1, "cachefs_host_$(CACHEFS_HOST_ID)": 1}
+    worker = container(rendered.worker_pod, "ray-worker")
+    assert env_of(worker)["CACHEFS_HOST_ID"]["fieldRef"]["fieldPath"] == "spec.nodeName"

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from typing import Any
-from urllib.parse import urlsplit
 
 from cachefs.admin import AdminClient
-from cachefs.common.errors import BadRequest, NotFound
+from cachefs.common.errors import BadRequest
 from cachefs.common.settings import format_size
 from cachefs.cli.output import add_client_flags, add_json_flag, follow, print_json, run_admin, stdout, table
 
@@ -35,8 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "goes back on the ring). Exits non-zero if the drain did not complete.")
     p.add_argument("node_id", nargs="?", help="the node's id (`cachefs node ls`)")
     p.add_argument("--here", action="store_true",
-                   help="drain the node(s) running on this machine (their URL's host is this machine's, or $POD_IP): "
-                   "what the Helm chart's preStop hook runs")
+                   help="drain the node(s) running on this machine (their URL's host is this machine's, or $POD_IP), "
+                   "through Ray rather than the admin API: what the Helm chart's preStop hook runs on a worker")
+    p.add_argument("--address", default="",
+                   help="with --here: the Ray cluster's address (default: RAY_ADDRESS, else $FQ_RAY_IP:6379 as "
+                   "KubeRay sets it in worker pods)")
+    p.add_argument("--namespace", default="cachefs", help="with --here: the cachefs Ray namespace (default cachefs)")
     p.add_argument("--deadline", type=float, default=60.0,
                    help="seconds the others get to copy the blocks before the node stops anyway (default 60)")
     _common(p)
@@ -75,8 +77,29 @@ def local_addresses() -> set[str]:
     return names
 
 
-def nodes_here(nodes: list[dict[str, Any]], addresses: set[str]) -> list[str]:
-    return [n["id"] for n in nodes if urlsplit(n["url"]).hostname in addresses and n["state"] == "serving"]
+def drain_here(args: argparse.Namespace) -> int:
+    """The preStop path: over Ray, so that a worker needs no admin token."""
+    import sys
+
+    from server import hosting
+
+    address = args.address or os.environ.get("RAY_ADDRESS") or (
+        f"{os.environ['FQ_RAY_IP']}:6379" if os.environ.get("FQ_RAY_IP") else "")
+    if not address:
+        raise BadRequest("--here needs the Ray cluster's address: give --address, or set RAY_ADDRESS")
+    reports = hosting.drain_here(address, args.namespace, args.deadline, local_addresses(),
+                                 say=lambda s: print(s, file=sys.stderr) if not args.json else None)
+    if args.json:
+        print_json(reports)
+    elif not reports:
+        print("no serving cache node runs on this machine: nothing to drain")
+    for op in reports:
+        if not args.json:
+            stdout().print(f"drain {op['dataset']}: [bold]{op['state']}[/bold] — {op['done_bytes']}/"
+                           f"{op['total_bytes']} unit(s) handed over")
+            if op.get("message"):
+                stdout().print(f"  {op['message']}")
+    return 0 if all(op["state"] == "succeeded" for op in reports) else 1
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
@@ -85,10 +108,11 @@ def cmd_drain(args: argparse.Namespace) -> int:
     if not 0 < args.deadline <= 86400:
         raise BadRequest(f"--deadline is seconds from 0 to 86400, not {args.deadline:g}")
 
+    if args.here:
+        return drain_here(args)
+
     async def go(admin: AdminClient) -> int:
-        ids = [args.node_id] if args.node_id else nodes_here(await admin.call("list_nodes"), local_addresses())
-        if not ids:
-            raise NotFound("no serving cache node runs on this machine: nothing to drain")
+        ids = [args.node_id]
         code = 0
         for node_id in ids:
             op = await admin.call("drain_node", node_id, {"deadline": args.deadline})
