@@ -34,6 +34,10 @@ class NodeConfig:
     eviction: str = "lru"  # lru | sticky (keeps a stable resident set under shuffled epochs)
     origin_timeout: float = 60.0
     warm_concurrency: int = 8
+    # After a ring change a node pulls the units it now owns from their previous owners
+    # (server/rebalance.py), at most this fast and this many at once: readers come first.
+    rebalance_bytes_per_s: int = 256 * 1024**2
+    rebalance_concurrency: int = 4
     # Ray starts actors at nice 15: on a busy host (data-loading workers on every core) a
     # cache node would then answer last. A node raises itself to this priority when it may
     # (root or CAP_SYS_NICE); otherwise it keeps Ray's.
@@ -54,6 +58,8 @@ class NodeConfig:
             raise ConfigError(f"port {self.port} is outside 0..65535")
         if self.block_size < 4096:
             raise ConfigError("block_size must be at least 4 KiB")
+        if self.rebalance_bytes_per_s <= 0 or self.rebalance_concurrency <= 0:
+            raise ConfigError("rebalance_bytes_per_s and rebalance_concurrency must be positive")
         if not -20 <= self.nice <= 19:
             raise ConfigError(f"nice must be from -20 to 19, not {self.nice}")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -19,7 +19,9 @@ from cachefs.common.errors import BadRequest, CachefsError, NotFound
 from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.operations import Operation, Operations
 from server.origin_policy import OriginPolicy
-from server.placement import build_ring
+from server import epoch_state
+from server.drain import DRAIN_DEADLINE, drain_plan, wait_for_rebalance
+from server.placement import build_ring, choose_unit
 from server.registry import SETTINGS, DatasetSpec, Registry, parse_settings, take_snapshot
 from shard import Ring
 
@@ -35,6 +37,7 @@ class NodeEntry:
     capacity: int
     handle: Any  # the node's Ray actor handle
     watch: asyncio.Task[None] | None = None
+    draining: bool = False  # off the ring, still serving its blocks to their new owners
 
 
 class Coordinator:
@@ -44,20 +47,22 @@ class Coordinator:
         self.policy = policy
         # The epoch survives a coordinator restart: nodes and clients ignore older epochs.
         self._epoch_file = Path(state_dir) / "epoch" if state_dir else None
-        self.ring = Ring(epoch=self._saved_epoch())
+        saved = epoch_state.load(self._epoch_file)
+        self.ring = Ring(epoch=saved.epoch)
+        self.weight_unit = saved.weight_unit  # capacity that weighs 1.0, fixed once (server/placement.py)
+        self.state_problem = saved.problem
+        self.history: list[Ring] = []  # the rings before this one, newest first: who held what
         self.nodes: dict[str, NodeEntry] = {}
         self.ops = Operations()
         self.deaths = 0
 
-    def _saved_epoch(self) -> int:
-        try:
-            return int(self._epoch_file.read_text()) if self._epoch_file else 0
-        except (OSError, ValueError):
-            return 0
-
     # -- membership --------------------------------------------------------------------
-    async def register_node(self, node_id: str, url: str, capacity: int, handle: Any) -> dict[str, Any]:
-        """A node joins (or rejoins after a restart); everyone gets the new ring."""
+    async def register_node(self, node_id: str, url: str, capacity: int, handle: Any,
+                            node_epoch: int = 0) -> dict[str, Any]:
+        """A node joins (or rejoins after a restart); everyone gets the new ring. `node_epoch`
+        is the ring the node last had: a coordinator that lost its state never goes below it."""
+        if node_epoch > self.ring.epoch:
+            self.ring = Ring(self.ring.members, node_epoch, self.ring.vnodes)
         same = self.nodes.get(node_id)
         if same is not None and (same.url, same.capacity) == (url, capacity) and same.watch and not same.watch.done():
             return self.ring.to_json()  # a repeated `up`: nothing changed
@@ -90,15 +95,22 @@ class Coordinator:
             await self._publish_ring()
 
     def _build_ring(self) -> Ring:
-        return build_ring(((n.id, n.url, n.capacity) for n in self.nodes.values()), self.ring.epoch + 1,
-                          self.ring.vnodes)
+        serving = [(n.id, n.url, n.capacity) for n in self.nodes.values() if not n.draining]
+        if not self.weight_unit and serving:
+            self.weight_unit = choose_unit(c for _, _, c in serving)
+        return build_ring(serving, self.ring.epoch + 1, self.ring.vnodes, self.weight_unit)
 
     async def _publish_ring(self) -> None:
+        previous = self.ring
         self.ring = self._build_ring()
-        if self._epoch_file is not None:
-            self._epoch_file.write_text(str(self.ring.epoch))
-        doc = self.ring.to_json()
-        await self._broadcast("set_ring", doc)
+        if previous.members:
+            self.history = [previous, *self.history][:4]
+        epoch_state.save(self._epoch_file, self.ring.epoch, self.weight_unit)
+        await self._broadcast("set_ring", self.ring.to_json(), previous.to_json() if previous.members else None)
+
+    def ring_history(self) -> list[dict[str, Any]]:
+        """The earlier rings, for a node that (re)joins: who held what before it came."""
+        return [r.to_json() for r in self.history]
 
     async def _broadcast(self, method: str, *args: Any) -> list[Any]:
         """Call `method` on every node; a node that fails or is slow is left to its watcher."""
@@ -118,6 +130,71 @@ class Coordinator:
 
     def node_ids(self) -> list[str]:
         return sorted(self.nodes)
+
+    # -- drain ---------------------------------------------------------------------------
+    async def list_nodes(self) -> list[dict[str, Any]]:
+        """Every node: on the ring or draining, its URL, weight, bytes held, rebalance."""
+        stats = {s["id"]: s for s in await self._broadcast("stats") if s}
+        on_ring = {m.id: m.weight for m in self.ring.members}
+        return [{"id": n.id, "url": n.url, "state": "draining" if n.draining else "serving",
+                 "weight": on_ring.get(n.id, 0.0), "capacity": n.capacity,
+                 "cached_bytes": sum(stats.get(n.id, {}).get("datasets", {}).values()),
+                 "rebalance": stats.get(n.id, {}).get("rebalance", {})}
+                for n in sorted(self.nodes.values(), key=lambda n: n.id)]
+
+    async def drain_node(self, node_id: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Hand a node's blocks to their next owners, then end it: an operation to follow.
+
+        The node leaves the ring first but keeps serving; every other node pulls what it now
+        owns from it (server/rebalance.py) while readers' misses ask it too. When all have
+        finished, or `deadline` seconds passed (what is left is read from the origin later,
+        nothing fails), the node is stopped."""
+        deadline = (body or {}).get("deadline", DRAIN_DEADLINE)
+        entry = drain_plan(self.nodes, node_id, deadline)
+        running = self.ops.running(node_id, "drain")
+        if running is not None:
+            return running.to_json()
+
+        async def run(op: Operation) -> None:
+            entry.draining = True
+            await self._publish_ring()
+            epoch = self.ring.epoch
+            others = lambda: [n for n in self.nodes.values() if n.id != node_id]  # noqa: E731
+            left = await wait_for_rebalance(op, epoch, deadline,
+                                            lambda: self._stats_of(others()), lambda: self.nodes.get(node_id) is entry)
+            if op.cancelled.is_set():  # back on the ring: nothing was lost
+                entry.draining = False
+                await self._publish_ring()
+                op.info.state = "cancelled"
+                return
+            await self._end(entry)
+            op.info.result = {"node": node_id, "epoch": epoch, "units_left": left}
+            if left:
+                op.info.message = (f"the deadline of {deadline:g} s passed with {left if left > 0 else 'some'} "
+                                   "unit(s) not moved yet; "
+                                   "readers will read them from the origin once")
+
+        return self.ops.start("drain", node_id, run).to_json()
+
+    async def _stats_of(self, entries: list[NodeEntry]) -> list[dict[str, Any]]:
+        async def one(e: NodeEntry) -> dict[str, Any] | None:
+            try:
+                return await asyncio.wait_for(e.handle.stats.remote(), CALL_TIMEOUT)
+            except Exception:  # a dead node: its watcher removes it; it has nothing to pull
+                return None
+
+        return [s for s in await asyncio.gather(*(one(e) for e in entries)) if s]
+
+    async def _end(self, entry: NodeEntry) -> None:
+        """A drained node leaves: forgotten here first (its death is no surprise), then ended."""
+        if self.nodes.get(entry.id) is entry:
+            del self.nodes[entry.id]
+        if entry.watch is not None:
+            entry.watch.cancel()
+        try:
+            await asyncio.wait_for(entry.handle.leave.remote(), CALL_TIMEOUT)
+        except Exception as e:  # it exits by raising (ray.actor.exit_actor), or was already gone
+            log.info("drained node %s ended (%s)", entry.id, type(e).__name__)
 
     def set_origin_policy(self, policy: OriginPolicy) -> None:
         """Every `cachefs up` hands over its allowlist: the last `up` decides."""
@@ -261,8 +338,12 @@ class Coordinator:
         for info in self.registry.list():
             cached = sum(s["datasets"].get(info.name, 0) for s in stats)
             datasets.append({**info.to_json(), "cached_bytes": cached})
+        draining = {n.id for n in self.nodes.values() if n.draining}
+        for s in stats:
+            s["state"] = "draining" if s["id"] in draining else "serving"
         return {"epoch": self.ring.epoch, "nodes": sorted(stats, key=lambda s: s["id"]),
-                "datasets": datasets, "deaths": self.deaths, "time": time.time()}
+                "datasets": datasets, "deaths": self.deaths, "time": time.time(),
+                **({"problem": self.state_problem} if self.state_problem else {})}
 
     def ping(self) -> str:
         return "ok"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import os
 import secrets
 import shutil
@@ -21,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -40,7 +42,9 @@ log = logging.getLogger(__name__)
 COORDINATOR = "cachefs-coordinator"
 NODE_PREFIX = "cachefs-"  # actor name = NODE_PREFIX + node id ("node-…")
 START_TIMEOUT = 120.0
+CALL_TIMEOUT = 30.0  # one control call to the coordinator
 NODE_RESOURCE = "cachefs_node"  # a Ray node that should host a cache node (the KubeRay worker group)
+HOST_RESOURCE_PREFIX = "cachefs_host_"  # + the Kubernetes node's name: where a disk tier outlives its pod
 COORDINATOR_RESOURCE = "cachefs_coordinator"  # the Ray node that keeps the coordinator's state (the head)
 
 
@@ -188,8 +192,20 @@ def _placements(config: ClusterConfig) -> dict[str, Any]:
     tagged = [n for n in alive if n.get("Resources", {}).get(NODE_RESOURCE)]
     if not tagged:  # no worker advertises itself yet: any node but a dedicated coordinator node
         tagged = [n for n in alive if not n.get("Resources", {}).get(COORDINATOR_RESOURCE)]
-    return {f"node-{n['NodeID'][:10]}": NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            for n in (tagged or alive)}
+    return {node_id_of(n): NodeAffinitySchedulingStrategy(n["NodeID"], soft=False) for n in (tagged or alive)}
+
+
+def node_id_of(ray_node: Mapping[str, Any]) -> str:
+    """A cache node's id on a Ray node: its host's, when the Ray node names the host whose
+    disk it uses (resource cachefs_host_<name>, the chart's hostPath tier), so that a pod
+    restarted there comes back as the same node with the same disk directory; else the
+    Ray node's own id (new at every restart)."""
+    for resource in ray_node.get("Resources", {}):
+        if resource.startswith(HOST_RESOURCE_PREFIX) and len(resource) > len(HOST_RESOURCE_PREFIX):
+            host = re.sub(r"[^a-z0-9]+", "-", resource[len(HOST_RESOURCE_PREFIX):].lower()).strip("-")
+            if host:
+                return f"node-{host[:48]}"
+    return f"node-{ray_node['NodeID'][:10]}"
 
 
 def ensure_nodes(config: ClusterConfig, tokens: Tokens, env: Mapping[str, str]) -> list[str]:
@@ -332,3 +348,32 @@ def down(env: Mapping[str, str] = os.environ, namespace: str = "cachefs",
     return found
 
 
+def drain_here(address: str, namespace: str, deadline: float, addresses: set[str],
+               env: Mapping[str, str] = os.environ, say: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
+    """Drain the cache node(s) of this machine through Ray (the chart's preStop hook).
+
+    Runs in the worker pod, which is a Ray node of the cluster: it reaches the coordinator
+    over Ray, as `up` does, so no admin token has to be given to the workers. A node is
+    this machine's when its URL's host is one of `addresses` (the pod IP). Returns each
+    drain's OperationInfo as JSON; waits at most `deadline` + a minute per node."""
+    from server.coordinator import cachefs_error_or_raise
+
+    connect(address, namespace, RayAuth.decide(env, starting=False))
+    coord = _actor(COORDINATOR, namespace)
+    if coord is None:
+        raise Unavailable(f"no cachefs coordinator in Ray namespace {namespace!r} at {address}: nothing to drain")
+    try:
+        nodes = ray.get(coord.list_nodes.remote(), timeout=CALL_TIMEOUT)
+        mine = [n["id"] for n in nodes if n["state"] == "serving" and urlsplit(n["url"]).hostname in addresses]
+        reports = []
+        for node_id in mine:
+            op = ray.get(coord.drain_node.remote(node_id, {"deadline": deadline}), timeout=CALL_TIMEOUT)
+            end = time.monotonic() + deadline + 60
+            while op["state"] == "running" and time.monotonic() < end:
+                say(f"draining {node_id}: {op['done_bytes']}/{op['total_bytes']} unit(s) handed over")
+                time.sleep(0.5)
+                op = ray.get(coord.operation.remote(op["id"]), timeout=CALL_TIMEOUT)
+            reports.append(op)
+        return reports
+    except ray.exceptions.RayTaskError as e:
+        raise cachefs_error_or_raise(e) from None

@@ -20,6 +20,7 @@ from aiohttp import web
 from cachefs.common import wire
 from cachefs.common.errors import BadRequest, CachefsError, Forbidden, NotFound, RangeNotSatisfiable, Unauthorized
 from server.node import BlockRead, CacheNode
+from server.peers import CACHED_ONLY
 from server.stores import read_ranges
 
 log = logging.getLogger(__name__)
@@ -175,13 +176,14 @@ async def block(request: web.Request) -> web.StreamResponse:
         raise BadRequest("missing query parameter(s): a block is named by snapshot, path and index "
                          "(or snapshot and pack)")
     epoch = _epoch(request)
+    cached = q.get(CACHED_ONLY) == "1"  # a peer asking for a unit that moved (server/peers.py)
     if "pack" in q:
-        read_it = lambda: node.read_pack(name, q["snapshot"], _int(q["pack"], "pack"), epoch)  # noqa: E731
+        read_it = lambda: node.read_pack(name, q["snapshot"], _int(q["pack"], "pack"), epoch, cached)  # noqa: E731
     else:
         index = _int(q["index"], "index")
         if index < 0:
             raise RangeNotSatisfiable(f"block index {index} is negative")
-        read_it = lambda: node.read_block(name, q["snapshot"], q["path"], index, epoch)  # noqa: E731
+        read_it = lambda: node.read_block(name, q["snapshot"], q["path"], index, epoch, cached)  # noqa: E731
     read = await read_it()
     try:
         return await _send_block(request, read)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import pyarrow as pa
 import xxhash
@@ -24,6 +24,8 @@ from cachefs.common.manifest import Manifest, check_path, for_readers, from_ipc,
 from cachefs.common.origin import Origin
 from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.metrics import NodeMetrics
+from server.peers import UnitName
+from server.rebalance import Rebalancer
 from server.singleflight import Group
 from server.stores import DiskStore, MemoryStore, StoredBlock, digest_of, read_ranges
 from server.units import Unit, block_unit, pack_unit, read_unit, transient, with_members
@@ -37,6 +39,16 @@ log = logging.getLogger(__name__)
 class OriginSpec:
     url: str
     storage_options: dict[str, Any]
+
+
+class PreviousOwners(Protocol):
+    """Where a unit whose owner changed is looked for before the origin: the nodes that
+    held it under earlier rings (server/peers.py, over HTTP). None when none has it."""
+
+    async def fetch(self, name: UnitName, urls: Sequence[str]) -> bytes | None: ...
+
+
+KEEP_RINGS = 4  # earlier rings a node remembers: enough for a few changes in a row (a rolling upgrade)
 
 
 class Directory(Protocol):
@@ -109,6 +121,14 @@ class CacheNode:
         self._fetches: Group[tuple[StoredBlock, str]] = Group()
         self.warmups = Warmups(self)
         self.started = time.time()
+        # Membership changes (server/rebalance.py, server/peers.py): the rings before this
+        # one, newest first, and who is asked for a moved unit before the origin.
+        self.previous_rings: tuple[Ring, ...] = ()
+        self.previous_owners: PreviousOwners | None = None
+        self.dataset_names: Callable[[], Awaitable[list[str]]] = self._loaded_names
+        self.rebalance = Rebalancer(self)
+        self._pulls: Group[tuple[StoredBlock, str] | None] = Group()
+        self.peer_bytes = 0  # bytes of moved units that came from a previous owner rather than the origin
 
     async def open(self) -> None:
         if self.disk is not None:
@@ -116,13 +136,31 @@ class CacheNode:
 
     async def close(self) -> None:
         self.warmups.cancel_all()
+        self.rebalance.cancel()
         for state in self._datasets.values():
             await state.origin.close()
 
     # -- state pushed by the coordinator -------------------------------------------------
-    def set_ring(self, ring: Ring) -> None:
-        if ring.epoch >= self.ring.epoch:
-            self.ring = ring
+    def set_ring(self, ring: Ring, history: Sequence[Ring] = ()) -> bool:
+        """Take `ring` if it is not older than ours; True if it is a newer epoch. The ring it
+        replaces (and `history`, the coordinator's earlier rings, for a node that just
+        started) are kept: they say who held a unit before (`_previous_owner_urls`)."""
+        if ring.epoch < self.ring.epoch:
+            return False
+        newer = ring.epoch > self.ring.epoch
+        known = [r for r in (self.ring, *self.previous_rings, *history) if r.members and r.epoch < ring.epoch]
+        by_epoch = {r.epoch: r for r in known}
+        self.previous_rings = tuple(by_epoch[e] for e in sorted(by_epoch, reverse=True))[:KEEP_RINGS]
+        self.ring = ring
+        return newer
+
+    async def change_ring(self, ring: Ring, history: Sequence[Ring] = ()) -> None:
+        """A new ring from the coordinator: take it, and pull what moved here (server/rebalance.py)."""
+        if self.set_ring(ring, history) and self.previous_rings and self.node_id in ring.node_ids:
+            self.rebalance.start()
+
+    async def _loaded_names(self) -> list[str]:
+        return list(self._datasets)
 
     async def forget(self, name: str, keep_snapshot: str | None = None) -> None:
         """Drop a dataset's blocks (all, or those of older snapshots) and its cached state."""
@@ -198,20 +236,24 @@ class CacheNode:
 
     # -- one block (GET /v1/blocks) ------------------------------------------------------
     async def read_block(self, name: str, snapshot: str, path: str, index: int,
-                         epoch: int | None = None) -> BlockRead:
+                         epoch: int | None = None, cached_only: bool = False) -> BlockRead:
         self._check_epoch(epoch)
         state = await self.dataset(name, snapshot)
         unit, start, end = self._file_block(state, path, index)
-        return await self._read_one(state, unit, start, end)
+        return await self._read_one(state, unit, start, end, cached_only)
 
-    async def read_pack(self, name: str, snapshot: str, pack: int, epoch: int | None = None) -> BlockRead:
+    async def read_pack(self, name: str, snapshot: str, pack: int, epoch: int | None = None,
+                        cached_only: bool = False) -> BlockRead:
         self._check_epoch(epoch)
         state = await self.dataset(name, snapshot)
         unit, start, end = self._pack(state, pack)
-        return await self._read_one(state, unit, start, end)
+        return await self._read_one(state, unit, start, end, cached_only)
 
-    async def _read_one(self, state: DatasetState, unit: Unit, start: int, end: int) -> BlockRead:
-        block, source = await self.unit(state, unit)
+    async def _read_one(self, state: DatasetState, unit: Unit, start: int, end: int,
+                        cached_only: bool = False) -> BlockRead:
+        """`cached_only`: a peer asking for a unit that moved (server/peers.py) gets it from
+        a tier or a 404, never an origin read on its behalf."""
+        block, source = await (self.held(state, unit) if cached_only else self.unit(state, unit))
         _raise_hole(block, start, end)
         data = block.buffer if source != "disk" else None
         return BlockRead(block, source, data, start, end)
@@ -359,14 +401,22 @@ class CacheNode:
         return await self.disk.get_verified(key)
 
     async def _fetch(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
-        info = state.info
+        pulled = await self._from_previous_owners(state, unit)
+        if pulled is not None:
+            return pulled
         data, holes = await read_unit(state.origin, with_members(unit, state.manifest))
-        self.metrics.miss(info.name, len(data) - sum(h.end - h.start for h in holes))
+        self.metrics.miss(state.info.name, len(data) - sum(h.end - h.start for h in holes))
+        return await self._keep(state, unit, data, holes, "origin")
+
+    async def _keep(self, state: DatasetState, unit: Unit, data: bytes | bytearray, holes: tuple,
+                    source: str) -> tuple[StoredBlock, str]:
+        """Store a unit just read (unless its dataset moved on meanwhile) and say where from."""
+        info = state.info
         buffer = pa.py_buffer(data)
         block = StoredBlock(unit.key, info.name, info.snapshot, len(data), digest_of(buffer), buffer=buffer,
                             holes=holes)
         if self._datasets.get(info.name) is not state or transient(holes):
-            return block, "origin"  # refreshed or removed meanwhile, or worth another try: serve, don't keep
+            return block, source  # refreshed or removed meanwhile, or worth another try: serve, don't keep
         evicted = self.memory.put(block)
         if evicted:
             self.metrics.evicted(info.name, "memory", len(evicted))
@@ -374,7 +424,51 @@ class CacheNode:
             evicted = await self.disk.put(block, buffer)
             if evicted:
                 self.metrics.evicted(info.name, "disk", len(evicted))
-        return block, "origin"
+        return block, source
+
+    # -- units that moved (a node joined, drained or restarted) ----------------------------
+    async def held(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
+        """The unit from a tier, or NotFound: what a previous owner answers a peer."""
+        hit = self._lookup(state.info.name, unit.key)
+        if hit is not None and (hit[0].verified or await self._verified(unit.key) is not None):
+            return hit
+        raise NotFound(f"unit {unit.key} is not cached on node {self.node_id}")
+
+    def holds(self, key: str) -> bool:
+        return key in self.memory or (self.disk is not None and key in self.disk)
+
+    def _previous_owner_urls(self, key: str, replicas: int) -> list[str]:
+        """Who held `key` under the earlier rings, newest first, if this node did not: a
+        unit this node always owned is a plain miss (no hop)."""
+        if not self.previous_rings or all(self.node_id in r.owners(key, replicas) for r in self.previous_rings):
+            return []
+        urls: list[str] = []
+        for ring in self.previous_rings:
+            for owner in ring.owners(key, replicas):
+                url = ring.member(owner).url
+                if owner != self.node_id and url and url not in urls:
+                    urls.append(url)
+        return urls[:3]  # each dead one costs a connect timeout: a few, then the origin
+
+    async def _from_previous_owners(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str] | None:
+        """The previous-owner seam of the miss path: the unit from a node that held it."""
+        if self.previous_owners is None:
+            return None
+        urls = self._previous_owner_urls(unit.key, state.info.replicas)
+        if not urls:
+            return None
+        data = await self.previous_owners.fetch(_unit_name(state, unit), urls)
+        if data is None or len(data) != unit.length:
+            return None
+        self.peer_bytes += len(data)
+        return await self._keep(state, unit, data, (), "peer")
+
+    async def pull(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str] | None:
+        """A moved unit from its previous owners only (the rebalance); None if none has it
+        (a reader then reads it from the origin, once, as for any miss)."""
+        if self.holds(unit.key):
+            return None
+        return await self._pulls.do(unit.key, lambda: self._from_previous_owners(state, unit))
 
     # -- warm-up (server/warmup.py) ------------------------------------------------------
     async def warm(self, op_id: str, name: str) -> OperationInfo:
@@ -416,7 +510,17 @@ class CacheNode:
             "settings": {k: getattr(self.config, k) for k in ("memory_bytes", "disk_bytes", "eviction",
                                                                "origin_timeout", "warm_concurrency", "nice")},
             **self.metrics.totals,
+            "peer_bytes": self.peer_bytes,
+            "rebalance": self.rebalance.progress.to_json(),
         }
+
+
+def _unit_name(state: DatasetState, unit: Unit) -> UnitName:
+    """How the data route names `unit` (a pack by number, a block by path and index)."""
+    info = state.info
+    if unit.pack >= 0:
+        return UnitName(info.name, info.snapshot, pack=unit.pack)
+    return UnitName(info.name, info.snapshot, path=unit.members[0].path, index=unit.start // info.block_size)
 
 
 def _raise_hole(block: StoredBlock, start: int, end: int) -> None:

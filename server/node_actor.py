@@ -29,6 +29,7 @@ from cachefs.common.wire import DatasetInfo
 from server.coordinator import cachefs_error_or_raise
 from server.http_app import make_app
 from server.node import CacheNode, OriginSpec
+from server.peers import PeerConfig, PeerLoader
 from shard import Ring
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class CacheNodeActor:
         self.coordinator = ray.get_actor(coordinator_name, namespace=namespace)
         self.link = CoordinatorLink(self.coordinator)
         self.node = CacheNode(node_id, config, self.link)
+        self.peers = PeerLoader(PeerConfig(config.token, tls_ca=config.tls_cert))
+        self.node.previous_owners = self.peers  # a moved unit is asked of its previous owner first
+        self.node.dataset_names = self._dataset_names
         self.runner: web.AppRunner | None = None
         self.url = ""
         self._stopped = asyncio.Event()  # on Ray's loop: `wait_forever` waits on it there
@@ -156,18 +160,25 @@ class CacheNodeActor:
         self.coordinator = ray.get_actor(self.coordinator_name, namespace=self.namespace)
         self.link.handle = self.coordinator
         me = ray.get_runtime_context().current_actor
-        ring = await self.coordinator.register_node.remote(self.node_id, self.url, self.config.capacity, me)
-        self.node.set_ring(Ring.from_json(ring))
+        # our epoch goes along: a coordinator that lost its own never publishes below it
+        ring = await self.coordinator.register_node.remote(self.node_id, self.url, self.config.capacity, me,
+                                                           self.node.ring.epoch)
+        history = await self.coordinator.ring_history.remote()
+        await self.node.change_ring(Ring.from_json(ring), [Ring.from_json(h) for h in history])
+
+    async def _dataset_names(self) -> list[str]:
+        return [d["name"] for d in await self.link.call("list_datasets")]
 
     async def wait_forever(self) -> None:
         """Held open by the coordinator: it fails exactly when this actor dies."""
         await self._stopped.wait()
 
-    async def set_ring(self, doc: dict[str, Any]) -> int:
+    async def set_ring(self, doc: dict[str, Any], previous: dict[str, Any] | None = None) -> int:
         ring = Ring.from_json(doc)  # built here: a large ring takes a while, the node's loop keeps serving
+        history = [Ring.from_json(previous)] if previous else []
 
         async def apply() -> int:
-            self.node.set_ring(ring)
+            await self.node.change_ring(ring, history)
             return self.node.ring.epoch
 
         return await self._on_node_loop(apply)
@@ -200,9 +211,21 @@ class CacheNodeActor:
 
         return await self._on_node_loop(stats)
 
+    async def cancel_rebalance(self) -> None:
+        async def cancel() -> None:
+            self.node.rebalance.cancel()
+
+        await self._on_node_loop(cancel)
+
+    async def leave(self) -> None:
+        """The end of a drain: stop serving and end this actor (its work has moved)."""
+        await self.stop()
+        ray.actor.exit_actor()
+
     async def stop(self) -> None:
         async def stop() -> None:
             await self.node.close()
+            await self.peers.close()
             if self.runner is not None:
                 await self.runner.cleanup()
                 self.runner = None

@@ -65,7 +65,7 @@ class Operations:
         op = self.get(op_id)
         if op.info.running:
             op.cancelled.set()
-            if op.task is not None and op.info.kind != "warm":
+            if op.task is not None and op.info.kind not in ("warm", "drain"):  # these watch op.cancelled and clean up
                 op.task.cancel()
         return op
 

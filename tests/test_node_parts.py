@@ -212,10 +212,12 @@ def test_buffer_pool_reuses_block_buffers_and_sizes_views_exactly() -> None:
     assert pool.take(1024).obj is not big.obj
 
 
-def test_the_coordinators_ring_weighs_nodes_by_capacity_relative_to_the_biggest() -> None:
+def test_the_coordinators_ring_weighs_nodes_by_capacity_over_a_fixed_unit() -> None:
     from server.placement import build_ring
 
     ring = build_ring([("small", "http://a", 100), ("big", "http://b", 300), ("empty", "http://c", 0)], 7, 64)
     assert ring.epoch == 7 and ring.vnodes == 64
-    assert {m.id: m.weight for m in ring.members} == {"small": 0.3333, "big": 1.0, "empty": 0.0033}
+    assert {m.id: m.weight for m in ring.members} == {"small": 1.0, "big": 3.0, "empty": 0.01}
+    kept = build_ring([("small", "http://a", 100), ("huge", "http://d", 1000)], 8, 64, unit=100)
+    assert kept.member("small").weight == 1.0  # a bigger node joining changes nobody else's weight
     assert ring.member("big").url == "http://b"

@@ -18,6 +18,7 @@ from cachefs.common.errors import CachefsError
 COMMAND_MODULES = (
     "cachefs.cli.cluster",
     "cachefs.cli.datasets",
+    "cachefs.cli.nodes",
     "cachefs.cli.files",
     "cachefs.cli.demo",
     "csi.cli",

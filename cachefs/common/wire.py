@@ -25,6 +25,8 @@ DATASET_MANIFEST = "/v1/datasets/{name}/manifest"
 DATASET_REFRESH = "/v1/datasets/{name}/refresh"
 DATASET_WARM = "/v1/datasets/{name}/warm"
 OPERATION = "/v1/operations/{op_id}"
+NODES = "/v1/nodes"
+NODE_DRAIN = "/v1/nodes/{node_id}/drain"
 BLOCK = "/v1/blocks/{name}"
 READ = "/v1/datasets/{name}/read"  # POST: many byte ranges of blocks and packs, answered as frames
 
@@ -219,5 +221,8 @@ ADMIN_CALLS: tuple[AdminCall, ...] = (
     AdminCall("operation", "GET", OPERATION, READER, ("op_id",), reads=OperationInfo.from_json),
     AdminCall("cancel", "DELETE", OPERATION, ADMIN, ("op_id",), reads=OperationInfo.from_json),
     AdminCall("status", "GET", STATUS, READER),
+    AdminCall("list_nodes", "GET", NODES, READER, wrap="nodes"),
+    AdminCall("drain_node", "POST", NODE_DRAIN, ADMIN, ("node_id",), body=True, wrap="operation", status=202,
+              reads=OperationInfo.from_json),
 )
 ADMIN_CALL = {c.name: c for c in ADMIN_CALLS}
