@@ -5,7 +5,7 @@ restarting the CSI plugin or the CLI never takes a mounted volume down with it. 
 the snapshot once, then serves FUSE until unmounted (`fusermount3 -u`) or sent SIGTERM
 (or SIGINT); either way the mount is gone afterwards and the process exits 0.
 
-One asyncio loop does everything: pyfuse3 reads FUSE requests on it and the cachefs
+One asyncio loop does everything: csi.fuse reads FUSE requests on it and the cachefs
 client (created `asynchronous=True` on it) fetches bytes on it, so a request is answered
 without handing anything to another thread.
 
@@ -144,10 +144,11 @@ async def _close(fs: Any) -> None:
 
 async def serve_mount(args: argparse.Namespace, config: MountConfig) -> int:
     """List, mount, serve until unmounted or signalled; the exit code."""
-    import pyfuse3
-
     from csi.chunkcache import ChunkCache
-    from csi.fusefs import DatasetOperations, serve
+    from csi.fuse import session
+    from csi.fuse.dispatch import Dispatcher, writer
+    from csi.fuseloop import serve
+    from csi.fusefs import DatasetOperations
     from csi.reader import SnapshotReader
 
     loop = asyncio.get_running_loop()
@@ -170,33 +171,41 @@ async def serve_mount(args: argparse.Namespace, config: MountConfig) -> int:
 
     cache = ChunkCache(config.cache_bytes)
     reader = SnapshotReader(fetch, cache, chunk, config.readahead_chunks, config.op_timeout)
+    ops = DatasetOperations(tree, reader, config, mtime=args.mtime or None)
     background: set[asyncio.Future[Any]] = set()
 
-    def after_init() -> None:  # runs while INIT is answered: tune once the answer is out
-        def start() -> None:
-            task = asyncio.ensure_future(asyncio.to_thread(tune_kernel, target, config.readahead_bytes))
-            background.add(task)
-            task.add_done_callback(background.discard)
+    def after_init(_answer: Any) -> None:  # the INIT answer is out: tune what INIT would reset
+        task = asyncio.ensure_future(asyncio.to_thread(tune_kernel, target, config.readahead_bytes))
+        background.add(task)
+        task.add_done_callback(background.discard)
 
-        loop.call_soon(start)
+    options = session.MountOptions(fsname=args.fsname or args.source, allow_other=os.geteuid() == 0)
+    try:
+        fd = session.mount(target, options)
+    except session.SessionError as e:
+        log.error("FUSE mount on %s failed: %s", target, e)
+        await _close(fs)
+        return EXIT_FAILED
+    stopping = asyncio.Event()
 
     def stop(signame: str) -> None:
         log.info("%s: unmounting %s", signame, target)
         cache.close()  # reads waiting on the network answer EIO now
-        pyfuse3.terminate()
+        try:
+            session.unmount(target)
+        except OSError as e:
+            log.error("unmounting %s failed: %s; ending the session anyway", target, e)
+        stopping.set()  # files still open get ENOTCONN from here on, as after any unmount -z
 
-    ops = DatasetOperations(tree, reader, config, mtime=args.mtime or None, on_init=after_init)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig.name)
+    dispatcher = Dispatcher(ops, writer(fd), max_background=MAX_BACKGROUND, on_init=after_init)
     try:
-        await serve(ops, target, fsname=args.fsname or args.source)
-    except RuntimeError as e:  # pyfuse3: fuse_session_new/mount failed (bad mountpoint, no /dev/fuse, ...)
-        log.error("FUSE mount on %s failed: %s (is the target an existing directory, and /dev/fuse usable?)",
-                  target, e)
-        return EXIT_FAILED
+        await serve(fd, dispatcher, stopping)
     finally:
         cache.close()
         await _close(fs)
+        os.close(fd)
     log.info("unmounted %s", target)
     return EXIT_OK
 
@@ -215,9 +224,6 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad mount options: %s", e)
         return EXIT_BAD_INPUT
 
-    from csi import fuseloop
-
-    fuseloop.enable()  # pyfuse3 on asyncio (not trio): one loop for FUSE and the client
     keep_freed_memory(config.cache_bytes)
     return asyncio.run(serve_mount(args, config))
 

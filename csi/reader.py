@@ -43,6 +43,24 @@ class SnapshotReader:
         self.timeout = timeout
         self._runs: dict[str, tuple[int, int]] = {}  # path → (where its last read ended, contiguous bytes so far)
 
+    def read_now(self, path: str, size: int, offset: int, length: int) -> bytes | memoryview | None:
+        """The bytes if they are at hand (one cached chunk, or past the end), else None and
+        nothing recorded: the caller then awaits `read`. Lets the mount answer most reads
+        without a task."""
+        end = min(offset + length, size)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        first = offset // cs
+        if first != (end - 1) // cs:
+            return None
+        chunk = self.cache.peek((path, first))
+        if chunk is None:
+            return None
+        run = self._ahead(path, size, offset, end)
+        self._drop_done(path, size, offset, end, run)
+        return memoryview(chunk)[offset - first * cs:end - first * cs]
+
     async def read(self, path: str, size: int, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of the file, cut at its `size`."""
         end = min(offset + length, size)
@@ -50,11 +68,7 @@ class SnapshotReader:
             return b""
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        run = self._run(path, offset, end) if size > cs else 0
-        streaming = run >= cs // 2
-        if streaming and self.readahead:
-            for i in range(last + 1, min(last + 1 + self.readahead, -(-size // cs))):
-                self.cache.prefetch((path, i), self._loader(path, size, i))
+        run = self._ahead(path, size, offset, end)
         lo = offset - first * cs
         if first == last:  # the common case: one chunk
             chunk = self.cache.peek((path, first)) or await self._chunk(path, size, first)
@@ -65,11 +79,32 @@ class SnapshotReader:
             parts[0] = parts[0][lo:]
             parts[-1] = parts[-1][:end - last * cs]
             data = b"".join(parts)
-        if streaming:  # drop the chunks this read completed, if the stream had all of them
-            for i in range(first, last + 1):
-                if i * cs >= end - run and min((i + 1) * cs, size) <= end:
-                    self.cache.discard((path, i))
+        self._drop_done(path, size, offset, end, run)
         return data
+
+    def _ahead(self, path: str, size: int, offset: int, end: int) -> int:
+        """Record a read of a big file; once it is a stream, fetch ahead. The run so far
+        (0: not a stream)."""
+        cs = self.chunk_size
+        if size <= cs:
+            return 0
+        run = self._run(path, offset, end)
+        if run < cs // 2:
+            return 0
+        last = (end - 1) // cs
+        if self.readahead:
+            for i in range(last + 1, min(last + 1 + self.readahead, -(-size // cs))):
+                self.cache.prefetch((path, i), self._loader(path, size, i))
+        return run
+
+    def _drop_done(self, path: str, size: int, offset: int, end: int, run: int) -> None:
+        """Drop the chunks a stream's read completed, if the stream had all of them."""
+        if not run:
+            return
+        cs = self.chunk_size
+        for i in range(offset // cs, (end - 1) // cs + 1):
+            if i * cs >= end - run and min((i + 1) * cs, size) <= end:
+                self.cache.discard((path, i))
 
     def prefetch(self, path: str, size: int) -> None:
         """Start fetching a file that fits in one chunk (called at open: overlaps the fetch
