@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsname", default="", help="name shown in /proc/mounts (default: the source)")
     p.add_argument("--mtime", type=float, default=0.0,
                    help="modification time to show for every entry (the snapshot's creation time)")
+    p.add_argument("--mount-with", choices=("auto", "mount", "fusermount3"), default="auto",
+                   help="how to get the session: mount(2) (root), fusermount3 (anyone), auto: by uid")
     defaults = MountConfig()
     p.add_argument("--attr-timeout", type=float, default=defaults.attr_timeout)
     p.add_argument("--op-timeout", type=float, default=defaults.op_timeout)
@@ -181,7 +183,7 @@ async def serve_mount(args: argparse.Namespace, config: MountConfig) -> int:
 
     options = session.MountOptions(fsname=args.fsname or args.source, allow_other=os.geteuid() == 0)
     try:
-        fd = session.mount(target, options)
+        fd = session.mount(target, options, args.mount_with)
     except session.SessionError as e:
         log.error("FUSE mount on %s failed: %s", target, e)
         await _close(fs)
