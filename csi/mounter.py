@@ -193,5 +193,8 @@ def _stat_within(path: str, timeout: float) -> bool:
 
 
 def mount_pids(target: str) -> list[int]:
-    """Pids of our mount processes serving `target` (for `cachefs unmount`, which has no records)."""
-    return sorted(pid for pid in procs.processes() if is_mount_process(pid, target))
+    """Pids of our mount processes holding `target` (for `cachefs unmount`, which has no
+    records); not the serving processes they forked, which end with them."""
+    ours = {pid for pid in procs.processes() if is_mount_process(pid, target)}
+    table = procs.processes()
+    return sorted(pid for pid in ours if table.get(pid, (0, b""))[0] not in ours)

@@ -134,6 +134,9 @@ DIRENT = struct.Struct("<QQII")  # ino off namelen type
 FORGET_ONE = struct.Struct("<QQ")
 BATCH_FORGET_IN = struct.Struct("<II")
 
+NOTIFY_RESEND = 7  # fuse_notify_code: queue again every request read but not answered (Linux 6.9)
+UNIQUE_RESEND = 1 << 63  # set in the unique of a request sent again
+
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_CACHE_DIR = 1 << 3
 
