@@ -17,6 +17,8 @@ Knows nothing about datasets.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import logging
 import os
@@ -90,12 +92,14 @@ class Holder:
 
     def _start(self, slot: Slot) -> None:
         slot.started = time.monotonic()
+        holder = os.getpid()
         pid = os.fork()
         if pid == 0:  # the child: serve, never return into the holder's code
             code = 1
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                _die_with(holder)
                 code = self.serve(slot.fd)
             except BaseException as e:  # noqa: BLE001 - a child must exit, whatever happened
                 log.exception("serving process failed: %s", e)
@@ -137,6 +141,16 @@ class Holder:
                     os.kill(slot.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
+
+
+def _die_with(holder: int) -> None:
+    """SIGKILL this child when the holder dies (PR_SET_PDEATHSIG): without the holder
+    nobody replaces a dead child or stops the others, and the session is the holder's."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != holder:  # it died before prctl took effect
+        os._exit(1)
 
 
 def resend(fd: int) -> bool:
