@@ -38,6 +38,7 @@ class DatasetOperations:
         self.timeout = config.attr_timeout
         self._mtime_ns = int((mtime or time.time()) * 1e9)
         self._attrs: dict[int, Attr] = {}  # inode → its attributes, built once
+        self._positions: dict[int, int] = {}  # inode → its index in its directory's listing
 
     def deadline(self) -> float:
         return self.config.op_timeout
@@ -100,5 +101,27 @@ class DatasetOperations:
         return self.reader.read_now(entry.path, entry.size, offset, size)
 
     def read(self, inode: int, offset: int, size: int) -> Awaitable[bytes | memoryview]:
+        """Bytes not at hand: a small file's miss fetches it with the small files after it
+        in its directory, in one batched read (datasets are read a directory at a time,
+        or shuffled over all of it: either way those files are read this epoch)."""
         entry = self._file(inode)
+        if self.config.batch_files > 1 and 0 < entry.size <= self.reader.chunk_size:
+            self.reader.prefetch_files(self._batch(entry))
         return self.reader.read(entry.path, entry.size, offset, size)
+
+    def _batch(self, entry: Entry) -> list[tuple[str, int]]:
+        """`entry` and the small files after it in its directory, up to batch_files/_bytes."""
+        parent = self.tree.lookup(entry.path.rpartition("/")[0])
+        if parent is None or parent.children is None:
+            return [(entry.path, entry.size)]
+        listing = parent.listing()
+        if entry.inode not in self._positions:
+            self._positions.update((child.inode, i) for i, child in enumerate(listing))
+        batch, total = [], 0
+        for child in listing[self._positions[entry.inode]:]:
+            if len(batch) >= self.config.batch_files or total + child.size > self.config.batch_bytes:
+                break
+            if child.children is None and 0 < child.size <= self.reader.chunk_size:
+                batch.append((child.path, child.size))
+                total += child.size
+        return batch or [(entry.path, entry.size)]

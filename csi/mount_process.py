@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-bytes", type=int, default=defaults.cache_bytes)
     p.add_argument("--readahead-chunks", type=int, default=defaults.readahead_chunks)
     p.add_argument("--serving-processes", type=int, default=defaults.serving_processes)
+    p.add_argument("--batch-files", type=int, default=defaults.batch_files)
+    p.add_argument("--batch-bytes", type=int, default=defaults.batch_bytes)
     return p
 
 
@@ -67,6 +69,8 @@ def config_args(config: MountConfig) -> list[str]:
         "--cache-bytes", str(config.cache_bytes),
         "--readahead-chunks", str(config.readahead_chunks),
         "--serving-processes", str(config.serving_processes),
+        "--batch-files", str(config.batch_files),
+        "--batch-bytes", str(config.batch_bytes),
     ]
 
 
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         config = MountConfig(attr_timeout=args.attr_timeout, op_timeout=args.op_timeout,
                              readahead_bytes=args.readahead_bytes, cache_bytes=args.cache_bytes,
                              readahead_chunks=args.readahead_chunks,
-                             serving_processes=args.serving_processes)
+                             serving_processes=args.serving_processes, batch_files=args.batch_files,
+                             batch_bytes=args.batch_bytes)
     except CachefsError as e:
         log.error("bad mount options: %s", e)
         return EXIT_BAD_INPUT

@@ -27,16 +27,21 @@ from csi.chunkcache import ChunkCache
 
 # (path relative to the snapshot root, start, end) → exactly the bytes [start, end)
 Fetch = Callable[[str, int, int], Awaitable[bytes]]
+# Many whole small files in one call (one batched read): [(path, size)] → each one's bytes
+# or exception, in order
+FetchMany = Callable[[list[tuple[str, int]]], Awaitable[list["bytes | BaseException"]]]
 
 T = TypeVar("T")
 _STREAMS = 4096  # files whose last read end is remembered (to tell sequential reads)
 
 
 class SnapshotReader:
-    def __init__(self, fetch: Fetch, cache: ChunkCache, chunk_size: int, readahead: int, timeout: float) -> None:
+    def __init__(self, fetch: Fetch, cache: ChunkCache, chunk_size: int, readahead: int, timeout: float,
+                 fetch_many: FetchMany | None = None) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         self._fetch = fetch
+        self._fetch_many = fetch_many
         self.cache = cache
         self.chunk_size = chunk_size
         self.readahead = readahead
@@ -111,6 +116,28 @@ class SnapshotReader:
         with the round trips between open and the first read)."""
         if 0 < size <= self.chunk_size:
             self.cache.prefetch((path, 0), self._loader(path, size, 0))
+
+    def prefetch_files(self, files: list[tuple[str, int]]) -> None:
+        """Fetch these small files (each at most a chunk) in one batched read, except those
+        here or on their way. Several files cost about what one costs: the round trip and
+        the request's CPU are paid once."""
+        todo = [(path, size) for path, size in files if 0 < size <= self.chunk_size and self.cache.wanted((path, 0))]
+        if not todo:
+            return
+        if self._fetch_many is None or len(todo) == 1:
+            for path, size in todo:
+                self.prefetch(path, size)
+            return
+        fetch_many = self._fetch_many
+
+        async def load() -> list[bytes | BaseException]:
+            results = await within(fetch_many(todo), self.timeout)
+            for i, ((path, size), data) in enumerate(zip(todo, results)):
+                if not isinstance(data, BaseException) and len(data) != size:
+                    results[i] = OSError(errno.EIO, f"short read of {path}: {len(data)} of {size} bytes")
+            return results
+
+        self.cache.prefetch_many([(path, 0) for path, _ in todo], load)
 
     def _run(self, path: str, offset: int, end: int) -> int:
         """How many bytes of the file up to `end` have now been read contiguously; records it."""

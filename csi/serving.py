@@ -82,13 +82,21 @@ async def serve_snapshot(fd: int, snapshot: Snapshot, config: MountConfig, *, ca
     async def fetch(path: str, start: int, end: int) -> bytes:
         return await fs._cat_file(f"{root}/{path}" if root else path, start=start, end=end)
 
+    async def fetch_many(files: list[tuple[str, int]]) -> list[bytes | BaseException]:
+        paths = [f"{root}/{path}" if root else path for path, _ in files]
+        if not hasattr(fs, "_cat_ranges"):
+            return list(await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True))
+        return await fs._cat_ranges(paths, None, None, on_error="return")  # one batched read
+
     cache = ChunkCache(cache_bytes)
-    reader = SnapshotReader(fetch, cache, snapshot.chunk, config.readahead_chunks, config.op_timeout)
+    reader = SnapshotReader(fetch, cache, snapshot.chunk, config.readahead_chunks, config.op_timeout,
+                            fetch_many=fetch_many)
     ops = DatasetOperations(snapshot.tree, reader, config, mtime=mtime)
     dispatcher = Dispatcher(ops, writer(fd), max_background=MAX_BACKGROUND, on_init=on_init)
     try:
         await serve(fd, dispatcher)
     finally:
+        log.info("serving process %d answered: %s", os.getpid(), dispatcher.summary() or "nothing")
         cache.close()
         await close(fs)
     return 0

@@ -19,6 +19,7 @@ import asyncio
 import errno
 import logging
 import os
+from collections import Counter
 from typing import Any, Awaitable, Callable, Iterable, Protocol
 
 from csi.fuse import protocol as p
@@ -88,6 +89,7 @@ class Dispatcher:
         self.on_init = on_init
         self.init: p.InitAnswer | None = None  # set once INIT is answered
         self.tasks: set[asyncio.Task[Any]] = set()  # reads in flight, kept referenced
+        self.counts: Counter[int] = Counter()  # requests answered, by opcode (logged when serving ends)
         self._table: dict[int, Callable[[p.Header, memoryview], Reply | None]] = {
             p.Op.INIT: self._init, p.Op.LOOKUP: self._lookup, p.Op.GETATTR: self._getattr,
             p.Op.READ: self._read, p.Op.READDIR: self._readdir, p.Op.READDIRPLUS: self._readdirplus,
@@ -103,6 +105,7 @@ class Dispatcher:
             # No trustworthy unique to answer to: the kernel never sends this. Drop it.
             log.warning("dropping a request that does not parse: %s", e)
             return
+        self.counts[head.opcode] += 1
         if head.opcode in p.NO_REPLY:
             return  # FORGET and friends: nodes live as long as the mount, nothing to count
         try:
@@ -121,6 +124,11 @@ class Dispatcher:
         if head.opcode in p.WRITES:
             return p.error_reply(head.unique, errno.EROFS)
         return p.error_reply(head.unique, errno.ENOSYS)  # the _ENOSYS set and anything unknown
+
+    def summary(self) -> str:
+        """'READ 120, LOOKUP 8, ...': what this session was asked, most asked first."""
+        names = {int(op): op.name for op in p.Op}
+        return ", ".join(f"{names.get(op, op)} {n}" for op, n in self.counts.most_common())
 
     @staticmethod
     def _what(head: p.Header) -> str:
