@@ -15,11 +15,8 @@ ARG PYTHON_VERSION=3.11
 FROM python:${PYTHON_VERSION}-slim AS build
 ARG RAY_VERSION=2.60.0
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-# pyfuse3 (the CSI plugin's FUSE binding) builds from source against libfuse3.
-RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-      gcc libc6-dev pkg-config libfuse3-dev \
- && rm -rf /var/lib/apt/lists/*
+# Every dependency comes as a wheel: the CSI plugin's FUSE server is pure Python
+# (csi/fuse/), so nothing is compiled here.
 WORKDIR /src
 # Only what the package is made of: no tests, benchmarks, chart or local state.
 COPY pyproject.toml README.md ./
@@ -37,8 +34,8 @@ LABEL org.opencontainers.image.title="cachefs" \
       org.opencontainers.image.source="https://github.com/cachefs/cachefs" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-# fuse3: fusermount3 and libfuse3 (pyfuse3 links against it) for the CSI plugin's
-# mounts. wget: KubeRay's default probes on Ray containers call it. tini: a PID 1 that
+# fuse3: fusermount3, for mounts by a non-root `cachefs mount` (the root CSI plugin
+# mounts with mount(2) itself). wget: KubeRay's default probes on Ray containers call it. tini: a PID 1 that
 # reaps the mount processes the CSI plugin spawns and forwards signals.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \

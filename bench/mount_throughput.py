@@ -21,8 +21,10 @@ Small files (--small), N reader processes each `open().read()` of its share of t
 (bench/file_readers.py), files/s side by side with the same files on local disk:
 
   local disk              the origin directory, page cache warm (read once before)
-  mount, first read       a fresh mount (nothing cached in the kernel or the mount), cluster warm
-  mount, pages dropped    again, the kernel's pages dropped first: the mount's own block cache answers
+  mount xN, first read    a fresh mount with N serving processes (--serving 1,2,4): nothing
+                          cached in the kernel or the mount, cluster warm
+  mount xN, pages dropped again, the kernel's pages dropped first: the serving processes'
+                          chunk caches answer (each has its own: a read may land on another)
   mount, re-read          again: the kernel page cache answers (keep_cache)
 
 Needs FUSE (root, /dev/fuse, fusermount3).
@@ -84,15 +86,26 @@ def _random(opener: Callable[[str], Any]) -> Callable[[tuple[str, list[int]]], i
 
 
 def _cpu_seconds(mountpoint: Path) -> float:
-    """CPU time (user + system) the mount's process has used so far: a figure that a busy
-    shared machine disturbs far less than throughput does."""
+    """CPU time (user + system) the mount has used so far: its process, the serving
+    processes it forked (live ones, and those it reaped), a figure that a busy shared
+    machine disturbs far less than throughput does."""
+    from cachefs.common import procs
     from csi.mounter import mount_pids
 
     pids = mount_pids(str(mountpoint))
     if not pids:
         return float("nan")
-    fields = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def ticks(pid: int, reaped: bool) -> int:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0
+        return sum(int(f) for f in fields[11:15 if reaped else 13])
+
+    children = [pid for pid, (ppid, _) in procs.processes().items() if ppid == pids[0]]
+    total = ticks(pids[0], True) + sum(ticks(pid, False) for pid in children)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _drop_pages(paths: list[str]) -> None:
@@ -130,6 +143,7 @@ def main() -> int:
     ap.add_argument("--file-mib", type=int, default=16)
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--serving", default="1,2,4", help="serving processes per mount to compare (--small)")
     ap.add_argument("--json", default=None, help="where to write the figures (default bench/results/...)")
     args = ap.parse_args()
     if args.quick:
@@ -172,9 +186,10 @@ def main() -> int:
         asyncio.run(register())
         env = {**os.environ, "CACHEFS_ENDPOINT": config.endpoint, "CACHEFS_TOKEN": config.token}
 
-        def mount() -> None:
-            done = subprocess.run([*cli, "mount", "bench", str(mountpoint)], capture_output=True, text=True,
-                                  timeout=120, env=env)
+        def mount(serving: int = 0) -> None:
+            subprocess.run([*cli, "unmount", str(mountpoint)], capture_output=True, timeout=60, env=env)
+            done = subprocess.run([*cli, "mount", "bench", str(mountpoint), "--serving-processes", str(serving)],
+                                  capture_output=True, text=True, timeout=120, env=env)
             if done.returncode != 0:
                 raise SystemExit(f"cachefs mount failed: {done.stderr}")
 
@@ -187,6 +202,7 @@ def main() -> int:
         subprocess.run([*cli, "unmount", str(mountpoint)], capture_output=True, timeout=60)
         hosting.down(os.environ, namespace="cachefs-bench")
         ray.shutdown()
+        shutil.copytree(work / "home" / "logs", "/tmp/fuse-bench-logs", dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -215,10 +231,11 @@ def _small(args: argparse.Namespace, origin: Path, mountpoint: Path, total: int,
 
     read_files(local, args.readers)  # warm the page cache
     timed("local disk", local)
-    mount()  # fresh: nothing of these files is cached in the kernel or the mount yet
-    timed("mount, first read", via_mount)
-    _drop_pages(via_mount)
-    timed("mount, pages dropped", via_mount)
+    for serving in [int(n) for n in args.serving.split(",")]:
+        mount(serving)  # fresh: nothing of these files is cached in the kernel or the mount yet
+        timed(f"mount x{serving}, first read", via_mount)
+        _drop_pages(via_mount)
+        timed(f"mount x{serving}, pages dropped", via_mount)
     timed("mount, re-read (page cache)", via_mount)
 
     print(f"\nsmall files: {len(rel)} files of 60-160 KB ({total / MiB:.0f} MiB), {args.readers} reader processes, "

@@ -19,11 +19,14 @@ import asyncio
 import errno
 import logging
 from collections import OrderedDict
-from typing import Awaitable, Callable, Hashable
+from typing import Any, Awaitable, Callable, Hashable, TypeVar
 
 log = logging.getLogger("cachefs.fuse.cache")
+T = TypeVar("T")
 
 Load = Callable[[], Awaitable[bytes]]
+# Several chunks in one call: their bytes (or each one's exception), in the order asked.
+LoadMany = Callable[[], Awaitable[list["bytes | BaseException"]]]
 
 
 class ChunkCache:
@@ -33,8 +36,9 @@ class ChunkCache:
         self.budget = budget
         self.size = 0  # bytes of the chunks held (in-flight loads not counted)
         self._chunks: OrderedDict[Hashable, bytes] = OrderedDict()
-        self._loading: dict[Hashable, asyncio.Task[bytes]] = {}
+        self._loading: dict[Hashable, asyncio.Future[bytes]] = {}
         self._closed = False
+        self._batches: set[asyncio.Task[Any]] = set()  # batched loads in flight, kept referenced
 
     def __len__(self) -> int:
         return len(self._chunks)
@@ -61,7 +65,42 @@ class ChunkCache:
         if key not in self._chunks and not self._closed:
             self._start(key, load)
 
-    def _start(self, key: Hashable, load: Load) -> asyncio.Task[bytes]:
+    def prefetch_many(self, keys: list[Hashable], load: LoadMany) -> None:
+        """Load several chunks with one call (one batched read) in the background. `load`
+        answers exactly `keys`, in order; pass only keys `wanted` says yes to."""
+        if self._closed or not keys:
+            return
+        futures = []
+        for key in keys:
+            future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+            self._loading[key] = future
+            future.add_done_callback(lambda f, key=key: self._loaded(key, f))
+            futures.append(future)
+        batch = asyncio.ensure_future(self._run(load))
+
+        def settle(done: asyncio.Task[list[bytes | BaseException]]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                error = OSError(errno.EIO, "the mount is shutting down") if done.cancelled() else done.exception()
+                results: list[bytes | BaseException] = [error] * len(futures)  # type: ignore[list-item]
+            else:
+                results = done.result()
+            for future, result in zip(futures, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+        batch.add_done_callback(settle)
+        self._batches.add(batch)
+        batch.add_done_callback(self._batches.discard)
+
+    def wanted(self, key: Hashable) -> bool:
+        """Neither here nor on its way."""
+        return key not in self._chunks and key not in self._loading
+
+    def _start(self, key: Hashable, load: Load) -> asyncio.Future[bytes]:
         task = self._loading.get(key)
         if task is None:
             if self._closed:
@@ -71,7 +110,7 @@ class ChunkCache:
             task.add_done_callback(lambda t: self._loaded(key, t))
         return task
 
-    async def _run(self, load: Load) -> bytes:
+    async def _run(self, load: Callable[[], Awaitable[T]]) -> T:
         try:
             return await load()
         except asyncio.CancelledError:
@@ -81,7 +120,7 @@ class ChunkCache:
                 raise OSError(errno.EIO, "the mount is shutting down") from None
             raise
 
-    def _loaded(self, key: Hashable, task: asyncio.Task[bytes]) -> None:
+    def _loaded(self, key: Hashable, task: asyncio.Future[bytes]) -> None:
         if self._loading.get(key) is task:
             del self._loading[key]
         if task.cancelled():
@@ -110,5 +149,10 @@ class ChunkCache:
     def close(self) -> None:
         """Stop every load in flight: the mount is going away; their readers get EIO."""
         self._closed = True
+        for task in list(self._batches):
+            task.cancel()  # settles its chunks with EIO
         for task in list(self._loading.values()):
-            task.cancel()
+            if isinstance(task, asyncio.Task):
+                task.cancel()  # _run turns it into EIO for its readers
+            elif not task.done():  # a chunk of a batch
+                task.set_exception(OSError(errno.EIO, "the mount is shutting down"))

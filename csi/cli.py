@@ -48,6 +48,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--op-timeout", type=float, default=None, help="seconds before a stuck read answers EIO")
     p.add_argument("--cache-bytes", type=int, default=None,
                    help="budget of the mount's chunk cache, shared by every open file (default 256 MiB)")
+    p.add_argument("--serving-processes", type=int, default=None,
+                   help="processes serving the mount; one that dies is replaced (default 0: one per core)")
     p.set_defaults(func=_run_mount)
 
     p = subparsers.add_parser(
@@ -100,7 +102,8 @@ def _run_mount(args: argparse.Namespace) -> int:
     if find_mount(target) is not None:
         raise ConfigError(f"{target} is already a cachefs mount; run `cachefs unmount {target}` first")
     mount_config = load(MountConfig, {"attr_timeout": args.attr_timeout, "op_timeout": args.op_timeout,
-                                      "cache_bytes": args.cache_bytes})
+                                      "cache_bytes": args.cache_bytes,
+                                      "serving_processes": args.serving_processes})
     catalog = ClusterCatalog(load(ClientConfig))
     try:
         info = catalog.lookup(args.dataset)

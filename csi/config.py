@@ -43,12 +43,24 @@ class MountConfig:
     cache_bytes: int = 256 * MiB
     # Chunks (blocks) fetched ahead of a sequential reader of a big file.
     readahead_chunks: int = 2
+    # Processes serving the mount's FUSE session, each on its own clone of it; one that
+    # dies is replaced while readers wait. 0: one per core, at most 8.
+    serving_processes: int = 0
+    # A small file read for the first time is fetched with up to this many small files
+    # after it in its directory (and this many bytes), in one batched read: per file, the
+    # request's CPU and round trip are most of the cost. 1: one file at a time.
+    batch_files: int = 32
+    batch_bytes: int = 8 * MiB
 
     def __post_init__(self) -> None:
         if self.attr_timeout < 0 or self.op_timeout <= 0:
             raise ConfigError("attr_timeout must be ≥ 0 and op_timeout > 0 (seconds)")
         if self.readahead_bytes < 0 or self.readahead_chunks < 0:
             raise ConfigError("readahead_bytes and readahead_chunks must be ≥ 0")
+        if self.batch_files < 1 or self.batch_bytes < 0:
+            raise ConfigError("batch_files must be ≥ 1 and batch_bytes ≥ 0")
+        if not 0 <= self.serving_processes <= 64:
+            raise ConfigError("serving_processes must be between 0 (one per core) and 64")
         if self.cache_bytes < 16 * MiB:
             raise ConfigError("cache_bytes must be at least 16 MiB (a few blocks)")
 

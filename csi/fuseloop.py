@@ -1,52 +1,60 @@
-"""pyfuse3 on asyncio, with the wait for the next FUSE request made cheap under load.
+"""Serve one FUSE session on the running asyncio loop, with the cachefs client beside it.
 
-pyfuse3 runs on trio unless `pyfuse3.asyncio.enable()` swaps in its asyncio shim. That
-shim waits for /dev/fuse with add_reader → future → remove_reader: two epoll_ctl calls
-and a trip round the event loop for every request, about 40% of the mount's CPU for an
-open/close pair on this class of machine. Under load the next request is usually queued
-already, so the wait first asks poll() with a zero timeout, and when a request is there
-pyfuse3 reads it straight away. Every `yield_every`-th time it takes the shim's own path
-anyway, which yields to the loop: client fetches and timers are never starved by a
-stream of requests that never await.
-
-This replaces one function of pyfuse3's asyncio shim (`wait_readable`), the way
-`pyfuse3.asyncio.enable()` itself replaces pyfuse3's trio module; if a pyfuse3 release
-no longer has it, the mount keeps the shim's own wait (correct, only slower).
+The descriptor is non-blocking: when the loop says it is readable, requests are read
+and answered one after another until none is queued (at most `batch` before yielding,
+so client fetches and timers are never starved). Metadata and cached reads are answered
+inside that loop without a task or a thread hand-off; other reads finish on tasks.
+Reading answers ENODEV once the mount is gone (unmounted, or the session aborted):
+serving ends there.
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
-import select
+import os
+
+from csi.fuse import protocol
+from csi.fuse.dispatch import Dispatcher
 
 log = logging.getLogger("cachefs.fuse")
 
 
-def enable(yield_every: int = 16) -> None:
-    """Run pyfuse3 on asyncio (call once per process, before `pyfuse3.main()`)."""
-    import pyfuse3.asyncio as shim
+async def serve(fd: int, dispatcher: Dispatcher, stop: asyncio.Event | None = None, batch: int = 64) -> None:
+    """Answer requests on `fd` until the session ends or `stop` is set (the caller closes `fd`)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    buf = bytearray(protocol.buffer_size())
+    view = memoryview(buf)
+    os.set_blocking(fd, False)
 
-    shim.enable()
-    slow = getattr(shim, "wait_readable", None)
-    if slow is None:
-        log.warning("pyfuse3.asyncio has no wait_readable; serving with the shim's own wait")
-        return
-    if getattr(slow, "cachefs_fast_path", False):
-        return  # enabled before in this process
-    poller = select.poll()
-    registered: set[int] = set()
-    streak = 0  # requests taken without yielding to the loop
+    def readable() -> None:
+        for _ in range(batch):
+            try:
+                n = os.readv(fd, [buf])
+            except BlockingIOError:
+                return
+            except OSError as e:
+                if e.errno in (errno.EINTR, errno.ENOENT):  # ENOENT: that request was interrupted
+                    continue
+                if not done.done():
+                    if e.errno != errno.ENODEV:
+                        log.error("reading /dev/fuse failed: %s; ending the session", e)
+                    done.set_result(None)
+                loop.remove_reader(fd)
+                return
+            dispatcher.handle(view[:n])
 
-    async def wait_readable(fd: int) -> None:
-        nonlocal streak
-        if fd not in registered:
-            poller.register(fd, select.POLLIN)
-            registered.add(fd)
-        if streak < yield_every and poller.poll(0):
-            streak += 1
-            return
-        streak = 0
-        await slow(fd)
-
-    wait_readable.cachefs_fast_path = True  # type: ignore[attr-defined]
-    shim.wait_readable = wait_readable
+    loop.add_reader(fd, readable)
+    stopper = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    if stopper is not None:
+        stopper.add_done_callback(lambda _: done.done() or done.set_result(None))
+    try:
+        await done
+    finally:
+        loop.remove_reader(fd)
+        if stopper is not None:
+            stopper.cancel()
+        for task in list(dispatcher.tasks):
+            task.cancel()

@@ -2,12 +2,15 @@
 
 Each mount is its own process, started detached (new session) by csi.mounter, so that
 restarting the CSI plugin or the CLI never takes a mounted volume down with it. It lists
-the snapshot once, then serves FUSE until unmounted (`fusermount3 -u`) or sent SIGTERM
-(or SIGINT); either way the mount is gone afterwards and the process exits 0.
+the snapshot once, mounts, and holds the FUSE session while forked serving processes
+(one per core by default, `--serving-processes`) answer it, each on its own clone of the
+session; one that dies is replaced under the readers' feet (csi/fuse/workers.py). It
+runs until unmounted (`fusermount3 -u`) or sent SIGTERM (or SIGINT); either way the
+mount is gone afterwards and the process exits 0.
 
-One asyncio loop does everything: pyfuse3 reads FUSE requests on it and the cachefs
-client (created `asynchronous=True` on it) fetches bytes on it, so a request is answered
-without handing anything to another thread.
+In each serving process one asyncio loop does everything: csi.fuse reads FUSE requests
+on it and the cachefs client (created `asynchronous=True` on it) fetches bytes on it, so
+a request is answered without handing anything to another thread (csi/serving.py).
 
 The source is an fsspec URL: `cachefs://DATASET` in production; the client finds its
 endpoint and token in CACHEFS_ENDPOINT / CACHEFS_TOKEN (never on the command line,
@@ -22,18 +25,17 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
+import threading
 import time
 from typing import Any
 
 from csi.config import MountConfig
+from csi.serving import MAX_BACKGROUND
 
 log = logging.getLogger("cachefs.mount")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-DEFAULT_CHUNK = 8 * 1024 * 1024  # for a source that is not cachefs (no dataset block size to follow)
-MAX_BACKGROUND = 64  # FUSE requests in flight at once (kernel default 12): readahead of many readers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,12 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fsname", default="", help="name shown in /proc/mounts (default: the source)")
     p.add_argument("--mtime", type=float, default=0.0,
                    help="modification time to show for every entry (the snapshot's creation time)")
+    p.add_argument("--mount-with", choices=("auto", "mount", "fusermount3"), default="auto",
+                   help="how to get the session: mount(2) (root), fusermount3 (anyone), auto: by uid")
     defaults = MountConfig()
     p.add_argument("--attr-timeout", type=float, default=defaults.attr_timeout)
     p.add_argument("--op-timeout", type=float, default=defaults.op_timeout)
     p.add_argument("--readahead-bytes", type=int, default=defaults.readahead_bytes)
     p.add_argument("--cache-bytes", type=int, default=defaults.cache_bytes)
     p.add_argument("--readahead-chunks", type=int, default=defaults.readahead_chunks)
+    p.add_argument("--serving-processes", type=int, default=defaults.serving_processes)
+    p.add_argument("--batch-files", type=int, default=defaults.batch_files)
+    p.add_argument("--batch-bytes", type=int, default=defaults.batch_bytes)
     return p
 
 
@@ -61,6 +68,9 @@ def config_args(config: MountConfig) -> list[str]:
         "--readahead-bytes", str(config.readahead_bytes),
         "--cache-bytes", str(config.cache_bytes),
         "--readahead-chunks", str(config.readahead_chunks),
+        "--serving-processes", str(config.serving_processes),
+        "--batch-files", str(config.batch_files),
+        "--batch-bytes", str(config.batch_bytes),
     ]
 
 
@@ -108,97 +118,47 @@ def keep_freed_memory(cache_bytes: int) -> None:
         log.info("could not tune malloc (not glibc?): chunks will cost page faults")
 
 
-async def _open_snapshot(source: str, timeout: float) -> tuple[Any, str, Any, int]:
-    """(async fs on this loop, root, tree, chunk size): the snapshot listed once."""
-    import fsspec
+def run_mount(args: argparse.Namespace, config: MountConfig) -> int:
+    """List, mount, serve (forked serving processes) until unmounted or signalled; the exit code."""
+    from csi.fuse import session, workers
+    from csi.serving import list_snapshot, serve_snapshot
 
-    from csi.reader import within
-    from csi.tree import SnapshotTree
-
-    options: dict[str, Any] = {}
-    if source.startswith("cachefs://") and "CACHEFS_IO_THREADS" not in os.environ:
-        # The client receives on this loop too: extra receive loops in threads would bring
-        # back the thread hand-off per fetch that one loop is for (2x the CPU per small file).
-        options["io_threads"] = 0
-    fs, root = fsspec.core.url_to_fs(source, asynchronous=True, loop=asyncio.get_running_loop(),
-                                     skip_instance_cache=True, **options)
-    try:
-        info = await within(fs._info(root), timeout)  # an unknown dataset raises FileNotFoundError here
-        if info.get("type") != "directory":
-            raise NotADirectoryError(f"{source} is not a directory")
-        found = await within(fs._find(root, withdirs=True, detail=True), timeout)
-        tree = SnapshotTree.from_find(found, fs._strip_protocol(root))
-        chunk = DEFAULT_CHUNK
-        if hasattr(fs, "_dataset_info"):  # cachefs: chunks follow the dataset's blocks
-            chunk = (await within(fs._dataset_info(root.partition("/")[0]), timeout)).block_size
-    except BaseException:
-        await _close(fs)
-        raise
-    return fs, root.rstrip("/"), tree, chunk
-
-
-async def _close(fs: Any) -> None:
-    if hasattr(fs, "_close"):  # cachefs: its HTTP sessions
-        await fs._close()
-
-
-async def serve_mount(args: argparse.Namespace, config: MountConfig) -> int:
-    """List, mount, serve until unmounted or signalled; the exit code."""
-    import pyfuse3
-
-    from csi.chunkcache import ChunkCache
-    from csi.fusefs import DatasetOperations, serve
-    from csi.reader import SnapshotReader
-
-    loop = asyncio.get_running_loop()
     target = os.path.abspath(args.target)
     started = time.monotonic()
     try:
-        fs, root, tree, chunk = await _open_snapshot(args.source, config.op_timeout)
+        snapshot = asyncio.run(list_snapshot(args.source, config.op_timeout))
     except FileNotFoundError as e:
         log.error("cannot mount %s: not found: %s", args.source, e)
         return EXIT_BAD_INPUT
     except (OSError, ValueError) as e:  # TimeoutError is an OSError
         log.error("cannot list %s: %s: %s", args.source, type(e).__name__, e)
         return EXIT_FAILED
-    log.info("listed %s: %d files, %d bytes in %.2f s; mounting on %s (chunks of %d KiB, cache %d MiB)",
-             args.source, tree.files, tree.bytes, time.monotonic() - started, target, chunk // 1024,
-             config.cache_bytes // 2**20)
-
-    async def fetch(path: str, start: int, end: int) -> bytes:
-        return await fs._cat_file(f"{root}/{path}" if root else path, start=start, end=end)
-
-    cache = ChunkCache(config.cache_bytes)
-    reader = SnapshotReader(fetch, cache, chunk, config.readahead_chunks, config.op_timeout)
-    background: set[asyncio.Future[Any]] = set()
-
-    def after_init() -> None:  # runs while INIT is answered: tune once the answer is out
-        def start() -> None:
-            task = asyncio.ensure_future(asyncio.to_thread(tune_kernel, target, config.readahead_bytes))
-            background.add(task)
-            task.add_done_callback(background.discard)
-
-        loop.call_soon(start)
-
-    def stop(signame: str) -> None:
-        log.info("%s: unmounting %s", signame, target)
-        cache.close()  # reads waiting on the network answer EIO now
-        pyfuse3.terminate()
-
-    ops = DatasetOperations(tree, reader, config, mtime=args.mtime or None, on_init=after_init)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, sig.name)
+    count = workers.default_count(config.serving_processes)
+    cache_bytes = max(config.cache_bytes // count, 16 * 2**20)  # the budget is the mount's, not each process's
+    log.info("listed %s: %d files, %d bytes in %.2f s; mounting on %s (%d serving processes, chunks of %d KiB, "
+             "cache %d MiB each)", args.source, snapshot.tree.files, snapshot.tree.bytes,
+             time.monotonic() - started, target, count, snapshot.chunk // 1024, cache_bytes // 2**20)
+    options = session.MountOptions(fsname=args.fsname or args.source, allow_other=os.geteuid() == 0)
     try:
-        await serve(ops, target, fsname=args.fsname or args.source)
-    except RuntimeError as e:  # pyfuse3: fuse_session_new/mount failed (bad mountpoint, no /dev/fuse, ...)
-        log.error("FUSE mount on %s failed: %s (is the target an existing directory, and /dev/fuse usable?)",
-                  target, e)
+        fd = session.mount(target, options, args.mount_with)
+    except session.SessionError as e:
+        log.error("FUSE mount on %s failed: %s", target, e)
         return EXIT_FAILED
+
+    def after_init(_answer: Any) -> None:  # INIT is answered: tune what INIT would reset
+        threading.Thread(target=tune_kernel, args=(target, config.readahead_bytes), daemon=True).start()
+
+    def serve(clone: int) -> int:
+        return asyncio.run(serve_snapshot(clone, snapshot, config, cache_bytes=cache_bytes,
+                                          mtime=args.mtime or None, on_init=after_init))
+
+    holder = workers.Holder(fd, count, serve, on_stop=lambda: session.unmount(target))
+    try:
+        code = holder.run()
     finally:
-        cache.close()
-        await _close(fs)
+        os.close(fd)
     log.info("unmounted %s", target)
-    return EXIT_OK
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,16 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = MountConfig(attr_timeout=args.attr_timeout, op_timeout=args.op_timeout,
                              readahead_bytes=args.readahead_bytes, cache_bytes=args.cache_bytes,
-                             readahead_chunks=args.readahead_chunks)
+                             readahead_chunks=args.readahead_chunks,
+                             serving_processes=args.serving_processes, batch_files=args.batch_files,
+                             batch_bytes=args.batch_bytes)
     except CachefsError as e:
         log.error("bad mount options: %s", e)
         return EXIT_BAD_INPUT
 
-    from csi import fuseloop
-
-    fuseloop.enable()  # pyfuse3 on asyncio (not trio): one loop for FUSE and the client
     keep_freed_memory(config.cache_bytes)
-    return asyncio.run(serve_mount(args, config))
+    return run_mount(args, config)
 
 
 if __name__ == "__main__":

@@ -164,10 +164,11 @@ class Mounter:
             return pid in self._children
 
     def _wait_exit(self, pid: int, timeout: float) -> None:
-        """Unmounting ends the FUSE loop; a process that lingers gets SIGTERM, then SIGKILL."""
-        if wait_until(lambda: not self.alive(pid), timeout):
+        """Unmounting ends the FUSE loop at once; a process that lingers (a lazy unmount with
+        files still open keeps its session) gets SIGTERM after a short grace, then SIGKILL."""
+        if wait_until(lambda: not self.alive(pid), min(timeout, 2.0)):
             return
-        log.warning("mount process %d did not exit within %.0f s; stopping it", pid, timeout)
+        log.info("mount process %d still serves files opened before the unmount; stopping it", pid)
         if procs.terminate([pid], grace=min(timeout, 5.0)):
             raise MountError(f"mount process {pid} survived SIGKILL")
 
@@ -192,5 +193,8 @@ def _stat_within(path: str, timeout: float) -> bool:
 
 
 def mount_pids(target: str) -> list[int]:
-    """Pids of our mount processes serving `target` (for `cachefs unmount`, which has no records)."""
-    return sorted(pid for pid in procs.processes() if is_mount_process(pid, target))
+    """Pids of our mount processes holding `target` (for `cachefs unmount`, which has no
+    records); not the serving processes they forked, which end with them."""
+    ours = {pid for pid in procs.processes() if is_mount_process(pid, target)}
+    table = procs.processes()
+    return sorted(pid for pid in ours if table.get(pid, (0, b""))[0] not in ours)

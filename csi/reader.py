@@ -29,6 +29,9 @@ from csi.chunkcache import ChunkCache
 
 # (path relative to the snapshot root, start, end) → exactly the bytes [start, end)
 Fetch = Callable[[str, int, int], Awaitable[bytes]]
+# Many whole small files in one call (one batched read): [(path, size)] → each one's bytes
+# or exception, in order
+FetchMany = Callable[[list[tuple[str, int]]], Awaitable[list["bytes | BaseException"]]]
 
 log = logging.getLogger("cachefs.fuse")
 T = TypeVar("T")
@@ -36,16 +39,36 @@ _STREAMS = 4096  # files whose last read end is remembered (to tell sequential r
 
 
 class SnapshotReader:
-    def __init__(self, fetch: Fetch, cache: ChunkCache, chunk_size: int, readahead: int, timeout: float) -> None:
+    def __init__(self, fetch: Fetch, cache: ChunkCache, chunk_size: int, readahead: int, timeout: float,
+                 fetch_many: FetchMany | None = None) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         self._fetch = fetch
+        self._fetch_many = fetch_many
         self.cache = cache
         self.chunk_size = chunk_size
         self.readahead = readahead
         self.timeout = timeout
         self._runs: dict[str, tuple[int, int]] = {}  # path → (where its last read ended, contiguous bytes so far)
         self._gone_logged = False
+
+    def read_now(self, path: str, size: int, offset: int, length: int) -> bytes | memoryview | None:
+        """The bytes if they are at hand (one cached chunk, or past the end), else None and
+        nothing recorded: the caller then awaits `read`. Lets the mount answer most reads
+        without a task."""
+        end = min(offset + length, size)
+        if offset >= end:
+            return b""
+        cs = self.chunk_size
+        first = offset // cs
+        if first != (end - 1) // cs:
+            return None
+        chunk = self.cache.peek((path, first))
+        if chunk is None:
+            return None
+        run = self._ahead(path, size, offset, end)
+        self._drop_done(path, size, offset, end, run)
+        return memoryview(chunk)[offset - first * cs:end - first * cs]
 
     async def read(self, path: str, size: int, offset: int, length: int) -> bytes | memoryview:
         """Bytes [offset, offset+length) of the file, cut at its `size`."""
@@ -54,11 +77,7 @@ class SnapshotReader:
             return b""
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        run = self._run(path, offset, end) if size > cs else 0
-        streaming = run >= cs // 2
-        if streaming and self.readahead:
-            for i in range(last + 1, min(last + 1 + self.readahead, -(-size // cs))):
-                self.cache.prefetch((path, i), self._loader(path, size, i))
+        run = self._ahead(path, size, offset, end)
         lo = offset - first * cs
         if first == last:  # the common case: one chunk
             chunk = self.cache.peek((path, first)) or await self._chunk(path, size, first)
@@ -69,17 +88,60 @@ class SnapshotReader:
             parts[0] = parts[0][lo:]
             parts[-1] = parts[-1][:end - last * cs]
             data = b"".join(parts)
-        if streaming:  # drop the chunks this read completed, if the stream had all of them
-            for i in range(first, last + 1):
-                if i * cs >= end - run and min((i + 1) * cs, size) <= end:
-                    self.cache.discard((path, i))
+        self._drop_done(path, size, offset, end, run)
         return data
+
+    def _ahead(self, path: str, size: int, offset: int, end: int) -> int:
+        """Record a read of a big file; once it is a stream, fetch ahead. The run so far
+        (0: not a stream)."""
+        cs = self.chunk_size
+        if size <= cs:
+            return 0
+        run = self._run(path, offset, end)
+        if run < cs // 2:
+            return 0
+        last = (end - 1) // cs
+        if self.readahead:
+            for i in range(last + 1, min(last + 1 + self.readahead, -(-size // cs))):
+                self.cache.prefetch((path, i), self._loader(path, size, i))
+        return run
+
+    def _drop_done(self, path: str, size: int, offset: int, end: int, run: int) -> None:
+        """Drop the chunks a stream's read completed, if the stream had all of them."""
+        if not run:
+            return
+        cs = self.chunk_size
+        for i in range(offset // cs, (end - 1) // cs + 1):
+            if i * cs >= end - run and min((i + 1) * cs, size) <= end:
+                self.cache.discard((path, i))
 
     def prefetch(self, path: str, size: int) -> None:
         """Start fetching a file that fits in one chunk (called at open: overlaps the fetch
         with the round trips between open and the first read)."""
         if 0 < size <= self.chunk_size:
             self.cache.prefetch((path, 0), self._loader(path, size, 0))
+
+    def prefetch_files(self, files: list[tuple[str, int]]) -> None:
+        """Fetch these small files (each at most a chunk) in one batched read, except those
+        here or on their way. Several files cost about what one costs: the round trip and
+        the request's CPU are paid once."""
+        todo = [(path, size) for path, size in files if 0 < size <= self.chunk_size and self.cache.wanted((path, 0))]
+        if not todo:
+            return
+        if self._fetch_many is None or len(todo) == 1:
+            for path, size in todo:
+                self.prefetch(path, size)
+            return
+        fetch_many = self._fetch_many
+
+        async def load() -> list[bytes | BaseException]:
+            results = await within(fetch_many(todo), self.timeout)
+            for i, ((path, size), data) in enumerate(zip(todo, results)):
+                if not isinstance(data, BaseException) and len(data) != size:
+                    results[i] = OSError(errno.EIO, f"short read of {path}: {len(data)} of {size} bytes")
+            return results
+
+        self.cache.prefetch_many([(path, 0) for path, _ in todo], load)
 
     def _run(self, path: str, offset: int, end: int) -> int:
         """How many bytes of the file up to `end` have now been read contiguously; records it."""

@@ -5,6 +5,9 @@ origin call) and answers every lookup, getattr and readdir from this index: the 
 can then cache entries and attributes for as long as the mount lives without ever being
 wrong. Inodes are assigned once, when the tree is built, and never reused: the kernel
 may hold on to any of them (and does, after readdirplus) without a forget mattering.
+They are a pure function of the snapshot (`from_find` sorts the listing first): a
+serving process started again, anywhere, numbers every entry as its predecessor did, so
+the ids the kernel holds stay valid across a replaced server.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ class SnapshotTree:
         prefix = root + "/" if root else ""
 
         def relative() -> Iterator[tuple[str, int, bool]]:
-            for name, info in found.items():
+            for name, info in sorted(found.items()):  # node ids: a function of the snapshot alone
                 name = name.rstrip("/")
                 if name == root or (prefix and not name.startswith(prefix)):
                     continue

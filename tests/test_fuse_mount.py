@@ -318,3 +318,95 @@ def test_a_read_nobody_can_serve_answers_eio_with_a_reason_instead_of_hanging(ca
     finally:
         cli(env, "unmount", "--lazy", str(point))
         shutil.rmtree(origin, ignore_errors=True)
+
+
+# ---- tools no one here wrote, against the origin --------------------------------------------
+
+def _run(*argv: str, cwd: Path | None = None) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=cwd)
+    assert done.returncode == 0, f"{argv}: {done.stderr}"
+    return done.stdout
+
+
+def test_diff_finds_no_difference_from_the_origin(mount, sample_origin):
+    assert _run("diff", "-r", str(sample_origin), str(mount)) == ""
+
+
+def test_tar_of_the_mount_unpacks_to_the_origin(mount, sample_origin, tmp_path):
+    archive = tmp_path / "mount.tar"
+    _run("tar", "cf", str(archive), "-C", str(mount), ".")
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    _run("tar", "xf", str(archive), "-C", str(unpacked))
+    assert _run("diff", "-r", str(sample_origin), str(unpacked)) == ""
+
+
+def test_find_and_du_see_the_origin_s_names_types_and_sizes(mount, sample_origin):
+    listing = "%P %y %s\n"
+    files_only = lambda out: sorted(line for line in out.splitlines() if " f " in line)  # noqa: E731
+    assert files_only(_run("find", str(mount), "-printf", listing)) == \
+        files_only(_run("find", str(sample_origin), "-printf", listing))
+    dirs = lambda root: sorted(_run("find", str(root), "-type", "d", "-printf", "%P\n").splitlines())  # noqa: E731
+    assert dirs(mount) == dirs(sample_origin)
+    modes = set(_run("find", str(mount), "-printf", "%y%m\n").split())
+    assert modes <= {"f444", "d555"}
+    names = sorted(_run("find", ".", "-type", "f", cwd=sample_origin).splitlines())
+    assert _run("du", "-b", *names, cwd=mount) == _run("du", "-b", *names, cwd=sample_origin)
+
+
+def test_mmap_and_sendfile_out_of_the_mount_give_the_origin_bytes(mount, sample_origin, tmp_path):
+    for path in sorted(p for p in sample_origin.rglob("*") if p.is_file() and p.stat().st_size):
+        relative = path.relative_to(sample_origin)
+        expected = path.read_bytes()
+        with open(mount / relative, "rb") as f:
+            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+                assert mapped[:] == expected, relative
+            with open(tmp_path / "copy", "wb") as out:
+                sent = 0
+                while sent < len(expected):
+                    n = os.sendfile(out.fileno(), f.fileno(), sent, len(expected) - sent)
+                    assert n > 0
+                    sent += n
+        assert (tmp_path / "copy").read_bytes() == expected, relative
+
+
+def test_a_mount_through_fusermount3_serves_the_same_bytes(env, dataset, mounts_root, sample_origin):
+    """The unprivileged path: fusermount3 mounts and hands the session over _FUSE_COMMFD."""
+    point = mounts_root / "via-fusermount3"
+    point.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, "-m", "csi.mount_process", "--source", f"cachefs://{dataset}",
+                             "--target", str(point), "--mount-with", "fusermount3"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while find_mount(str(point)) is None:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "the mount did not appear"
+            time.sleep(0.05)
+        assert _run("diff", "-r", str(sample_origin), str(point)) == ""
+        subprocess.run(["fusermount3", "-u", str(point)], check=True, timeout=10)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_unmount_with_files_open_says_busy_and_lazy_unmount_leaves_nothing_behind(env, dataset, mounts_root,
+                                                                                 sample_origin):
+    point = mounts_root / "busy"
+    done = cli(env, "mount", dataset, str(point))
+    assert done.returncode == 0, done.stderr
+    pids = mount_pids(str(point))
+    expected = (sample_origin / "README.txt").read_bytes()
+    held = open(point / "README.txt", "rb")
+    try:
+        assert held.read(10) == expected[:10]
+        done = cli(env, "unmount", str(point))
+        assert done.returncode == 2 and "busy" in done.stderr and "Traceback" not in done.stderr
+        assert held.read() == expected[10:]  # still served
+        done = cli(env, "unmount", "--lazy", str(point))
+        assert done.returncode == 0, done.stderr
+        assert find_mount(str(point)) is None and not any(pid_alive(pid) for pid in pids)
+    finally:
+        held.close()

@@ -16,49 +16,17 @@ import os
 import time
 
 import pytest
-from pyfuse3 import ENOATTR, FUSEError
+
+from fuse_helpers import CHUNK, FILES, KiB, MiB, MemoryOrigin, tree_of
 
 from cachefs.common.errors import NodeUnavailable
+
 from csi.chunkcache import ChunkCache
 from csi.config import FOREVER, MountConfig
-from csi.fusefs import DatasetOperations
 from csi.reader import SnapshotReader
 from csi.tree import DIR_MODE, FILE_MODE, ROOT_INODE, SnapshotTree
 
 pytestmark = pytest.mark.timeout(60)
-
-KiB, MiB = 1024, 1024 * 1024
-CHUNK = 64 * KiB
-FILES = {
-    "small.bin": os.urandom(10_000),
-    "exact.bin": os.urandom(CHUNK),
-    "big.bin": os.urandom(5 * CHUNK + 123),
-    "empty.bin": b"",
-    "sub/deeper/x.bin": os.urandom(100),
-    "sub/stuck.bin": os.urandom(1000),
-    "down.bin": os.urandom(1000),
-}
-
-
-class MemoryOrigin:
-    """The fetch seam over FILES; remembers every fetch. 'stuck' never answers, 'down' fails."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.fetches: list[tuple[str, int, int]] = []
-
-    async def fetch(self, path: str, start: int, end: int) -> bytes:
-        self.fetches.append((path, start, end))
-        await asyncio.sleep(0)  # a real fetch always yields to the loop
-        if "stuck" in path:
-            await asyncio.Event().wait()
-        if "down" in path:
-            raise NodeUnavailable("no cache node answered and the origin is unreachable")
-        return self.files[path][start:end]
-
-
-def tree_of(files: dict[str, bytes]) -> SnapshotTree:
-    return SnapshotTree.from_listing((path, len(data), False) for path, data in files.items())
 
 
 @pytest.fixture
@@ -69,11 +37,6 @@ def origin() -> MemoryOrigin:
 @pytest.fixture
 def reader(origin) -> SnapshotReader:
     return SnapshotReader(origin.fetch, ChunkCache(16 * MiB), CHUNK, readahead=2, timeout=0.5)
-
-
-@pytest.fixture
-def ops(reader) -> DatasetOperations:
-    return DatasetOperations(tree_of(FILES), reader, MountConfig(op_timeout=0.5), mtime=1_700_000_000.0)
 
 
 # ---- the tree: inodes assigned once ---------------------------------------------------------
@@ -259,90 +222,3 @@ async def test_a_short_fetch_is_an_error_not_silently_short_bytes():
     with pytest.raises(OSError) as err:
         await reader.read("f", 10, 0, 10)  # the snapshot says 10 bytes, the fetch brings 3
     assert err.value.errno == errno.EIO and "short read" in str(err.value)
-
-
-# ---- the FUSE operations: attributes, handles, errnos -----------------------------------------
-
-async def test_entries_and_attributes_come_from_the_tree_with_timeouts_for_the_life_of_the_mount(ops):
-    attr = await ops.lookup(ROOT_INODE, b"big.bin")
-    assert attr.st_size == len(FILES["big.bin"]) and attr.st_mode == FILE_MODE and attr.st_nlink == 1
-    assert attr.entry_timeout == attr.attr_timeout == FOREVER == MountConfig().attr_timeout
-    assert attr.st_mtime_ns == 1_700_000_000 * 10**9
-    sub = await ops.lookup(ROOT_INODE, b"sub")
-    assert sub.st_mode == DIR_MODE and (await ops.getattr(sub.st_ino)).st_ino == sub.st_ino
-    assert (await ops.lookup(sub.st_ino, b"..")).st_ino == ROOT_INODE
-    assert (await ops.lookup(sub.st_ino, b".")).st_ino == sub.st_ino
-
-
-async def test_a_missing_name_is_a_cached_miss(ops):
-    miss = await ops.lookup(ROOT_INODE, b"no-such-file")
-    assert miss.st_ino == 0 and miss.entry_timeout == FOREVER  # the kernel answers ENOENT itself from now on
-
-
-async def test_open_keeps_the_page_cache_and_the_handle_is_the_inode(ops):
-    inode = (await ops.lookup(ROOT_INODE, b"small.bin")).st_ino
-    fi = await ops.open(inode, os.O_RDONLY)
-    assert fi.keep_cache and fi.fh == inode
-    assert bytes(await ops.read(fi.fh, 8192, 4096)) == FILES["small.bin"][8192:]
-    assert await ops.read(fi.fh, 20_000, 4096) == b""
-    await ops.release(fi.fh)
-
-
-async def test_the_filesystem_reports_its_size_and_no_free_space_and_no_xattrs(ops):
-    stats = await ops.statfs()
-    assert stats.f_files == len(FILES) + 3 and stats.f_bfree == stats.f_bavail == 0
-    assert await ops.listxattr(ROOT_INODE) == []
-
-
-async def _inode(ops: DatasetOperations, path: str) -> int:
-    inode = ROOT_INODE
-    for part in path.split("/"):
-        inode = (await ops.lookup(inode, part.encode())).st_ino
-    return inode
-
-
-async def _read(ops: DatasetOperations, path: str) -> bytes:
-    fi = await ops.open(await _inode(ops, path), os.O_RDONLY)
-    return await ops.read(fi.fh, 0, 4096)
-
-
-ERRNOS = [
-    ("unknown_inode", lambda o: o.getattr(10_000), errno.ENOENT),
-    ("lookup_in_an_unknown_directory", lambda o: o.lookup(10_000, b"x"), errno.ENOENT),
-    ("open_for_writing", lambda o: o.open(ROOT_INODE + 1, os.O_WRONLY), errno.EROFS),
-    ("open_for_appending", lambda o: o.open(ROOT_INODE + 1, os.O_RDONLY | os.O_APPEND), errno.EROFS),
-    ("open_a_directory", lambda o: o.open(ROOT_INODE, os.O_RDONLY), errno.EISDIR),
-    ("opendir_a_file", lambda o: o.opendir(ROOT_INODE + 1), errno.ENOTDIR),
-    ("write", lambda o: o.write(ROOT_INODE + 1, 0, b"y"), errno.EROFS),
-    ("create", lambda o: o.create(ROOT_INODE, b"new", 0o644, os.O_WRONLY, None), errno.EROFS),
-    ("mkdir", lambda o: o.mkdir(ROOT_INODE, b"new", 0o755, None), errno.EROFS),
-    ("unlink", lambda o: o.unlink(ROOT_INODE, b"small.bin", None), errno.EROFS),
-    ("setattr", lambda o: o.setattr(ROOT_INODE + 1, None, None, None, None), errno.EROFS),
-    ("getxattr", lambda o: o.getxattr(ROOT_INODE + 1, b"user.x"), ENOATTR),
-    ("read_a_stuck_file", lambda o: _read(o, "sub/stuck.bin"), errno.EIO),
-    ("read_when_cluster_and_origin_are_down", lambda o: _read(o, "down.bin"), errno.EIO),
-]
-
-
-@pytest.mark.parametrize("case,call,code", ERRNOS, ids=[e[0] for e in ERRNOS])
-async def test_errors_are_errnos(ops, case, call, code):
-    with pytest.raises(FUSEError) as err:
-        await call(ops)
-    assert err.value.errno == code
-
-
-async def test_a_failed_read_answers_eio_with_a_log_line_saying_why(ops, caplog):
-    caplog.set_level(logging.ERROR, logger="cachefs.fuse")
-    with pytest.raises(FUSEError):
-        await _read(ops, "down.bin")
-    with pytest.raises(FUSEError):
-        await _read(ops, "sub/stuck.bin")
-    assert "down.bin" in caplog.text and "origin is unreachable" in caplog.text and "EIO" in caplog.text
-    assert "sub/stuck.bin" in caplog.text and "no answer within" in caplog.text
-
-
-async def test_no_exception_but_fuse_error_leaves_a_handler(ops):
-    ops.tree = None  # a bug anywhere below a handler...
-    with pytest.raises(FUSEError) as err:  # ...costs that request an EIO, never the mount
-        await ops.getattr(ROOT_INODE)
-    assert err.value.errno == errno.EIO

@@ -2,7 +2,7 @@
 demo, which is the first thing a new user runs, installs what it needs instead.
 
 `pip install cachefs` is the client; `cachefs up` needs `cachefs[server]` (Ray), `cachefs
-csi|mount` need `cachefs[csi]` (gRPC, pyfuse3), `cachefs operator` needs
+csi|mount` need `cachefs[csi]` (gRPC), `cachefs operator` needs
 `cachefs[operator]` (kubernetes). The requirements are read from the package's own
 metadata, so they are written once, in pyproject.toml.
 """
@@ -19,7 +19,7 @@ from cachefs.common.errors import CachefsError
 
 MODULES = {  # an extra → modules whose absence says it is not installed
     "server": ("ray", "prometheus_client"),
-    "csi": ("grpc", "pyfuse3"),
+    "csi": ("grpc",),
     "operator": ("kubernetes",),
     "torch": ("torch",),
 }
