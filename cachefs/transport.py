@@ -2,7 +2,7 @@
 
 Every network call of the client (filesystem, admin, CLI) goes through `Transport`.
 Errors are translated once, here: a JSON error body becomes the exception its code
-names (cachefs/errors.py); a refused or timed-out connection becomes NodeUnavailable.
+names (cachefs/common/errors.py); a refused or timed-out connection becomes NodeUnavailable.
 """
 
 from __future__ import annotations

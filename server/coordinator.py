@@ -82,13 +82,6 @@ class Coordinator:
             self.deaths += 1
             await self._publish_ring()
 
-    async def deregister_node(self, node_id: str) -> None:
-        entry = self.nodes.pop(node_id, None)
-        if entry is not None:
-            if entry.watch is not None:
-                entry.watch.cancel()
-            await self._publish_ring()
-
     def _build_ring(self) -> Ring:
         return build_ring(((n.id, n.url, n.capacity) for n in self.nodes.values()), self.ring.epoch + 1,
                           self.ring.vnodes)
@@ -263,9 +256,6 @@ class Coordinator:
             datasets.append({**info.to_json(), "cached_bytes": cached})
         return {"epoch": self.ring.epoch, "nodes": sorted(stats, key=lambda s: s["id"]),
                 "datasets": datasets, "deaths": self.deaths, "time": time.time()}
-
-    def ping(self) -> str:
-        return "ok"
 
 
 def cachefs_error_or_raise(e: BaseException) -> CachefsError:
