@@ -68,7 +68,30 @@ def load_in_memory(files: int) -> dict[str, Any]:
     held = manifest.nbytes  # its buffers are views of the IPC bytes: what stays alive is those
     assert manifest.file("d00000/f00000007.bin").size == 100
     return {"files": files, "ipc_bytes": len(ipc), "load_seconds": load, "held_bytes": held,
-            "bytes_per_file": held / files}
+            "bytes_per_file": held / files, **listing_in_memory(manifest, files)}
+
+
+def listing_in_memory(manifest: Any, files: int) -> dict[str, float]:
+    """`find` and `glob` of every file through the filesystem's own code, on a loaded
+    manifest (no wire), beside the way `find` built them before: a FileEntry per file."""
+    from cachefs.blocks import DatasetView
+    from cachefs.common.wire import DatasetInfo
+    from cachefs.filesystem import CachefsFileSystem
+
+    fs = CachefsFileSystem(endpoint="http://127.0.0.1:9", token="t", skip_instance_cache=True)
+    fs._views["big"] = DatasetView(DatasetInfo("big", "file:///x", "snap", files, 100 * files), manifest)
+    out: dict[str, float] = {}
+    for key, call, expect in (
+            ("find_seconds", lambda: fs.find("big"), files),
+            ("find_detail_seconds", lambda: fs.find("big", detail=True), files),
+            ("glob_all_seconds", lambda: fs.glob("big/**/*.bin"), files),
+            ("glob_tenth_seconds", lambda: fs.glob("big/d*/f*7.bin"), files // 10),
+            ("find_per_entry_seconds", lambda: sorted(f"big/{e.path}" for e in manifest.walk_files("")), files)):
+        t0 = time.perf_counter()
+        assert len(call()) == expect, key
+        out[key] = time.perf_counter() - t0
+    fs.close()
+    return out
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -195,4 +218,9 @@ def report(doc: dict[str, Any]) -> str:
     lines.append(table(["manifest in memory", "IPC", "load", "held", "per file"], [
         [f"{m['files']:,} files", f"{m['ipc_bytes'] / MiB:.0f} MiB", f"{m['load_seconds']:.2f} s",
          f"{m['held_bytes'] / MiB:.0f} MiB", f"{m['bytes_per_file']:.0f} B"] for m in doc["in_memory"]]))
+    lines.append(table(["listing a loaded manifest", "find", "find (detail)", "glob **/*.bin", "glob d*/f*7.bin",
+                        "a FileEntry per file (before)", "ratio"], [
+        [f"{m['files']:,} files", f"{m['find_seconds']:.2f} s", f"{m['find_detail_seconds']:.2f} s",
+         f"{m['glob_all_seconds']:.2f} s", f"{m['glob_tenth_seconds']:.2f} s", f"{m['find_per_entry_seconds']:.2f} s",
+         f"{m['find_per_entry_seconds'] / m['find_seconds']:.1f}x"] for m in doc["in_memory"]]))
     return "\n".join(lines)

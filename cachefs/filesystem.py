@@ -16,7 +16,7 @@ import weakref
 from typing import Any
 
 from fsspec.asyn import AsyncFileSystem, sync, sync_wrapper
-from fsspec.caching import BaseCache
+from fsspec.caching import BaseCache, caches
 from fsspec.spec import AbstractBufferedFile
 
 from cachefs.common import wire
@@ -26,6 +26,7 @@ from cachefs.buffers import BufferPool, new_bytes
 from cachefs.config import ClientConfig
 from cachefs.common.settings import load
 from cachefs.direct import DirectReads
+from cachefs.fsapi import LibraryCalls
 from cachefs.common.errors import BadRequest, CachefsError, NodeUnavailable, NotFound, ReadOnlyError, SnapshotGone
 from cachefs.common.manifest import FileEntry, Manifest, check_path, from_ipc
 from cachefs.pins import Pins
@@ -63,7 +64,7 @@ def _bounds(size: int, start: int | None, end: int | None) -> tuple[int, int]:
     return max(0, lo), min(hi, size)
 
 
-class CachefsFileSystem(AsyncFileSystem):
+class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
     """Read-only access to the datasets of one cachefs cluster.
 
     Storage options: `endpoint`, `token` and the other ClientConfig fields (else
@@ -150,7 +151,8 @@ class CachefsFileSystem(AsyncFileSystem):
     # -- metadata ------------------------------------------------------------------------
     @staticmethod
     def _entry(name: str, rel: str, kind: str, size: int, view: DatasetView) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": f"{name}/{rel}" if rel else name, "size": size, "type": kind}
+        d: dict[str, Any] = {"name": f"{name}/{rel}" if rel else name, "size": size, "type": kind,
+                             "mtime": view.info.created}  # the snapshot's time (cachefs/fsapi.py)
         if kind == "file":
             d["snapshot"] = view.info.snapshot  # what the bytes are pinned to (a file's version is in it)
             if view.manifest.has_versions:
@@ -170,7 +172,7 @@ class CachefsFileSystem(AsyncFileSystem):
     async def _ls(self, path: str, detail: bool = True, **kwargs: Any) -> list[Any]:
         path = self._strip_protocol(path)
         if not path:
-            out = [{"name": d.name, "size": 0, "type": "directory"} for d in await self._datasets()]
+            out = [{"name": d.name, "size": 0, "type": "directory", "mtime": d.created} for d in await self._datasets()]
         else:
             name, rel = self._split(path)
             view = await self._view(name)
@@ -186,12 +188,10 @@ class CachefsFileSystem(AsyncFileSystem):
         name, rel = self._split(path)
         view = await self._view(name)
         try:
-            found = {f"{name}/{e.path}": {"name": f"{name}/{e.path}", "size": e.size, "type": "file",
-                                          "snapshot": view.info.snapshot}
-                     for e in view.manifest.walk_files(rel)}
+            files = view.manifest.files_below(rel)
         except NotFound:
-            found = {}
-        return found if detail else sorted(found)
+            return {} if detail else []
+        return self._found(view, name, files, detail)
 
     # -- bytes ---------------------------------------------------------------------------
     async def _resolve(self, path: str) -> tuple[DatasetView, FileEntry]:
@@ -476,6 +476,18 @@ def _raise_first(results: list[Any]) -> None:
             raise r
 
 
+def _readahead(cache_type: str, block_size: int, unit: int, default: int) -> int:
+    """Blocks an open file reads ahead, from fsspec's `cache_type` and `block_size`: "none"
+    reads only what is asked; any other fsspec cache reads ahead at least `block_size`."""
+    if cache_type not in caches:
+        raise BadRequest(f"cache_type {cache_type!r} is not an fsspec cache; use one of {', '.join(sorted(k for k in caches if k))}")
+    if not isinstance(block_size, int) or block_size < 0:
+        raise BadRequest(f"block_size must be a number of bytes >= 0, not {block_size!r}")
+    if cache_type == "none":
+        return 0
+    return max(default, -(-block_size // unit) - 1)
+
+
 def _no_fetcher(start: int, end: int) -> bytes:
     raise AssertionError("BlockCache fetches blocks itself")
 
@@ -490,6 +502,7 @@ class CachefsFile(AbstractBufferedFile):
         super().__init__(fs, path, mode="rb", block_size=block_size or view.info.block_size, cache_type="none",
                          size=entry.size)
         self.cache = BlockCache(fs, view, entry)
+        self.cache.readahead = _readahead(cache_type, self.blocksize, view.info.block_size, fs.config.readahead_blocks)
 
     def _fetch_range(self, start: int, end: int) -> bytes:
         return self.cache._fetch(start, end)

@@ -2,7 +2,7 @@
 
 Every network call of the client (filesystem, admin, CLI) goes through `Transport`.
 Errors are translated once, here: a JSON error body becomes the exception its code
-names (cachefs/errors.py); a refused or timed-out connection becomes NodeUnavailable.
+names (cachefs/common/errors.py); a refused or timed-out connection becomes NodeUnavailable.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from cachefs.common import wire
 from cachefs.blockproto import FrameClient
 from cachefs.config import ClientConfig
 from cachefs.common.errors import CachefsError, NodeUnavailable, from_body
-from cachefs.tls import client_context
+from cachefs.common.tls import client_context
 
 
 class Endpoints:

@@ -8,8 +8,11 @@ handlers so `cachefs --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import threading
 from typing import Any
 
 
@@ -67,7 +70,23 @@ def _logging(level: str) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set, installed before anything slow happens (imports,
+    adopting mounts), so a stop asked at any moment of start-up is kept (csi/server.py)."""
+    stopping = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        logging.getLogger("cachefs.csi.server").info("received %s; stopping (mounts stay up)",
+                                                     signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return stopping
+
+
 def _run_csi(args: argparse.Namespace) -> int:
+    stopping = _stop_on_signals()
     from cachefs.common.extras import require
 
     require("csi", "csi")
@@ -82,7 +101,15 @@ def _run_csi(args: argparse.Namespace) -> int:
                               "csi_state_dir": args.state_dir, "driver_name": args.driver_name,
                               "mount_timeout": args.mount_timeout, "kubelet_dir": args.kubelet_dir})
     catalog = ClusterCatalog(load(ClientConfig), timeout=config.lookup_timeout)
-    return run(config, load(MountConfig), catalog)
+    code = run(config, load(MountConfig), catalog, stopping)
+    # The process ends here, whatever RPC handlers still run (a publish waiting on a mount):
+    # gRPC's worker threads are joined at interpreter exit, which would hold the stop for as
+    # long as they take. Nothing is lost: mounts are processes of their own, state files are
+    # written whole, and the next start adopts what a cut-short publish left.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run_mount(args: argparse.Namespace) -> int:

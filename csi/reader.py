@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import sys
 from typing import Awaitable, Callable, TypeVar
 
 from cachefs.common.errors import SnapshotGone
@@ -178,7 +177,5 @@ class SnapshotReader:
 
 async def within(aw: Awaitable[T], timeout: float) -> T:
     """Await with a deadline; TimeoutError when it passes (the awaited call is cancelled)."""
-    if sys.version_info >= (3, 11):
-        async with asyncio.timeout(timeout):
-            return await aw
-    return await asyncio.wait_for(aw, timeout)
+    async with asyncio.timeout(timeout):
+        return await aw

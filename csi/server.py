@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -49,27 +48,51 @@ def bind_unix(server: grpc.Server, path: str) -> None:
     server.add_insecure_port(f"unix://{path}")
 
 
-def run(config: CsiConfig, mount_config: MountConfig, catalog: Catalog) -> int:
-    """Serve until SIGTERM or SIGINT; returns the exit code."""
-    store = StateStore(config.csi_state_dir)
-    volumes = VolumeManager(store, Mounter(), catalog, config, mount_config)
-    adopted, repaired, dropped = volumes.recover()
-    log.info("state %s: adopted %d mounts, repaired %d, dropped %d", store.dir, adopted, repaired, dropped)
+STOP_GRACE = 5.0  # seconds the RPCs in flight get once a stop is asked (docs/csi.md)
+STOP_POLL = 0.1  # how often the main thread looks at the stop flag
 
-    server = build_server(config, volumes)
-    bind_unix(server, config.socket_path)
-    server.start()
-    log.info("CSI plugin %s serving node %s on %s (cache cluster %s)",
-             config.driver_name, config.node_id, config.csi_endpoint, catalog.endpoint)
 
-    stopping = threading.Event()
+def run(config: CsiConfig, mount_config: MountConfig, catalog: Catalog, stopping: threading.Event) -> int:
+    """Serve until `stopping` is set (SIGTERM or SIGINT, csi/cli.py); returns the exit code.
 
-    def on_signal(signum: int, frame: object) -> None:
-        log.info("received %s; stopping (mounts stay up)", signal.Signals(signum).name)
-        stopping.set()
+    Start-up (re-adopting mounts, which may wait a mount timeout for each) runs on a
+    thread of its own, and the main thread only watches `stopping`, waking every
+    STOP_POLL seconds. Why: the kernel hands a process's signal to any of its threads;
+    when that is not the main thread (gRPC's, an adoption's), Python runs the handler
+    only once the main thread next runs Python code, which a main thread blocked in
+    `Event.wait()` without a timeout, or in a long adoption, does not do. A stop during
+    start-up leaves the adoption where it stands: the mounts are processes of their own,
+    and the next start adopts them.
+    """
+    if stopping.is_set():
+        return 0
+    started: dict[str, object] = {}
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    stopping.wait()
-    server.stop(grace=5.0).wait(10.0)
+    def start() -> None:
+        try:
+            store = StateStore(config.csi_state_dir)
+            volumes = VolumeManager(store, Mounter(), catalog, config, mount_config)
+            adopted, repaired, dropped = volumes.recover()
+            log.info("state %s: adopted %d mounts, repaired %d, dropped %d", store.dir, adopted, repaired, dropped)
+            if stopping.is_set():
+                return
+            server = build_server(config, volumes)
+            bind_unix(server, config.socket_path)
+            server.start()
+            started["server"] = server
+            log.info("CSI plugin %s serving node %s on %s (cache cluster %s)",
+                     config.driver_name, config.node_id, config.csi_endpoint, catalog.endpoint)
+        except BaseException as e:  # handed to the main thread, which raises it
+            started["error"] = e
+            stopping.set()
+
+    threading.Thread(target=start, name="csi-start", daemon=True).start()
+    while not stopping.wait(STOP_POLL):
+        pass
+    error = started.get("error")
+    if isinstance(error, BaseException):
+        raise error
+    server = started.get("server")
+    if isinstance(server, grpc.Server):
+        server.stop(grace=STOP_GRACE).wait(STOP_GRACE + 5.0)
     return 0

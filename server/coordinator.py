@@ -87,13 +87,6 @@ class Coordinator:
             self.deaths += 1
             await self._publish_ring()
 
-    async def deregister_node(self, node_id: str) -> None:
-        entry = self.nodes.pop(node_id, None)
-        if entry is not None:
-            if entry.watch is not None:
-                entry.watch.cancel()
-            await self._publish_ring()
-
     def _build_ring(self) -> Ring:
         serving = [(n.id, n.url, n.capacity) for n in self.nodes.values() if not n.draining]
         if not self.weight_unit and serving:
@@ -344,9 +337,6 @@ class Coordinator:
         return {"epoch": self.ring.epoch, "nodes": sorted(stats, key=lambda s: s["id"]),
                 "datasets": datasets, "deaths": self.deaths, "time": time.time(),
                 **({"problem": self.state_problem} if self.state_problem else {})}
-
-    def ping(self) -> str:
-        return "ok"
 
 
 def cachefs_error_or_raise(e: BaseException) -> CachefsError:

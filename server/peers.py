@@ -21,7 +21,7 @@ import aiohttp
 import xxhash
 
 from cachefs.common import wire
-from cachefs.tls import client_context
+from cachefs.common.tls import client_context
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """TLS for the nodes' HTTP: the server's context, from a certificate and key (clients:
-cachefs/tls.py)."""
+cachefs/common/tls.py)."""
 
 from __future__ import annotations
 

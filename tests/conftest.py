@@ -128,18 +128,21 @@ class TestCluster:
         errors: list[BaseException] = []
         killed = threading.Event()
 
+        done = [0]
+
         def rounds() -> None:
             try:
                 after = 0
                 while after < 2:
                     after += killed.is_set()
                     read()
+                    done[0] += 1
             except BaseException as e:  # noqa: BLE001 - reported to the test
                 errors.append(e)
 
         reader = threading.Thread(target=rounds)
         reader.start()
-        time.sleep(0.3)
+        wait_until(lambda: done[0] >= 1 or not reader.is_alive(), 60, 0.01, "a first read before the kill")
         ray.kill(ray.get_actor(f"cachefs-{victim}", namespace=NAMESPACE), no_restart=True)
         killed.set()
         reader.join(timeout=120)
@@ -305,6 +308,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180)
                           env=env, timeout=timeout)
 
 
+async def until(predicate: Any, what: str, timeout: float = 10.0) -> Any:
+    """Wait in an event loop for `predicate()` to be truthy, within `timeout` seconds
+    (it is checked every few milliseconds, between the loop's other work)."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.002)
+    return value
+
+
+def quiet() -> bool:
+    """No task but the caller's is still running (what was started has finished or is parked)."""
+    me = asyncio.current_task()
+    return all(t.done() for t in asyncio.all_tasks() if t is not me)
+
+
 def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2, what: str = "condition") -> Any:
     """cachefs's own bounded wait, failing the test with what it waited for."""
     from cachefs.common.waiting import wait_until as wait
@@ -315,4 +335,4 @@ def wait_until(predicate: Any, timeout: float = 30.0, interval: float = 0.2, wha
     return value
 
 
-__all__ = ["TestCluster", "write_tree", "sample_files", "run_cli", "wait_until", "shutil", "MiB", "BLOCK"]
+__all__ = ["TestCluster", "write_tree", "sample_files", "run_cli", "wait_until", "until", "quiet", "shutil", "MiB", "BLOCK"]

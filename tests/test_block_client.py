@@ -13,6 +13,7 @@ import xxhash
 from aiohttp import web
 
 from cachefs.common import wire
+from conftest import until
 from cachefs.blockproto import FrameClient
 from cachefs.common.errors import IntegrityError, NodeUnavailable, NotFound, OriginChanged
 
@@ -126,6 +127,8 @@ async def test_a_connection_closed_after_a_response_is_dropped_without_a_fatal_e
     body, dests = _request(ITEMS)
     await client.read(base, "d", body, 1, dests)
     await runner.cleanup()  # the server closes its idle keep-alive connections
-    await asyncio.sleep(0.2)
+    idle = list(client._idle[base])
+    assert idle, "the connection should have been kept for reuse"
+    await until(lambda: not any(c.reusable for c in idle), "the client to see its connection closed")
     assert errors == []
     client.close()

@@ -21,4 +21,8 @@ def test_demo_tells_the_whole_story_and_leaves_nothing_running(tmp_path) -> None
     assert f["origin_bytes_during_reads"] == 0 and f["hit_ratio"] == 1.0
     assert len(f["nodes"]) == 3 and abs(sum(n["share"] for n in f["nodes"]) - 1.0) < 1e-9
     assert [r["round"] for r in f["reads"]] == [1, 2]
+    assert f["origin"]["kind"] == "s3 (moto)" and f["origin"]["url"].startswith("s3://")  # moto: the test extra
+    size = f["dataset"]["bytes"]
+    assert f["per_node_copies"] == {"nodes": 3, "memory_bytes": 3 * size, "origin_bytes": 3 * size}
+    assert f["cachefs"]["memory_bytes"] == size and f["cachefs"]["origin_bytes"] == size  # one copy, read once
     assert not (tmp_path / "home" / "cluster.json").exists()

@@ -20,7 +20,7 @@ import pytest
 from fuse_helpers import CHUNK, FILES, KiB, MiB, MemoryOrigin, tree_of
 
 from cachefs.common.errors import NodeUnavailable
-
+from conftest import quiet, until
 from csi.chunkcache import ChunkCache
 from csi.config import FOREVER, MountConfig
 from csi.reader import SnapshotReader
@@ -91,14 +91,17 @@ def test_unknown_inodes_are_none():
 # ---- the chunk cache --------------------------------------------------------------------------
 
 async def test_concurrent_readers_of_a_chunk_cause_one_load():
-    cache, loads = ChunkCache(16 * MiB), []
+    cache, loads, release = ChunkCache(16 * MiB), [], asyncio.Event()
 
     async def load() -> bytes:
         loads.append(1)
-        await asyncio.sleep(0.01)
+        await release.wait()
         return b"x" * 100
 
-    results = await asyncio.gather(*(cache.get(("f", 0), load) for _ in range(20)))
+    readers = [asyncio.ensure_future(cache.get(("f", 0), load)) for _ in range(20)]
+    await until(lambda: loads, "the load to start")  # every reader has asked by then (they ran first)
+    release.set()
+    results = await asyncio.gather(*readers)
     assert loads == [1] and all(r == b"x" * 100 for r in results)
     assert await cache.get(("f", 0), load) == b"x" * 100 and loads == [1]
 
@@ -141,12 +144,15 @@ async def test_a_failed_load_is_forgotten_and_the_next_read_tries_again():
 async def test_closing_the_cache_answers_waiting_readers_with_eio():
     cache = ChunkCache(16 * MiB)
 
+    started = asyncio.Event()
+
     async def never() -> bytes:
+        started.set()
         await asyncio.Event().wait()
         return b""
 
     waiting = asyncio.ensure_future(cache.get("k", never))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(started.wait(), 10)
     cache.close()
     with pytest.raises(OSError) as err:
         await waiting
@@ -186,7 +192,7 @@ async def test_a_sequential_reader_gets_the_next_chunks_fetched_ahead(reader, or
     data, piece = FILES["big.bin"], CHUNK // 8
     for offset in range(0, CHUNK // 2, piece):
         await reader.read("big.bin", len(data), offset, piece)
-        await asyncio.sleep(0.01)
+        await until(quiet, "the read-ahead it started to finish")
         streamed = offset + piece >= CHUNK // 2  # half a chunk read contiguously: a stream
         assert sorted(f[1] // CHUNK for f in origin.fetches) == ([0, 1, 2] if streamed else [0])
 
@@ -195,7 +201,7 @@ async def test_a_stream_keeps_only_the_chunks_it_has_not_had_all_of(reader, orig
     data, piece = FILES["big.bin"], CHUNK // 4
     for offset in range(0, 2 * CHUNK + piece, piece):
         assert bytes(await reader.read("big.bin", len(data), offset, piece)) == data[offset:offset + piece]
-    await asyncio.sleep(0.01)
+    await until(quiet, "the read-ahead to finish")
     assert ("big.bin", 0) not in reader.cache and ("big.bin", 1) not in reader.cache  # served: the kernel has them
     assert ("big.bin", 2) in reader.cache and ("big.bin", 3) in reader.cache  # being read, and ahead
 
@@ -205,7 +211,7 @@ async def test_a_random_reader_gets_no_readahead_even_when_the_kernel_splits_its
     for offset in (3 * CHUNK + 100, 1 * CHUNK + 100):
         await reader.read("big.bin", len(data), offset, piece)  # one read, split in two requests
         await reader.read("big.bin", len(data), offset + piece, piece)
-    await asyncio.sleep(0.01)
+    await until(quiet, "any read-ahead to finish")
     assert sorted(f[1] // CHUNK for f in origin.fetches) == [1, 3]
 
 

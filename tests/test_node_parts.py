@@ -8,6 +8,7 @@ import os
 import pyarrow as pa
 import pytest
 
+from conftest import until
 from server.policy import LRU, Sticky, make_policy
 from server.singleflight import Group
 from server import stores
@@ -160,41 +161,55 @@ async def test_disk_store_evicts_files_to_stay_within_budget(tmp_path) -> None:
 
 async def test_single_flight_runs_one_load_for_concurrent_callers() -> None:
     group: Group[int] = Group()
-    calls = 0
+    calls, release = 0, asyncio.Event()
 
     async def load() -> int:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.05)
+        await release.wait()
         return 42
 
-    assert await asyncio.gather(*(group.do("k", load) for _ in range(32))) == [42] * 32
+    callers = [asyncio.ensure_future(group.do("k", load)) for _ in range(32)]
+    await until(lambda: calls, "the load to start")  # every caller has asked by then (they ran first)
+    release.set()
+    assert await asyncio.gather(*callers) == [42] * 32
     assert calls == 1 and len(group) == 0
 
 
 async def test_single_flight_survives_a_caller_giving_up() -> None:
     group: Group[int] = Group()
 
+    started, release = asyncio.Event(), asyncio.Event()
+
     async def load() -> int:
-        await asyncio.sleep(0.05)
+        started.set()
+        await release.wait()
         return 7
 
     first = asyncio.ensure_future(group.do("k", load))
     second = asyncio.ensure_future(group.do("k", load))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(started.wait(), 10)
     first.cancel()
-    assert await second == 7
+    release.set()
+    assert await second == 7 and first.cancelled()
 
 
 async def test_single_flight_shares_a_failure() -> None:
     group: Group[int] = Group()
 
+    calls, release = 0, asyncio.Event()
+
     async def load() -> int:
-        await asyncio.sleep(0.01)
+        nonlocal calls
+        calls += 1
+        await release.wait()
         raise OSError("origin down")
 
-    results = await asyncio.gather(*(group.do("k", load) for _ in range(3)), return_exceptions=True)
-    assert all(isinstance(r, OSError) for r in results)
+    callers = [asyncio.ensure_future(group.do("k", load)) for _ in range(3)]
+    await until(lambda: calls, "the load to start")
+    release.set()
+    results = await asyncio.gather(*callers, return_exceptions=True)
+    assert calls == 1 and all(isinstance(r, OSError) for r in results)
 
 
 def test_buffer_pool_reuses_block_buffers_and_sizes_views_exactly() -> None:

@@ -170,7 +170,7 @@ def test_bad_allowlist_settings_are_refused_at_start(field, value, message) -> N
 
 
 def test_the_allowlist_comes_from_the_environment_and_up_flags_add_to_it(tmp_path, monkeypatch) -> None:
-    from cachefs.cli.cluster import cluster_config
+    from server.cli import cluster_config
     from cachefs.cli.main import build_parser
 
     env = {"CACHEFS_HOME": str(tmp_path), "CACHEFS_ALLOWED_ORIGINS": "s3://team/, file:///data/",

@@ -59,6 +59,25 @@ class Recorder:
         return [what for what, name in self.calls if name == dataset]
 
 
+class Counted:
+    """The real reconciler, counting the passes over each resource: what a test waits
+    on to know that resyncs happened (instead of sleeping through them)."""
+
+    def __init__(self, inner: Reconciler) -> None:
+        self.inner = inner
+        self.passes: dict[str, int] = {}
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.inner, attr)
+
+    async def reconcile(self, obj: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await self.inner.reconcile(obj)
+        finally:
+            name = obj["metadata"]["name"]
+            self.passes[name] = self.passes.get(name, 0) + 1
+
+
 class Operator:
     """One running operator (Controller + Reconciler), as `cachefs operator` builds it."""
 
@@ -68,8 +87,10 @@ class Operator:
         self.reconciler = Reconciler(
             self.kube, admin, on_change=self.queue.add, op_timeout=60, status_ttl=0.2, warm_poll=0.2, warm_report=0.5
         )
+        self.counted = Counted(self.reconciler)
         self.controller = Controller(
-            self.kube, self.reconciler, self.queue, namespaces, workers=2, resync=1.0, relist_delay=(0.05, 0.5)
+            self.kube, self.counted, self.queue, namespaces, workers=2, resync=1.0,  # type: ignore[arg-type]
+            relist_delay=(0.05, 0.5),
         )
         self.task = asyncio.create_task(self.controller.run())
 
@@ -125,6 +146,12 @@ class Harness:
                 return value
             await asyncio.sleep(0.1)
         raise AssertionError(f"timed out waiting for {what}; objects: {self.fake.objects}")
+
+    async def passes(self, name: str, more: int, timeout: float = 30.0) -> None:
+        """Wait for `more` reconciles of `name` (resyncs, when nothing changes) from now."""
+        count = lambda: sum(op.counted.passes.get(name, 0) for op in self.operators)  # noqa: E731
+        target = count() + more
+        await self.until(lambda: count() >= target, f"{more} more reconciles of {name}", timeout)
 
     async def ready(self, name: str, generation: int = 1, timeout: float = 60.0) -> dict[str, Any]:
         def check() -> dict[str, Any] | None:
@@ -333,7 +360,7 @@ async def test_datasets_without_a_resource_are_left_alone(harness: Harness, fres
     harness.start()
     await harness.fake.create(harness.ns, "images", {"origin": url(fresh_origin)})
     await harness.ready("images")
-    await asyncio.sleep(2.5)  # two resyncs
+    await harness.passes("images", 2)  # two resyncs
     assert await harness.info("by-hand") is not None
     with pytest.raises(errors.NotFound):
         await admin.get_dataset("elsewhere.images")
@@ -347,7 +374,7 @@ async def test_a_name_too_long_for_cachefs_is_reported_once(harness: Harness, fr
     ready = await harness.reason(name, "InvalidSpec")
     assert "at most 63 characters" in ready["message"] and ready["status"] == "False"
     writes = sum(1 for m, path, _ in harness.fake.requests if m == "PATCH" and path.endswith(f"{name}/status"))
-    await asyncio.sleep(2.5)  # resyncs do not write the same status again
+    await harness.passes(name, 2)  # resyncs do not write the same status again
     assert sum(1 for m, path, _ in harness.fake.requests if m == "PATCH" and path.endswith(f"{name}/status")) == writes
 
 

@@ -154,7 +154,7 @@ def test_plain_http_to_a_tls_node_gets_no_answer(tls_cluster) -> None:
 
 
 def test_tls_settings_are_checked_when_built(tmp_path) -> None:
-    from cachefs.tls import client_context
+    from cachefs.common.tls import client_context
     from server.tls import server_context
 
     with pytest.raises(ConfigError, match="go together"):

@@ -454,6 +454,39 @@ class Manifest:
         for i in range(lo, hi):
             yield self.at(self._by_path[i])
 
+    def files_below(self, path: str = "") -> pa.Table:
+        """Every file at or below `path` as an Arrow table (path, size) in path order: one
+        `take` over the folder's run of rows, no Python object per file (what `find` and
+        `glob` filter and turn into names). NotFound for a path that is neither."""
+        row = self.row(path) if path else None
+        if row is not None:
+            rows = pa.array([row], pa.uint32())
+        else:
+            lo, hi = self._under(path)
+            if hi <= lo and path:
+                raise NotFound(f"no file or directory {path!r} in snapshot {self.snapshot}")
+            rows = self.table.column("by_path").slice(lo, hi - lo)
+        return self.table.select(["path", "size"]).take(rows)
+
+    @staticmethod
+    def folders_of(paths: pa.Array | pa.ChunkedArray, below: str = "") -> pa.Array:
+        """The folders that `paths` (files, relative to the dataset) imply strictly below
+        folder `below`, sorted: each file's parent, then theirs, each level a `unique` of
+        the one before (a million files in a thousand folders cost a thousand strings)."""
+        level = pc.unique(pc.replace_substring_regex(
+            pc.filter(paths, pc.match_substring(paths, "/")), r"/[^/]*$", ""))
+        found: list[pa.Array] = []
+        while len(level):
+            found.append(level)
+            nested = pc.filter(level, pc.match_substring(level, "/"))
+            level = pc.unique(pc.replace_substring_regex(nested, r"/[^/]*$", ""))
+        folders = pa.concat_arrays([a.cast(pa.string()) for a in found]) if found else pa.array([], pa.string())
+        folders = pc.unique(folders)
+        if below:
+            prefix = below + "/"
+            folders = pc.filter(folders, pc.starts_with(folders, prefix))
+        return pc.take(folders, pc.sort_indices(folders))
+
     # -- packs (the server's view) ----------------------------------------------------------
     def _index_packs(self) -> None:
         packs = self._packs

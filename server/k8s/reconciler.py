@@ -1,18 +1,24 @@
 """What the operator does for one CachedDataset: bring cachefs and the resource into step.
 
 `Reconciler.reconcile(obj)` is idempotent and safe to call any number of times with
-the latest object; the controller calls it on every change and every resync. In order:
+the latest object; the controller calls it on every change and every resync. The
+decisions are pure functions of (spec, what cachefs answers, what the operator knows) in
+server/k8s/decide.py, tested as tables; this module gathers their inputs and carries them
+out. In order:
 
 1. Being deleted → remove the dataset from cachefs (already gone is fine), then drop
    our finalizer. Until then the resource stays, so a delete is never lost.
 2. No finalizer yet → add it (with the object's resourceVersion: a finalizer another
    controller added meanwhile is never dropped).
 3. Spec invalid → say so in status; nothing else until the spec changes.
-4. Not registered → add it. Registered with other parameters (origin, options, Secret
-   version, replicas, namespaces) → remove and add, since cachefs cannot change a
-   registration. Spec changed or a refresh requested → refresh. Warm when
-   `warmOnCreate` (after every new snapshot) or when a warm is requested.
-5. Write status (only when it differs, so a status write never triggers a loop).
+4. `decide.plan`: not registered → add it; registered with other settings (replicas,
+   namespaces, storage options, the Secret's version) → update it in place (PATCH, the
+   cache is kept); another origin → remove and add; a name this resource did not
+   register → report the conflict. Spec changed or a refresh requested → refresh.
+   `decide.warming`: warm when `warmOnCreate` (after every new snapshot) or when a warm
+   is requested.
+5. Write status (`decide.status_patch`: only when it differs, so a status write never
+   triggers a loop).
 
 Failures that may pass (API server or cachefs unreachable, 5xx, origin unavailable,
 timeouts) raise `Retry`: the controller retries the key with backoff. Failures only
@@ -42,6 +48,8 @@ from server.k8s.crd import (
     dataset_name,
     now_rfc3339,
 )
+from server.k8s import decide
+from server.k8s.decide import Desired, Known, Observed, Register, Warm
 from server.k8s.kube import KubeApi, KubeError
 from server.k8s.warming import CachedFraction, WarmFollower
 
@@ -199,55 +207,41 @@ class Reconciler:
     ) -> DatasetInfo:
         """Registered as the spec says, with a snapshot no older than the spec: the info."""
         options, secret_version = await self._storage_options(res, spec)
-        fingerprint = spec.fingerprint(res.key.namespace, secret_version)
-        namespaces = spec.namespaces(res.key.namespace)
+        desired = Desired(origin=spec.origin, fingerprint=spec.fingerprint(res.key.namespace, secret_version),
+                          replicas=spec.replicas, namespaces=spec.namespaces(res.key.namespace),
+                          generation=res.generation, refresh_request=res.annotations.get(REFRESH_ANNOTATION, ""))
         info = await self._get(name)
-        registered = str(known.get("registration") or "")
-        same_origin = info is not None and info.origin.rstrip("/") == spec.origin.rstrip("/")
-        if info is not None and not registered and not same_origin:
+        step = decide.plan(desired, Observed(info), Known.of(known))
+        if step.register is Register.CONFLICT:
+            assert info is not None
             raise _Blocked(
                 "NameConflict",
                 f"cachefs already has a dataset {name} with origin {info.origin} that this resource "
                 "did not register; remove it (`cachefs dataset rm`) or rename this resource",
                 retry=False,
             )
-        if registered:
-            # Ours: the fingerprint decides (comparing fields cachefs may normalise, like
-            # replicas on a small cluster, would remove and add it on every pass).
-            stale = registered != fingerprint or (info is not None and not same_origin)
-        else:
-            # Registered before our status was written, or by hand with our origin: adopt
-            # it if it matches, else register again.
-            stale = info is not None and (
-                info.replicas != spec.replicas or tuple(sorted(info.allowed_namespaces)) != namespaces
-            )
-        updated = False
-        if info is not None and stale and same_origin:  # settings only: in place, the cache is kept
+        if step.register is Register.UPDATE:
             log.info("%s: settings of %s changed: updating them in place", res.key, name)
-            info = await self.admin.update_dataset(name, replicas=spec.replicas, allowed_namespaces=namespaces,
+            info = await self.admin.update_dataset(name, replicas=spec.replicas, allowed_namespaces=desired.namespaces,
                                                    storage_options=options)
-            updated = True
-        elif info is not None and stale:
+        elif step.register is Register.REPLACE:
             log.info("%s: origin of %s changed: removing it to add it again", res.key, name)
             try:
                 await self.admin.remove_dataset(name)
             except errors.NotFound:
                 pass
-            info = None
-        if info is None:
+        if step.register in (Register.ADD, Register.REPLACE):
             info = await self._run(
-                res, "add", self.admin.add_dataset(name, spec.origin, options, spec.replicas, namespaces), name
+                res, "add", self.admin.add_dataset(name, spec.origin, options, spec.replicas, desired.namespaces), name
             )
             log.info("%s: registered %s from %s (snapshot %s)", res.key, name, spec.origin, info.snapshot)
-        else:
-            refresh_request = res.annotations.get(REFRESH_ANNOTATION, "")
-            spec_changed = known.get("observedGeneration") not in (None, res.generation) and not updated
-            if spec_changed or refresh_request != str(known.get("lastRefreshRequest") or ""):
-                old = info.snapshot
-                info = await self._run(res, "refresh", self.admin.refresh_dataset(name), name)
-                log.info("%s: refreshed %s (snapshot %s → %s)", res.key, name, old, info.snapshot)
-        status["registration"] = fingerprint
-        status["lastRefreshRequest"] = res.annotations.get(REFRESH_ANNOTATION, "")
+        assert info is not None
+        if step.refresh:
+            old = info.snapshot
+            info = await self._run(res, "refresh", self.admin.refresh_dataset(name), name)
+            log.info("%s: refreshed %s (snapshot %s → %s)", res.key, name, old, info.snapshot)
+        status["registration"] = desired.fingerprint
+        status["lastRefreshRequest"] = desired.refresh_request
         return info
 
     async def _storage_options(self, res: Resource, spec: DatasetSpec) -> tuple[dict[str, Any], str]:
@@ -303,10 +297,13 @@ class Reconciler:
         """Level-triggered: each snapshot is warmed once when warmOnCreate, and once per
         new value of the warm-request annotation; a failed start is retried."""
         warm_request = res.annotations.get(WARM_ANNOTATION, "")
-        requested = warm_request != str(known.get("lastWarmRequest") or "")
-        unwarmed = spec.warm_on_create and status.get("warmedSnapshot") != info.snapshot
-        op_id = str(status.get("warmOperation") or "")
-        if (requested or unwarmed) and not self.warms.running(res.key):
+        desired = Desired(origin=spec.origin, fingerprint="", replicas=spec.replicas, namespaces=(),
+                          generation=res.generation, warm_request=warm_request, warm_on_create=spec.warm_on_create)
+        # what the operator knows: the status so far (a new snapshot's warmth included)
+        knows = Known.of(status, warm_running=self.warms.running(res.key),
+                         warm_followed=self.warms.last(res.key) is not None)
+        action = decide.warming(desired, info.snapshot, knows)
+        if action is Warm.START:
             try:
                 op = await self.admin.warm_dataset(name)
             except errors.CachefsError as e:
@@ -315,35 +312,25 @@ class Reconciler:
                 await self._write(res, {}, status)
                 raise Retry(f"{res.key}: cannot start warming {name}: {e}") from e
             log.info("%s: warming %s (operation %s)", res.key, name, op.id)
-            op_id = status["warmOperation"] = op.id
+            status["warmOperation"] = op.id
             status["warmedSnapshot"] = info.snapshot
             self.warms.follow(res.key, op)
-        elif op_id and not self.warms.running(res.key) and self.warms.last(res.key) is None:
+        elif action is Warm.FOLLOW_AGAIN:
             # An operation from before a restart of the operator: follow it again.
-            self.warms.follow(res.key, OperationInfo(id=op_id, kind="warm", dataset=name))
+            self.warms.follow(res.key, OperationInfo(id=knows.warm_operation, kind="warm", dataset=name))
         status["lastWarmRequest"] = warm_request
         fraction = await self.cached.of(info)
         if fraction is not None:
             status["cachedFraction"] = fraction
         cached = status.get("cachedFraction")
         progress = self.warms.last(res.key)
-        if self.warms.running(res.key):
-            done = format_size(progress.done_bytes) if progress else "0 B"
-            total = format_size((progress.total_bytes if progress else 0) or info.bytes)
-            self._set(status, res, WARM, False, "Warming", f"warming: {done} of {total} fetched")
-            return
-        status.pop("warmOperation", None)
-        if isinstance(cached, (int, float)) and cached >= 0.999:
-            self._set(status, res, WARM, True, "Cached", "every block of the snapshot is cached")
-        elif progress is not None and not progress.finished_ok:
-            detail = progress.message or "; ".join(f"{p}: {m}" for p, m in list(progress.failures.items())[:3])
-            self._set(status, res, WARM, False, "WarmFailed", f"warm {progress.state}: {detail}")
-        elif progress is not None and cached is None:
-            self._set(status, res, WARM, True, "Warmed", "the last warm operation fetched every block")
-        elif isinstance(cached, (int, float)):
-            self._set(status, res, WARM, False, "Partial", f"{cached:.0%} of the snapshot is cached")
-        else:
-            self._set(status, res, WARM, None, "Unknown", "the cache did not report what it holds")
+        running = self.warms.running(res.key)
+        if not running:
+            status.pop("warmOperation", None)
+        total = format_size((progress.total_bytes if progress else 0) or info.bytes)
+        c = decide.warm_condition(running, progress, cached if isinstance(cached, (int, float)) else None, total,
+                                  format_size(progress.done_bytes) if progress else "0 B")
+        self._set(status, res, WARM, c.value, c.reason, c.message)
 
     # ---- status --------------------------------------------------------------------
 
@@ -366,15 +353,12 @@ class Reconciler:
 
     async def _write(self, res: Resource, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         """Patch status if it changed; a merge patch, with null for fields that went away."""
-        status = {k: v for k, v in status.items() if v not in (None, "")}
+        status = decide.cleaned(status)
         # What we wrote last may not be in `res` yet (a watch event older than our own
-        # patch): fields that went away must be nulled whichever of the two holds them.
+        # patch): fields that went away are nulled whichever of the two holds them.
         previous = self._intent.get(res.key, {})
         self._intent[res.key] = status
-        old = dict(res.status)
-        gone = {k for k in (*old, *previous) if k not in status}
-        if status == old and not gone:
+        patch = decide.status_patch(res.status, previous, status)
+        if patch is None:
             return obj
-        patch: dict[str, Any] = {k: v for k, v in status.items() if old.get(k) != v}
-        patch.update({k: None for k in gone})
         return await self.kube.patch_status(res.key, patch)

@@ -1,16 +1,20 @@
-"""`cachefs up`, `down`, `status`: the cache cluster's life cycle on Ray."""
+"""`cachefs up`, `cachefs down`: the cache cluster's life cycle on Ray (the `server` extra).
+
+Registered as a command group through the `cachefs.commands` entry points (pyproject.toml);
+nothing heavy at import time, so `cachefs --help` stays fast on a client-only install and
+`up` says which extra to install.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-from typing import Any
 
+from cachefs.cli.output import add_json_flag, print_json, stderr, stdout
 from cachefs.common import extras
-from cachefs.cli.output import add_client_flags, add_json_flag, print_json, run_admin, stderr, stdout, table
+from cachefs.common.settings import load
 from server.config import ClusterConfig
-from cachefs.common.settings import format_size, load
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -45,13 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "`up` started it. The dataset registry is kept on disk for the next `up`.")
     add_json_flag(p)
     p.set_defaults(func=cmd_down)
-
-    p = sub.add_parser("status", help="nodes, budgets, datasets and what is cached",
-                       description="Show the ring epoch, every cache node with its memory and disk use, and "
-                       "every dataset with the bytes cached.")
-    add_client_flags(p)
-    add_json_flag(p)
-    p.set_defaults(func=cmd_status)
 
 
 def cluster_config(args: argparse.Namespace) -> ClusterConfig:
@@ -96,20 +93,4 @@ def cmd_down(args: argparse.Namespace) -> int:
         print_json({"stopped": stopped})
     else:
         stdout().print("cachefs is down" if stopped else "nothing was running")
-    return 0
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    doc: dict[str, Any] = run_admin(args, lambda a: a.status())
-    if args.json:
-        print_json(doc)
-        return 0
-    table(f"cache nodes (ring epoch {doc['epoch']})", ["node", "url", "memory", "disk", "blocks"], [
-        (n["id"], n["url"], f"{format_size(n['memory_used'])} / {format_size(n['memory_budget'])}",
-         f"{format_size(n['disk_used'])} / {format_size(n['disk_budget'])}", n["memory_blocks"] + n["disk_blocks"])
-        for n in doc["nodes"]])
-    table("datasets", ["name", "origin", "files", "size", "cached", "snapshot"], [
-        (d["name"], d["origin"], d["files"], format_size(d["bytes"]),
-         f"{100 * d['cached_bytes'] / max(d['bytes'] * d['replicas'], 1):.0f}%", d["snapshot"])
-        for d in doc["datasets"]])
     return 0
