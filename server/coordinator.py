@@ -155,21 +155,21 @@ class Coordinator:
                            old.info.allowed_namespaces, old.info.block_size, old.info.pack_threshold)
 
         async def run(op: Operation) -> None:
-            record = await self._snapshot(op, spec)
+            record = await self._snapshot(op, spec, old)
             if record.info.snapshot == old.info.snapshot:
                 op.info.result = {**old.info.to_json(), "changed": False}
                 return
             self.registry.put(record)
-            await self._broadcast("dataset_changed", name)
+            await self._broadcast("dataset_updated", name)  # nodes load the new snapshot; blocks stay
             op.info.result = {**record.info.to_json(), "changed": True}
 
         return self.ops.start("refresh", name, run).to_json()
 
-    async def _snapshot(self, op: Operation, spec: DatasetSpec):  # -> DatasetRecord
+    async def _snapshot(self, op: Operation, spec: DatasetSpec, previous: Any = None):  # -> DatasetRecord
         def progress(files: int, nbytes: int) -> None:
             op.info.done_files, op.info.done_bytes = files, nbytes
 
-        record = await asyncio.to_thread(take_snapshot, spec, progress, op.cancelled)
+        record = await asyncio.to_thread(take_snapshot, spec, progress, op.cancelled, previous)
         op.info.total_files, op.info.total_bytes = record.info.files, record.info.bytes
         return record
 

@@ -19,7 +19,8 @@ import xxhash
 
 from cachefs.common import wire
 from server.config import NodeConfig
-from cachefs.common.errors import (BadRequest, CachefsError, NotFound, RangeNotSatisfiable, SnapshotGone, StaleEpoch)
+from cachefs.common.errors import (BadRequest, CachefsError, NotFound, OriginChanged, RangeNotSatisfiable, SnapshotGone,
+                                   StaleEpoch)
 from cachefs.common.manifest import Manifest, check_path, for_readers, from_ipc, to_ipc
 from cachefs.common.origin import Origin
 from cachefs.common.wire import DatasetInfo, OperationInfo
@@ -161,9 +162,8 @@ class CacheNode:
         state = DatasetState(info, manifest, Origin(spec.url, spec.storage_options, self.config.origin_timeout),
                              manifest_ipc, reader_ipc)
         self._datasets[name] = state
-        if old is not None:
-            await self.forget(name, keep_snapshot=info.snapshot)
-            self._datasets[name] = state
+        if old is not None:  # a refresh: its blocks stay (keys name what bytes are, so unchanged files hit)
+            await old.origin.close()
         return state
 
     def _check_epoch(self, epoch: int | None) -> None:
@@ -190,10 +190,12 @@ class CacheNode:
     def _pack(state: DatasetState, pack: int) -> tuple[Unit, int, int]:
         unit = state.packs.get(pack)
         if unit is None:
-            if not 0 <= pack < state.manifest.packs:
-                raise RangeNotSatisfiable(f"pack {pack} is outside snapshot {state.info.snapshot}, "
-                                          f"which has {state.manifest.packs} pack(s)")
-            unit = state.packs[pack] = pack_unit(state.info, state.manifest, pack)
+            try:
+                unit = pack_unit(state.info, state.manifest, pack)
+            except NotFound:
+                raise RangeNotSatisfiable(f"pack {pack} is not in snapshot {state.info.snapshot}, "
+                                          f"which has {state.manifest.packs} pack(s)") from None
+            state.packs[pack] = unit
         return unit, 0, unit.length
 
     # -- one block (GET /v1/blocks) ------------------------------------------------------
@@ -265,7 +267,7 @@ class CacheNode:
                     if isinstance(result, BaseException):
                         raise _as_error(result)
                     block = result[0]
-                    if block.holes:
+                    if block.holes or end > block.size:
                         _raise_hole(block, start, end)
                     payload = from_disk[i] if i in from_disk else memoryview(block.buffer)[start:end]  # type: ignore[arg-type]
             except CachefsError as e:
@@ -420,7 +422,11 @@ class CacheNode:
 
 
 def _raise_hole(block: StoredBlock, start: int, end: int) -> None:
-    """A read that touches a member that failed gets that member's error."""
+    """A read that touches a member that failed gets that member's error; one past the end
+    of this copy (a pack cut short by a newer snapshot) is told that its files changed."""
+    if end > block.size:
+        raise OriginChanged(f"bytes [{start}, {end}) are not in this copy of the pack ({block.size} bytes): their "
+                            "files changed at the origin since; read the current snapshot")
     for hole in block.holes:
         if hole.start < end and start < hole.end:
             raise hole.error

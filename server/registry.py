@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from cachefs.common.files import write_atomically
 from cachefs.common.errors import BadRequest, Conflict, NotFound
-from cachefs.common.manifest import build_table, snapshot_id, to_ipc
+from cachefs.common.manifest import Manifest, build_table, from_ipc, snapshot_id, to_ipc
 from cachefs.common.wire import ALL_NAMESPACES, DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, NAMESPACE_RE, DatasetInfo
 from cachefs.common.origin import Origin, split_origin
 from server.listing import list_files
@@ -104,12 +104,18 @@ class DatasetRecord:
 
 
 def take_snapshot(spec: DatasetSpec, progress: Callable[[int, int], None] | None = None,
-                  cancelled: threading.Event | None = None) -> DatasetRecord:
-    """List the origin once and freeze it as a manifest. Blocking: run it in a thread."""
+                  cancelled: threading.Event | None = None, previous: DatasetRecord | None = None) -> DatasetRecord:
+    """List the origin once and freeze it as a manifest. Blocking: run it in a thread. With
+    the `previous` snapshot (a refresh), unchanged small files keep their packs, so their
+    cached bytes stay valid."""
     entries = list_files(Origin(spec.origin, spec.storage_options), progress, cancelled)
-    table = build_table(entries, spec.block_size, spec.pack_threshold)
+    before = Manifest(from_ipc(previous.manifest_ipc), previous.info.snapshot) if previous is not None else None
+    if before is not None and before.table.num_rows and previous is not None \
+            and (previous.info.block_size, previous.info.pack_threshold) != (spec.block_size, spec.pack_threshold):
+        before = None  # packed otherwise: nothing to keep
+    table = build_table(entries, spec.block_size, spec.pack_threshold, before)
     layout = f"packed:{spec.block_size}:{spec.pack_threshold}" if spec.pack_threshold else ""
-    packs = max(table.column("pack").to_pylist(), default=-1) + 1
+    packs = Manifest(table).packs
     info = DatasetInfo(
         name=spec.name, origin=spec.origin, snapshot=snapshot_id(table, layout), files=len(entries),
         bytes=sum(e.size for e in entries), replicas=spec.replicas, block_size=spec.block_size,
