@@ -253,7 +253,8 @@ class BlockReader:
         full = self._full.get(view.info.snapshot)
         if full is None:
             body, headers = await self.endpoints.call(self.transport, "GET",
-                                                      wire.route(wire.DATASET_MANIFEST, name=view.info.name), raw=True)
+                                                      wire.route(wire.DATASET_MANIFEST, name=view.info.name)
+                                                      + f"?snapshot={view.info.snapshot}", raw=True)
             if headers.get(wire.SNAPSHOT_HEADER, view.info.snapshot) != view.info.snapshot:
                 raise SnapshotGone(f"snapshot {view.info.snapshot} of {view.info.name!r} is no longer served")
             full = self._full[view.info.snapshot] = Manifest(from_ipc(body), view.info.snapshot)

@@ -112,16 +112,23 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
 
     # -- datasets ------------------------------------------------------------------------
     async def _view(self, name: str) -> DatasetView:
-        """The dataset as this instance reads it: the snapshot it holds (cachefs/pins.py)."""
-        return await self.pins.view(name, lambda want: self._load_view(name, want))
+        """The dataset as this instance reads it: the snapshot it holds (cachefs/pins.py).
+        `name` may pin one itself: `dataset@SNAPSHOT`."""
+        return await self.pins.view(name, self._load_view)
 
     async def _load_view(self, name: str, want: str | None) -> DatasetView:
+        """The manifest of `want` (None: the current snapshot), with a lease on its snapshot:
+        the cluster keeps it readable for a while after a refresh (server/leases.py)."""
         if not wire.DATASET_NAME_RE.match(name):
             raise NotFound(f"no dataset named {name!r} (dataset names are lowercase)")
-        info = DatasetInfo.from_json(await self._any_node("GET", wire.route(wire.DATASET, name=name)))
+        if want is not None and not wire.SNAPSHOT_ID_RE.match(want):
+            raise BadRequest(f"{want!r} is not a snapshot id (hex digits, as `cachefs dataset ls` shows them)")
+        at = f"snapshot={want}&" if want else ""
+        info = DatasetInfo.from_json(await self._any_node("GET", wire.route(wire.DATASET, name=name) +
+                                                          (f"?snapshot={want}" if want else "")))
         # version tokens only for a client that may read the origin itself (it checks them)
         versions = self.config.origin_fallback and self.blocks.origin_options is not None
-        query = "" if versions else "?versions=0"
+        query = f"?{at}lease=1" + ("" if versions else "&versions=0")
         body, headers = await self._any_node("GET", wire.route(wire.DATASET_MANIFEST, name=name) + query, raw=True)
         snapshot = headers.get(wire.SNAPSHOT_HEADER, info.snapshot)
         table = await asyncio.to_thread(from_ipc, body) if len(body) > 1 << 20 else from_ipc(body)
@@ -209,7 +216,7 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         try:
             await self.blocks.read(view, slices)
         except SnapshotGone as e:
-            raise pins.gone(view.info.name, view.info.snapshot, "the dataset was refreshed") from e
+            raise pins.gone(view.info.name, view.info.snapshot, f"the dataset was refreshed: {e.message}") from e
 
     async def _fill(self, view: DatasetView, slices: list[Slice]) -> None:
         """Fill the slices' destinations; raise the first slice's error, if any."""

@@ -27,7 +27,7 @@ from fsspec.utils import glob_translate
 
 from cachefs.blocks import DatasetView
 from cachefs.common.errors import BadRequest, NotFound
-from cachefs.common.manifest import Manifest, check_path
+from cachefs.common.manifest import check_path
 
 _MAGIC = "*?["
 
@@ -142,7 +142,7 @@ class LibraryCalls:
         files = below.filter(pc.match_substring_regex(below.column("path"), regex))
         folders = None
         if withdirs:
-            folders = Manifest.folders_of(below.column("path"), root)
+            folders = view.manifest.folders_below(root, below.column("path"))
             if root and view.manifest.is_dir(root):
                 folders = pa.concat_arrays([pa.array([root], pa.string()), folders])
             seen = pc.binary_join_element_wise(folders, pa.scalar("/"), "") if slash_dirs else folders

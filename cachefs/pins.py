@@ -41,14 +41,16 @@ class Pins:
         """The held view (any thread may ask: one dict look-up)."""
         return self._views.get(name)
 
-    async def view(self, name: str, load: Callable[[str | None], Awaitable[DatasetView]]) -> DatasetView:
-        """The held view, or the one `load` brings (given the wanted snapshot, if any), then held."""
+    async def view(self, name: str, load: Callable[[str, str | None], Awaitable[DatasetView]]) -> DatasetView:
+        """The held view of `name` (a dataset, or `dataset@SNAPSHOT`), or the one `load`
+        brings (given the dataset and the snapshot wanted, if any), then held."""
         view = self._views.get(name)
         if view is None:
-            want = self.wanted.get(name)
-            view = await load(want)
+            dataset, _, at = name.partition("@")
+            want = at or self.wanted.get(dataset)
+            view = await load(dataset, want)
             if want is not None and view.info.snapshot != want:
-                raise gone(name, want, f"the cluster serves {view.info.snapshot} now")
+                raise gone(dataset, want, f"the cluster serves {view.info.snapshot} instead")
             view = self._views.setdefault(name, view)  # two loads at once: the first one held wins
         return view
 
@@ -60,8 +62,8 @@ class Pins:
             del self._views[name]
 
     def snapshots(self) -> dict[str, str]:
-        """name → the snapshot held or wanted: what another process needs to read the same."""
-        return {**self.wanted, **{n: v.info.snapshot for n, v in self._views.items()}}
+        """dataset → the snapshot held or wanted: what another process needs to read the same."""
+        return {**self.wanted, **{n: v.info.snapshot for n, v in self._views.items() if "@" not in n}}
 
     def release(self, name: str | None = None) -> None:
         """Move on (the reader asked to): the next read loads the current snapshot."""

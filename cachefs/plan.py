@@ -14,7 +14,7 @@ from cachefs.common import wire
 from cachefs.common.errors import CachefsError
 from cachefs.common.manifest import FileEntry
 from cachefs.common.wire import DatasetInfo
-from shard import block_key, blocks_for_range, pack_key
+from shard import block_key, blocks_for_range, identity, pack_key
 
 
 @dataclass(eq=False)
@@ -37,13 +37,13 @@ def plan(info: DatasetInfo, entry: FileEntry, start: int, end: int, dest: memory
     """Slices that fill `dest` (end - start bytes) with bytes [start, end) of `entry`."""
     if entry.packed:
         item = [wire.ITEM_PACK, entry.pack, entry.offset + start, entry.offset + end]
-        return [Slice(pack_key(info.name, info.snapshot, entry.pack), item, dest, entry, start)]
+        return [Slice(pack_key(info.name, identity(info.snapshot, entry.unit), entry.pack), item, dest, entry, start)]
     bs = info.block_size
     out = []
     for index in blocks_for_range(start, end, entry.size, bs):
         first = index * bs
         lo, hi = max(start, first), min(end, first + bs)
         item = [wire.ITEM_BLOCK, entry.path, index, lo - first, hi - first]
-        key = block_key(info.name, info.snapshot, entry.path, index)
+        key = block_key(info.name, identity(info.snapshot, entry.unit), entry.path, index)
         out.append(Slice(key, item, dest[lo - start:hi - start], entry, lo))
     return out

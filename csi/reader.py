@@ -23,7 +23,7 @@ import errno
 import logging
 from typing import Awaitable, Callable, TypeVar
 
-from cachefs.common.errors import SnapshotGone
+from cachefs.common.errors import OriginChanged, SnapshotGone
 from csi.chunkcache import ChunkCache
 
 # (path relative to the snapshot root, start, end) → exactly the bytes [start, end)
@@ -162,14 +162,14 @@ class SnapshotReader:
     async def _load(self, path: str, start: int, stop: int) -> bytes:
         try:
             data = await within(self._fetch(path, start, stop), self.timeout)
-        except SnapshotGone as e:
+        except (SnapshotGone, OriginChanged) as e:
             # The mount shows one snapshot (its tree, its sizes); bytes of another would be
             # wrong bytes. Fail loudly, and say once what to do.
             if not self._gone_logged:
                 self._gone_logged = True
-                log.error("this mount's snapshot is no longer served: remount the volume to see the current "
-                          "one (reads of files not cached yet answer EIO until then): %s", e)
-            raise OSError(errno.EIO, f"{path}: the mount's snapshot is no longer served; remount ({e})") from e
+                log.error("%s: this mount's snapshot can no longer be read there (%s); remount the volume to see "
+                          "the current snapshot", path, e)
+            raise OSError(errno.EIO, f"{path}: the mount's snapshot can no longer be read there; remount ({e})") from e
         if len(data) != stop - start:
             raise OSError(errno.EIO, f"short read of {path}: {len(data)} of {stop - start} bytes at {start}")
         return data

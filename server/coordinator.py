@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachefs.common.errors import BadRequest, CachefsError, NotFound
+from cachefs.common.errors import BadRequest, CachefsError, Cancelled, NotFound, Unavailable
 from cachefs.common.wire import DatasetInfo, OperationInfo
+from server.leases import Leases
 from server.operations import Operation, Operations
 from server.origin_policy import OriginPolicy
 from server import epoch_state
@@ -43,6 +44,7 @@ class NodeEntry:
 class Coordinator:
     def __init__(self, state_dir: str | None, block_size: int, policy: OriginPolicy) -> None:
         self.registry = Registry(state_dir)
+        self.leases = Leases()
         self.block_size = block_size
         self.policy = policy
         # The epoch survives a coordinator restart: nodes and clients ignore older epochs.
@@ -202,6 +204,20 @@ class Coordinator:
         rec = self.registry.get(name)
         return rec.info.to_json(), rec.manifest_ipc, rec.info.origin, rec.storage_options
 
+    def node_snapshot(self, name: str, snapshot: str) -> tuple[dict[str, Any], bytes, str, dict[str, Any]]:
+        """`node_dataset` for a given snapshot: the current one or one a lease keeps (else
+        SnapshotGone, or NotFound for one the dataset never had)."""
+        current = self.registry.get(name)
+        rec = self.leases.find(name, snapshot, current)
+        info = {**rec.info.to_json(), "lease": current.info.lease}
+        return info, rec.manifest_ipc, rec.info.origin, current.storage_options
+
+    def lease_snapshot(self, name: str, snapshot: str) -> float:
+        """A reader loaded `snapshot`: keep it readable for the dataset's lease; when that ends."""
+        current = self.registry.get(name)
+        self.leases.find(name, snapshot, current)
+        return self.leases.take(name, snapshot, current.info.lease)
+
     async def add_dataset(self, body: dict[str, Any]) -> dict[str, Any]:
         spec = DatasetSpec.parse(body, self.block_size)
         await self.policy.check(spec.origin, spec.storage_options)
@@ -218,28 +234,57 @@ class Coordinator:
 
         return self.ops.start("add", spec.name, run).to_json()
 
-    async def refresh_dataset(self, name: str) -> dict[str, Any]:
+    async def refresh_dataset(self, name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A new snapshot of the origin. `{"warm": true}`: warmed first, made current only
+        once every node holds its share; until then (or if that fails) readers get the old one."""
+        body = body or {}
+        if not isinstance(body, dict) or set(body) - {"warm"} or not isinstance(body.get("warm", False), bool):
+            raise BadRequest('a refresh takes {"warm": true|false} or no body')
+        warm = body.get("warm", False)
         old = self.registry.get(name)
         await self.policy.check(old.info.origin, old.storage_options)  # the allowlist may have changed since
         spec = DatasetSpec(name, old.info.origin, old.storage_options, old.info.replicas,
-                           old.info.allowed_namespaces, old.info.block_size, old.info.pack_threshold)
+                           old.info.allowed_namespaces, old.info.block_size, old.info.pack_threshold, old.info.lease)
 
         async def run(op: Operation) -> None:
-            record = await self._snapshot(op, spec)
+            record = await self._snapshot(op, spec, old)
             if record.info.snapshot == old.info.snapshot:
                 op.info.result = {**old.info.to_json(), "changed": False}
                 return
+            if warm:
+                await self._warm_before_swap(op, record)
+            replaced = self.registry.get(name)
             self.registry.put(record)
-            await self._broadcast("dataset_changed", name)
+            self.leases.replaced(replaced)  # kept readable while a reader's lease on it lasts
+            await self._broadcast("dataset_updated", name)  # nodes load the new snapshot; blocks stay
             op.info.result = {**record.info.to_json(), "changed": True}
 
         return self.ops.start("refresh", name, run).to_json()
 
-    async def _snapshot(self, op: Operation, spec: DatasetSpec):  # -> DatasetRecord
+    async def _warm_before_swap(self, op: Operation, record: Any) -> None:
+        """Warm `record`'s snapshot on every node while the current one keeps serving; raise
+        (the refresh fails, nothing changes for readers) unless all of it got cached."""
+        snapshot, current = record.info.snapshot, self.registry.get(record.info.name).info.snapshot
+        self.leases.pend(record)
+        try:
+            op.info.message = f"warming snapshot {snapshot}; {current} serves until it is warm"
+            reports = await self._broadcast_warm(op, snapshot)
+        finally:
+            self.leases.unpend(record)
+        if op.cancelled.is_set():
+            raise Cancelled("cancelled by request")
+        failed = sorted({p for r in reports for p in r.failures} | set(op.info.failures))
+        if failed or len(reports) < len(self.nodes):
+            raise Unavailable(f"snapshot {snapshot} was not made current: {len(failed)} file(s) failed to warm "
+                              f"(first: {failed[:3]}), or a node left; snapshot {current} still serves. "
+                              "Refresh again once the origin is readable")
+        op.info.message = ""
+
+    async def _snapshot(self, op: Operation, spec: DatasetSpec, previous: Any = None):  # -> DatasetRecord
         def progress(files: int, nbytes: int) -> None:
             op.info.done_files, op.info.done_bytes = files, nbytes
 
-        record = await asyncio.to_thread(take_snapshot, spec, progress, op.cancelled)
+        record = await asyncio.to_thread(take_snapshot, spec, progress, op.cancelled, previous)
         op.info.total_files, op.info.total_bytes = record.info.files, record.info.bytes
         return record
 
@@ -258,6 +303,7 @@ class Coordinator:
 
     async def remove_dataset(self, name: str) -> dict[str, Any]:
         self.registry.remove(name)
+        self.leases.forget(name)
         await self._broadcast("dataset_changed", name)
         return {"removed": name}
 
@@ -282,12 +328,12 @@ class Coordinator:
 
         return self.ops.start("warm", name, run).to_json()
 
-    async def _broadcast_warm(self, op: Operation) -> list[OperationInfo]:
+    async def _broadcast_warm(self, op: Operation, snapshot: str | None = None) -> list[OperationInfo]:
         entries = list(self.nodes.values())
 
         async def one(e: NodeEntry) -> OperationInfo | None:
             try:
-                return OperationInfo.from_json(await e.handle.warm.remote(op.info.id, op.info.dataset))
+                return OperationInfo.from_json(await e.handle.warm.remote(op.info.id, op.info.dataset, snapshot))
             except Exception as exc:  # the node died mid-warm: say so in the report
                 op.info.failures[f"<node {e.id}>"] = f"node failed during warm-up: {type(exc).__name__}"
                 return None
@@ -317,7 +363,7 @@ class Coordinator:
 
     async def cancel(self, op_id: str) -> dict[str, Any]:
         op = self.ops.cancel(op_id)
-        if op.info.kind == "warm":
+        if op.info.kind in ("warm", "refresh"):  # a refresh --warm warms too
             await self._broadcast("cancel_warm", op_id)
         return op.info.to_json()
 

@@ -131,7 +131,8 @@ def admin_handler(call: wire.AdminCall) -> Handler:
         args: list[Any] = [_name(request) if p == "name" else request.match_info[p] for p in call.params]
         if call.body:
             try:
-                args.append(await request.json())
+                raw = await request.read()
+                args.append(json.loads(raw) if raw.strip() else {})  # no body: no options
             except ValueError as e:
                 raise BadRequest(f"the body is not JSON: {e}") from e
             if not isinstance(args[-1], dict):
@@ -143,13 +144,26 @@ def admin_handler(call: wire.AdminCall) -> Handler:
     return handle
 
 
+def _snapshot_asked(request: web.Request) -> str | None:
+    """`?snapshot=ID`: a reader pinned to that snapshot (`cachefs://name@ID`); None: the current one."""
+    snapshot = request.query.get("snapshot")
+    if snapshot is not None and not wire.SNAPSHOT_ID_RE.match(snapshot):
+        raise BadRequest(f"{snapshot[:80]!r} is not a snapshot id (hex digits, as `cachefs dataset ls` shows them)")
+    return snapshot
+
+
 async def get_dataset(request: web.Request) -> web.Response:
-    state = await request.app[NODE].dataset(_name(request))
+    state = await request.app[NODE].dataset(_name(request), _snapshot_asked(request))
     return json_response(state.info.to_json())
 
 
 async def manifest(request: web.Request) -> web.Response:
-    state = await request.app[NODE].dataset(_name(request))
+    """The snapshot's manifest; `?lease=1` (what readers send): keep that snapshot readable
+    for the dataset's lease even once a refresh replaces it (server/leases.py)."""
+    node = request.app[NODE]
+    state = await node.dataset(_name(request), _snapshot_asked(request))
+    if request.query.get("lease") == "1":
+        await node.lease(state.info.name, state.info.snapshot)
     versions = request.query.get("versions", "1") != "0"  # readers ask for ?versions=0: a third smaller
     return web.Response(body=state.manifest_ipc if versions else state.reader_ipc, content_type=wire.ARROW_STREAM,
                         headers={wire.SNAPSHOT_HEADER: state.info.snapshot})

@@ -19,7 +19,8 @@ import xxhash
 
 from cachefs.common import wire
 from server.config import NodeConfig
-from cachefs.common.errors import (BadRequest, CachefsError, NotFound, RangeNotSatisfiable, SnapshotGone, StaleEpoch)
+from cachefs.common.errors import (BadRequest, CachefsError, NotFound, OriginChanged, RangeNotSatisfiable, SnapshotGone,
+                                   StaleEpoch)
 from cachefs.common.manifest import Manifest, check_path, for_readers, from_ipc, to_ipc
 from cachefs.common.origin import Origin
 from cachefs.common.wire import DatasetInfo, OperationInfo
@@ -33,6 +34,7 @@ from server.warmup import Warmups
 from shard import Ring, block_count
 
 log = logging.getLogger(__name__)
+LEASE_RECHECK = 30.0  # seconds a node serves a replaced snapshot before asking again whether a lease keeps it
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,14 @@ class Directory(Protocol):
     """Where a node learns what a dataset is: its info, manifest and origin."""
 
     async def dataset(self, name: str) -> tuple[DatasetInfo, bytes, OriginSpec]: ...
+
+    async def snapshot(self, name: str, snapshot: str) -> tuple[DatasetInfo, bytes, OriginSpec]:
+        """A given snapshot: the current one or one a reader's lease keeps (server/leases.py)."""
+        ...
+
+    async def lease(self, name: str, snapshot: str) -> float:
+        """A reader loaded `snapshot`: keep it readable for the dataset's lease."""
+        ...
 
 
 @dataclass
@@ -117,6 +127,7 @@ class CacheNode:
             if config.disk_dir and config.disk_bytes else None
         self.ring = Ring()
         self._datasets: dict[str, DatasetState] = {}
+        self._older: dict[tuple[str, str], tuple[DatasetState, float]] = {}  # replaced, leased: (state, recheck at)
         self._loads: Group[DatasetState] = Group()
         self._fetches: Group[tuple[StoredBlock, str]] = Group()
         self.warmups = Warmups(self)
@@ -168,6 +179,8 @@ class CacheNode:
         if state is not None and state.info.snapshot != keep_snapshot:
             del self._datasets[name]
             await state.origin.close()
+        for key in [k for k in self._older if k[0] == name]:
+            await self._older.pop(key)[0].origin.close()
         self.memory.purge(name, keep_snapshot)
         if self.disk is not None:
             await self.disk.purge(name, keep_snapshot)
@@ -180,15 +193,41 @@ class CacheNode:
 
     # -- datasets --------------------------------------------------------------------
     async def dataset(self, name: str, snapshot: str | None = None) -> DatasetState:
-        """The dataset's state; reloaded when a reader names a snapshot newer than ours."""
+        """The dataset's state at `snapshot` (None: the current one). Reloaded when a reader
+        names a snapshot newer than ours; an older one is served while a lease keeps it
+        (asked again every LEASE_RECHECK s), else SnapshotGone (410), saying what to do."""
         state = self._datasets.get(name)
         if state is not None and (snapshot is None or snapshot == state.info.snapshot):
             return state
+        older = self._older.get((name, snapshot)) if snapshot is not None else None
+        if older is not None and older[1] > time.monotonic():
+            return older[0]
         state = await self._loads.do(name, lambda: self._load(name))
-        if snapshot is not None and snapshot != state.info.snapshot:
-            raise SnapshotGone(f"snapshot {snapshot} of dataset {name!r} is no longer served "
-                               f"(the current one is {state.info.snapshot}); reopen the file to read it")
+        if snapshot is None or snapshot == state.info.snapshot:
+            return state
+        return await self._loads.do(f"{name}@{snapshot}", lambda: self._load_older(name, snapshot))
+
+    async def _load_older(self, name: str, snapshot: str) -> DatasetState:
+        try:
+            info, manifest_ipc, spec = await self.directory.snapshot(name, snapshot)
+        except (SnapshotGone, NotFound):
+            gone = self._older.pop((name, snapshot), None)
+            if gone is not None:
+                await gone[0].origin.close()
+            raise
+        older = self._older.get((name, snapshot))
+        if older is not None:  # still leased: keep the state, ask again later
+            self._older[(name, snapshot)] = (older[0], time.monotonic() + min(LEASE_RECHECK, info.lease))
+            return older[0]
+        manifest, reader_ipc = await asyncio.to_thread(_open_manifest, manifest_ipc, info.snapshot)
+        state = DatasetState(info, manifest, Origin(spec.url, spec.storage_options, self.config.origin_timeout),
+                             manifest_ipc, reader_ipc)
+        self._older[(name, snapshot)] = (state, time.monotonic() + min(LEASE_RECHECK, info.lease))
         return state
+
+    async def lease(self, name: str, snapshot: str) -> float:
+        """A reader loaded `snapshot` of `name`: the cluster keeps it readable for a while."""
+        return await self.directory.lease(name, snapshot)
 
     async def _load(self, name: str) -> DatasetState:
         info, manifest_ipc, spec = await self.directory.dataset(name)
@@ -199,9 +238,8 @@ class CacheNode:
         state = DatasetState(info, manifest, Origin(spec.url, spec.storage_options, self.config.origin_timeout),
                              manifest_ipc, reader_ipc)
         self._datasets[name] = state
-        if old is not None:
-            await self.forget(name, keep_snapshot=info.snapshot)
-            self._datasets[name] = state
+        if old is not None:  # a refresh: its blocks stay (keys name what bytes are, so unchanged files hit)
+            await old.origin.close()
         return state
 
     def _check_epoch(self, epoch: int | None) -> None:
@@ -228,10 +266,12 @@ class CacheNode:
     def _pack(state: DatasetState, pack: int) -> tuple[Unit, int, int]:
         unit = state.packs.get(pack)
         if unit is None:
-            if not 0 <= pack < state.manifest.packs:
-                raise RangeNotSatisfiable(f"pack {pack} is outside snapshot {state.info.snapshot}, "
-                                          f"which has {state.manifest.packs} pack(s)")
-            unit = state.packs[pack] = pack_unit(state.info, state.manifest, pack)
+            try:
+                unit = pack_unit(state.info, state.manifest, pack)
+            except NotFound:
+                raise RangeNotSatisfiable(f"pack {pack} is not in snapshot {state.info.snapshot}, "
+                                          f"which has {state.manifest.packs} pack(s)") from None
+            state.packs[pack] = unit
         return unit, 0, unit.length
 
     # -- one block (GET /v1/blocks) ------------------------------------------------------
@@ -307,7 +347,7 @@ class CacheNode:
                     if isinstance(result, BaseException):
                         raise _as_error(result)
                     block = result[0]
-                    if block.holes:
+                    if block.holes or end > block.size:
                         _raise_hole(block, start, end)
                     payload = from_disk[i] if i in from_disk else memoryview(block.buffer)[start:end]  # type: ignore[arg-type]
             except CachefsError as e:
@@ -415,7 +455,8 @@ class CacheNode:
         buffer = pa.py_buffer(data)
         block = StoredBlock(unit.key, info.name, info.snapshot, len(data), digest_of(buffer), buffer=buffer,
                             holes=holes)
-        if self._datasets.get(info.name) is not state or transient(holes):
+        served = self._datasets.get(info.name) is state or (info.name, info.snapshot) in self._older
+        if not served or transient(holes):
             return block, source  # refreshed or removed meanwhile, or worth another try: serve, don't keep
         evicted = self.memory.put(block)
         if evicted:
@@ -471,8 +512,8 @@ class CacheNode:
         return await self._pulls.do(unit.key, lambda: self._from_previous_owners(state, unit))
 
     # -- warm-up (server/warmup.py) ------------------------------------------------------
-    async def warm(self, op_id: str, name: str) -> OperationInfo:
-        return await self.warmups.run(op_id, name)
+    async def warm(self, op_id: str, name: str, snapshot: str | None = None) -> OperationInfo:
+        return await self.warmups.run(op_id, name, snapshot)
 
     def warm_progress(self, op_id: str) -> OperationInfo | None:
         return self.warmups.progress(op_id)
@@ -524,7 +565,11 @@ def _unit_name(state: DatasetState, unit: Unit) -> UnitName:
 
 
 def _raise_hole(block: StoredBlock, start: int, end: int) -> None:
-    """A read that touches a member that failed gets that member's error."""
+    """A read that touches a member that failed gets that member's error; one past the end
+    of this copy (a pack cut short by a newer snapshot) is told that its files changed."""
+    if end > block.size:
+        raise OriginChanged(f"bytes [{start}, {end}) are not in this copy of the pack ({block.size} bytes): their "
+                            "files changed at the origin since; read the current snapshot")
     for hole in block.holes:
         if hole.start < end and start < hole.end:
             raise hole.error

@@ -61,6 +61,13 @@ class CoordinatorLink:
         info, ipc, url, opts = await self.call("node_dataset", name)
         return DatasetInfo.from_json(info), ipc, OriginSpec(url, opts)
 
+    async def snapshot(self, name: str, snapshot: str) -> tuple[DatasetInfo, bytes, OriginSpec]:
+        info, ipc, url, opts = await self.call("node_snapshot", name, snapshot)
+        return DatasetInfo.from_json(info), ipc, OriginSpec(url, opts)
+
+    async def lease(self, name: str, snapshot: str) -> float:
+        return await self.call("lease_snapshot", name, snapshot)
+
 
 def _set_priority(nice: int) -> None:
     """Serve at `nice` rather than Ray's 15 for actors, if this process may (NodeConfig.nice).
@@ -189,8 +196,8 @@ class CacheNodeActor:
     async def dataset_updated(self, name: str) -> None:
         await self._on_node_loop(lambda: self.node.reload(name))
 
-    async def warm(self, op_id: str, name: str) -> dict[str, Any]:
-        return (await self._on_node_loop(lambda: self.node.warm(op_id, name))).to_json()
+    async def warm(self, op_id: str, name: str, snapshot: str | None = None) -> dict[str, Any]:
+        return (await self._on_node_loop(lambda: self.node.warm(op_id, name, snapshot))).to_json()
 
     async def warm_progress(self, op_id: str) -> dict[str, Any] | None:
         async def progress() -> dict[str, Any] | None:

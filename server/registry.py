@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 from cachefs.common.files import write_atomically
 from cachefs.common.errors import BadRequest, Conflict, NotFound
-from cachefs.common.manifest import build_table, snapshot_id, to_ipc
-from cachefs.common.wire import ALL_NAMESPACES, DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, NAMESPACE_RE, DatasetInfo
+from cachefs.common.manifest import Manifest, build_table, from_ipc, snapshot_id, to_ipc
+from cachefs.common.wire import (ALL_NAMESPACES, DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, DEFAULT_LEASE, NAMESPACE_RE,
+                                 DatasetInfo)
 from cachefs.common.origin import Origin, split_origin
 from server.listing import list_origin
 from shard import default_threshold
@@ -36,6 +37,7 @@ class DatasetSpec:
     allowed_namespaces: tuple[str, ...] = ()
     block_size: int = DEFAULT_BLOCK_SIZE
     pack_threshold: int = -1  # files below this many bytes share packs; -1: the default for the block size
+    lease: float = DEFAULT_LEASE  # seconds a replaced snapshot stays readable after a reader loaded it
 
     def __post_init__(self) -> None:
         if self.pack_threshold < 0:
@@ -43,10 +45,10 @@ class DatasetSpec:
 
     @classmethod
     def parse(cls, body: dict[str, Any], block_size: int = DEFAULT_BLOCK_SIZE) -> "DatasetSpec":
-        unknown = set(body) - {"name", "origin", "storage_options", "replicas", "allowed_namespaces", "pack_threshold"}
+        unknown = set(body) - {"name", "origin", "pack_threshold", *SETTINGS}
         if unknown:
             raise BadRequest(f"unknown field(s) {sorted(unknown)}; a dataset takes name, origin, "
-                             "storage_options, replicas, allowed_namespaces, pack_threshold")
+                             f"pack_threshold, {', '.join(SETTINGS)}")
         name, origin = body.get("name"), body.get("origin")
         if not isinstance(name, str) or not DATASET_NAME_RE.match(name):
             raise BadRequest(f"{name!r} is not a dataset name: use lowercase letters, digits, '.', '_' and '-' "
@@ -62,10 +64,10 @@ class DatasetSpec:
                              f"({block_size}), not {threshold!r}")
         settings = parse_settings({k: body[k] for k in SETTINGS if k in body})
         return cls(name, origin, settings.get("storage_options", {}), settings.get("replicas", 1),
-                   settings.get("allowed_namespaces", ()), block_size, threshold)
+                   settings.get("allowed_namespaces", ()), block_size, threshold, settings.get("lease", DEFAULT_LEASE))
 
 
-SETTINGS = ("replicas", "allowed_namespaces", "storage_options")  # what an update changes in place
+SETTINGS = ("replicas", "allowed_namespaces", "storage_options", "lease")  # what an update changes in place
 
 
 def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +95,12 @@ def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
             raise BadRequest(f"allowed_namespaces must be a list of Kubernetes namespace names, or ['*'] for every "
                              f"namespace, not {allowed!r}")
         out["allowed_namespaces"] = tuple(allowed)
+    if "lease" in body:
+        lease = body["lease"]
+        if not isinstance(lease, (int, float)) or isinstance(lease, bool) or not 0 <= lease <= 365 * 86400:
+            raise BadRequest(f"lease must be a number of seconds from 0 (a replaced snapshot is dropped at once) "
+                             f"to a year, not {lease!r}")
+        out["lease"] = float(lease)
     return out
 
 
@@ -104,18 +112,24 @@ class DatasetRecord:
 
 
 def take_snapshot(spec: DatasetSpec, progress: Callable[[int, int], None] | None = None,
-                  cancelled: threading.Event | None = None) -> DatasetRecord:
-    """List the origin once and freeze it as a manifest. Blocking: run it in a thread."""
+                  cancelled: threading.Event | None = None, previous: DatasetRecord | None = None) -> DatasetRecord:
+    """List the origin once and freeze it as a manifest. Blocking: run it in a thread. With
+    the `previous` snapshot (a refresh), unchanged small files keep their packs, so their
+    cached bytes stay valid."""
     listing = list_origin(Origin(spec.origin, spec.storage_options), progress, cancelled)
     entries = listing.files
-    table = build_table(entries, spec.block_size, spec.pack_threshold, listing.folders)
+    before = Manifest(from_ipc(previous.manifest_ipc), previous.info.snapshot) if previous is not None else None
+    if before is not None and before.table.num_rows and previous is not None \
+            and (previous.info.block_size, previous.info.pack_threshold) != (spec.block_size, spec.pack_threshold):
+        before = None  # packed otherwise: nothing to keep
+    table = build_table(entries, spec.block_size, spec.pack_threshold, before, listing.folders)
     layout = f"packed:{spec.block_size}:{spec.pack_threshold}" if spec.pack_threshold else ""
-    packs = max(table.column("pack").to_pylist(), default=-1) + 1
+    packs = Manifest(table).packs
     info = DatasetInfo(
         name=spec.name, origin=spec.origin, snapshot=snapshot_id(table, layout), files=len(entries),
         bytes=sum(e.size for e in entries), replicas=spec.replicas, block_size=spec.block_size,
         allowed_namespaces=spec.allowed_namespaces, created=time.time(), packs=packs,
-        pack_threshold=spec.pack_threshold,
+        pack_threshold=spec.pack_threshold, lease=spec.lease,
     )
     return DatasetRecord(info, dict(spec.storage_options), to_ipc(table))
 

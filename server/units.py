@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cachefs.common.errors import CachefsError, OriginUnavailable
+from cachefs.common.errors import CachefsError, OriginChanged, OriginUnavailable
 from cachefs.common.manifest import FileEntry, Manifest
 from cachefs.common.origin import Origin
 from cachefs.common.wire import DatasetInfo
-from shard import block_bounds, block_count, block_key, pack_key
+from shard import block_bounds, block_count, block_key, identity, pack_key
 
 
 @dataclass(frozen=True)
@@ -38,13 +38,15 @@ class Unit:
 
 def block_unit(info: DatasetInfo, entry: FileEntry, index: int) -> Unit:
     start, end = block_bounds(index, entry.size, info.block_size)
-    return Unit(block_key(info.name, info.snapshot, entry.path, index), end - start, (entry,), start)
+    return Unit(block_key(info.name, identity(info.snapshot, entry.unit), entry.path, index), end - start, (entry,),
+                start)
 
 
 def pack_unit(info: DatasetInfo, manifest: Manifest, pack: int) -> Unit:
     """A pack as a reader's request names it: key and length, no members (serving a hit
     needs no more, and building 75 entries per request was the node's hottest loop)."""
-    return Unit(pack_key(info.name, info.snapshot, pack), manifest.pack_size(pack), (), 0, pack)
+    return Unit(pack_key(info.name, identity(info.snapshot, manifest.pack_unit(pack)), pack), manifest.pack_size(pack),
+                (), 0, pack)
 
 
 def with_members(unit: Unit, manifest: Manifest) -> Unit:
@@ -57,7 +59,7 @@ def with_members(unit: Unit, manifest: Manifest) -> Unit:
 def all_units(info: DatasetInfo, manifest: Manifest) -> list[Unit]:
     """Every unit of a snapshot: its packs, then the blocks of files with blocks of their own.
     O(files): run it off the event loop."""
-    units = [with_members(pack_unit(info, manifest, p), manifest) for p in range(manifest.packs)]
+    units = [with_members(pack_unit(info, manifest, p), manifest) for p in manifest.pack_numbers()]
     for row in range(len(manifest)):
         entry = manifest.at(row)
         if not entry.packed:
@@ -83,7 +85,22 @@ async def read_unit(origin: Origin, unit: Unit) -> tuple[bytes | bytearray, tupl
             buf[member.offset:member.offset + member.size] = got
     if holes and len(holes) == len(unit.members):
         raise holes[0].error
-    return buf, tuple(holes)
+    return buf, tuple(holes) + dead_space(unit)
+
+
+def dead_space(unit: Unit) -> tuple[Hole, ...]:
+    """The ranges of a pack no member of this snapshot covers: members of older snapshots
+    that changed or left. The pack's key (its id) names its bytes as first laid out, and a
+    reader of an older snapshot may share this copy: it must get an error there, never the
+    zeros this copy holds."""
+    holes, at = [], 0
+    for m in unit.members:
+        if m.offset > at:
+            holes.append(Hole(at, m.offset, OriginChanged(
+                f"bytes [{at}, {m.offset}) of pack {unit.pack} belong to files of an older snapshot that changed "
+                "at the origin since; read the current snapshot")))
+        at = max(at, m.offset + m.size)
+    return tuple(holes)
 
 
 def transient(holes: tuple[Hole, ...]) -> bool:

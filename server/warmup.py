@@ -24,7 +24,7 @@ class Node(Protocol):
     ring: Any
     config: Any
 
-    async def dataset(self, name: str) -> Any: ...
+    async def dataset(self, name: str, snapshot: str | None = None) -> Any: ...
     async def unit(self, state: Any, unit: Unit) -> tuple[Any, str]: ...
 
 KEEP_WARMS = 100  # warm-up reports kept per node, for the coordinator to collect
@@ -50,14 +50,15 @@ class Warmups:
         self.node = node
         self._warms: dict[str, Warm] = {}
 
-    async def run(self, op_id: str, name: str) -> OperationInfo:
-        """Fetch every unit this node owns; failures are counted by file, never raised."""
+    async def run(self, op_id: str, name: str, snapshot: str | None = None) -> OperationInfo:
+        """Fetch every unit this node owns (of `snapshot`: the current one if None, or the
+        one a refresh --warm is about to make current); failures are counted by file."""
         progress = OperationInfo(op_id, "warm", name, started=time.time())
         warm = self._warms[op_id] = Warm(None, progress)
         while len(self._warms) > KEEP_WARMS:  # the oldest reports go first
             del self._warms[next(iter(self._warms))]
         try:
-            state = await self.node.dataset(name)
+            state = await self.node.dataset(name, snapshot)
             owned = await asyncio.to_thread(owned_units, state, self.node.ring, self.node.node_id)
             progress.total_files = len({m.path for u in owned for m in u.members})
             progress.total_bytes = sum(u.length for u in owned)
@@ -74,9 +75,10 @@ class Warmups:
                     try:
                         block, _ = await self.node.unit(state, unit)
                         progress.done_bytes += block.size
-                        for hole in block.holes:
-                            failed = next(m.path for m in unit.members if m.offset == hole.start)
-                            progress.failures[failed] = str(hole.error)
+                        for hole in block.holes:  # a member's failure; dead space of older snapshots is none
+                            failed = next((m.path for m in unit.members if m.offset == hole.start), None)
+                            if failed is not None:
+                                progress.failures[failed] = str(hole.error)
                     except CachefsError as e:
                         for m in unit.members:
                             progress.failures[m.path] = str(e)

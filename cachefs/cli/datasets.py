@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-namespace", action="append", dest="allowed_namespaces",
                    help="the namespaces allowed to mount it (repeat; replaces the list; '*' for every namespace)")
     p.add_argument("--no-namespaces", action="store_true", help="allow no namespace (the CSI plugin mounts it nowhere)")
+    p.add_argument("--lease", type=float, help="seconds a replaced snapshot stays readable for the readers that "
+                   "loaded it (default: a day)")
     _common(p)
     p.set_defaults(func=cmd_update)
 
@@ -54,9 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rm)
 
     p = dsub.add_parser("refresh", help="take a new snapshot of the origin",
-                        description="List the origin again. If anything changed, readers move to the new snapshot "
-                        "and the old snapshot's blocks are no longer served.")
+                        description="List the origin again. If anything changed, new readers get the new snapshot; "
+                        "readers that hold the old one keep reading it while their lease lasts (see "
+                        "`dataset update --lease`). Files that did not change keep their cached bytes.")
     p.add_argument("name")
+    p.add_argument("--warm", action="store_true",
+                   help="warm the new snapshot first and make it current only once it is cached (until then, "
+                   "and if warming fails, readers get the current one)")
     _common(p)
     p.set_defaults(func=cmd_refresh)
 
@@ -102,10 +108,11 @@ def cmd_update(args: argparse.Namespace) -> int:
         raise BadRequest("--no-namespaces and --allow-namespace contradict each other: give one")
     namespaces = [] if args.no_namespaces else args.allowed_namespaces
     options = _options(args.storage_options) if args.storage_options is not None else None
-    if args.replicas is None and namespaces is None and options is None:
-        raise BadRequest("nothing to update: give --replicas, --allow-namespace, --no-namespaces or --storage-options")
-    info = run_admin(args, lambda a: a.update_dataset(args.name, replicas=args.replicas,
-                                                      allowed_namespaces=namespaces, storage_options=options))
+    if args.replicas is None and namespaces is None and options is None and args.lease is None:
+        raise BadRequest("nothing to update: give --replicas, --allow-namespace, --no-namespaces, --storage-options "
+                         "or --lease")
+    info = run_admin(args, lambda a: a.update_dataset(args.name, replicas=args.replicas, allowed_namespaces=namespaces,
+                                                      storage_options=options, lease=args.lease))
     if args.json:
         print_json(info.to_json())
     else:
@@ -135,7 +142,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 def cmd_refresh(args: argparse.Namespace) -> int:
     async def go(admin: AdminClient) -> int:
-        op = await follow(admin, await admin.refresh_dataset(args.name), f"listing {args.name}", quiet=args.json)
+        op = await follow(admin, await admin.refresh_dataset(args.name, warm=args.warm),
+                          f"refreshing {args.name}", quiet=args.json)
         return report(op, args.json)
 
     return run_admin(args, go)

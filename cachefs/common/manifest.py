@@ -9,17 +9,22 @@ Schema 2, the table as the server builds it:
 - rows are ordered by `hash` (xxh3-64 of the path): finding a file is a bisection over
   8-byte integers;
 - `by_path` lists the rows in path order: a folder is a contiguous run of it;
-- `pack` and `offset` say where a small file lives in its pack (shard/packing.py);
+- `pack` and `offset` say where a small file lives in its pack (shard/packing.py); pack
+  numbers are kept across refreshes (unchanged files stay where they were), so they need
+  not be dense nor follow path order;
+- `unit` names what a file's bytes are (its pack's id, or its own: shard/keys.py), so that
+  block keys survive a refresh for files that did not change;
 - `version` (the origin's version token) is left out of what clients load by default
-  (`GET .../manifest?versions=0`): readers do not need it (block keys name the snapshot,
-  which already hashes every version), and it is the widest column.
+  (`GET .../manifest?versions=0`): readers do not need it (`unit` hashes it), and it is
+  the widest column.
 - the schema's metadata `cachefs.folders` lists, as JSON, the folders that no file implies
   (empty ones, and ones that hold only empty folders: the leaves among them), so the tree
   a reader sees is the origin's, not just its files' (MLPerf Storage's DLIO and
   `ImageFolder` look at folders). Tables written before it have no such key and show the
   folders their files imply.
 A schema-1 table (path, size, version; rows in path order) still loads: it is given the
-schema-2 columns on arrival, and no file of it is packed.
+schema-2 columns on arrival, and no file of it is packed. A schema-2 table without `unit`
+loads with unit 0: its blocks are named by its snapshot, as they were.
 """
 
 from __future__ import annotations
@@ -34,11 +39,14 @@ import pyarrow.compute as pc
 import xxhash
 
 from cachefs.common.errors import BadRequest, NotFound
-from shard import NOT_PACKED, pack_layout
+from shard import NOT_PACKED, file_unit, pack_layout, pack_unit, repack
 
 SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.string()),
-                    ("pack", pa.int32()), ("offset", pa.int32()), ("hash", pa.uint64()), ("by_path", pa.uint32())])
+                    ("pack", pa.int32()), ("offset", pa.int32()), ("unit", pa.uint64()), ("hash", pa.uint64()),
+                    ("by_path", pa.uint32())])
 READER_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "version"])  # what clients load
+UNITLESS_SCHEMA = pa.schema([f for f in SCHEMA if f.name != "unit"])  # schema 2 before `unit`
+UNITLESS_READER_SCHEMA = pa.schema([f for f in READER_SCHEMA if f.name != "unit"])
 LEGACY_SCHEMA = pa.schema([("path", pa.string()), ("size", pa.int64()), ("version", pa.string())])
 FOLDERS_KEY = b"cachefs.folders"  # schema metadata: the folders no file implies, a JSON list
 
@@ -67,6 +75,7 @@ class FileEntry:
     version: str
     pack: int = NOT_PACKED
     offset: int = 0
+    unit: int = 0  # what its bytes are (shard/keys.py); 0 in a manifest from before units
 
     @property
     def packed(self) -> bool:
@@ -78,18 +87,39 @@ def path_hash(path: str) -> int:
 
 
 def build_table(entries: Iterable[FileEntry], block_size: int = 8 * 1024 * 1024, pack_threshold: int = 0,
-                folders: Iterable[str] = ()) -> pa.Table:
-    """The snapshot's table: packs laid out in path order, rows in hash order; `folders`
+                previous: "Manifest | None" = None, folders: Iterable[str] = ()) -> pa.Table:
+    """The snapshot's table, rows in hash order. Packs are laid out in path order; with the
+    `previous` snapshot (its version tokens loaded), unchanged files keep their place and
+    their pack's id, and the rest go to new packs (shard/packing.py `repack`). `folders`
     (the origin's, relative) are kept where no file implies them."""
     files = sorted(entries, key=lambda e: e.path)
     paths = [e.path for e in files]
     sizes = [e.size for e in files]
-    if pack_threshold:
+    versions = [e.version for e in files]
+    ids: dict[int, int] = {}  # pack → its id, for packs kept from the previous snapshot
+    if pack_threshold and previous is not None and previous.has_units and previous.has_versions:
+        kept: list[tuple[int, int] | None] = []
+        for e in files:
+            old = previous.get(e.path)
+            same = old is not None and old.packed and old.size == e.size and old.version == e.version
+            kept.append((old.pack, old.offset) if same else None)  # type: ignore[union-attr]
+            if same:
+                ids[old.pack] = old.unit  # type: ignore[union-attr]
+        packs, offsets, _ = repack(sizes, kept, block_size, pack_threshold, previous.next_pack)
+    elif pack_threshold:
         packs, offsets, _ = pack_layout(sizes, block_size, pack_threshold)
     else:
         packs, offsets = [NOT_PACKED] * len(files), [0] * len(files)
-    in_path_order = pa.table({"path": paths, "size": sizes, "version": [e.version for e in files],
-                              "pack": packs, "offset": offsets,
+    members: dict[int, list[tuple[str, int, str, int]]] = {}
+    for path, size, version, pack, offset in zip(paths, sizes, versions, packs, offsets):
+        if pack != NOT_PACKED and pack not in ids:
+            members.setdefault(pack, []).append((path, size, version, offset))
+    ids.update({p: pack_unit(sorted(m, key=lambda x: x[3]), block_size) for p, m in members.items()})
+    units = [ids[pack] if pack != NOT_PACKED else file_unit(path, size, version, block_size)
+             for path, size, version, pack in zip(paths, sizes, versions, packs)]
+    in_path_order = pa.table({"path": paths, "size": sizes, "version": versions,
+                              "pack": pa.array(packs, pa.int32()), "offset": pa.array(offsets, pa.int32()),
+                              "unit": pa.array(units, pa.uint64()),
                               "hash": pa.array([path_hash(p) for p in paths], pa.uint64())})
     return with_folders(_hash_ordered(in_path_order), _leaf_folders(folders, paths))
 
@@ -118,7 +148,7 @@ def with_folders(table: pa.Table, folders: list[str]) -> pa.Table:
     return table.replace_schema_metadata({**(table.schema.metadata or {}), FOLDERS_KEY: json.dumps(folders).encode()})
 
 
-def folders_of(table: pa.Table) -> list[str]:
+def recorded_folders(table: pa.Table) -> list[str]:
     """The folders a table records beyond those its files imply (none in older tables)."""
     raw = (table.schema.metadata or {}).get(FOLDERS_KEY)
     if not raw:
@@ -138,7 +168,8 @@ def _hash_ordered(table: pa.Table) -> pa.Table:
     rows = table.take(order)
     # by_path[i] = the row that holds the i-th path: where row order[i] landed, which is i's inverse
     by_path = pc.sort_indices(order).cast(pa.uint32())
-    return pa.Table.from_arrays([*rows.columns, by_path], schema=SCHEMA)
+    return pa.Table.from_arrays([*rows.columns, by_path], schema=SCHEMA if "unit" in table.column_names
+                                else UNITLESS_SCHEMA)
 
 
 def snapshot_id(table: pa.Table, layout: str = "") -> str:
@@ -147,7 +178,7 @@ def snapshot_id(table: pa.Table, layout: str = "") -> str:
     packed differently make different blocks; a packed table is hashed column by column
     (Arrow buffers, in path order), an unpacked one file by file as cachefs 0.1 did, so a
     refresh of an unchanged older dataset keeps its snapshot."""
-    folders = folders_of(table)
+    folders = recorded_folders(table)
     if not layout:
         h = xxhash.xxh3_128()
         rows = table.take(table.column("by_path")) if "by_path" in table.column_names else table
@@ -161,7 +192,8 @@ def snapshot_id(table: pa.Table, layout: str = "") -> str:
     if folders:
         h.update(f"\0folders\0{json.dumps(folders)}".encode())
     rows = table.take(table.column("by_path")).combine_chunks()
-    for name in ("path", "size", "version"):
+    # the layout too: the same files laid out otherwise (another history of refreshes) make other packs
+    for name in ("path", "size", "version") + (("pack", "offset") if "unit" in table.column_names else ()):
         h.update(f"\0{name}\0".encode())
         for buffer in _value_buffers(rows.column(name).chunk(0) if rows.num_rows else pa.array([], pa.string())):
             h.update(buffer)
@@ -206,8 +238,8 @@ def from_ipc(data: bytes | pa.Buffer) -> pa.Table:
         raise BadRequest(f"not an Arrow IPC manifest: {e}") from e
     if table.schema.equals(LEGACY_SCHEMA):
         table = _upgraded(table)
-    if not (table.schema.equals(SCHEMA) or table.schema.equals(READER_SCHEMA)):
-        raise BadRequest(f"manifest schema {table.schema} is neither {SCHEMA} nor the older {LEGACY_SCHEMA}")
+    if not any(table.schema.equals(s) for s in (SCHEMA, READER_SCHEMA, UNITLESS_SCHEMA, UNITLESS_READER_SCHEMA)):
+        raise BadRequest(f"manifest schema {table.schema} is neither {SCHEMA} nor an older one")
     return table
 
 
@@ -287,12 +319,14 @@ class Manifest:
         self._sizes = _column_view(column("size"), "q")
         self._packs = _column_view(column("pack"), "i")
         self._offsets = _column_view(column("offset"), "i")
+        self.has_units = "unit" in self.table.column_names
+        self._units = _column_view(column("unit"), "Q") if self.has_units else None
         self._hashes = _column_view(column("hash"), "Q")
         self._by_path = _column_view(column("by_path"), "I")
         self._in_order = _InOrder(self._paths, self._by_path)
-        self._folders = [f.encode() for f in folders_of(self.table)]  # path order, as bytes
+        self._folders = [f.encode() for f in recorded_folders(self.table)]  # path order, as bytes
         self._pack_rows: list[int] | None = None  # rows of packed files, in pack order (server side)
-        self._pack_starts: list[int] | None = None
+        self._pack_index: dict[int, tuple[int, int]] | None = None  # pack → its run of _pack_rows
 
     def __len__(self) -> int:
         return self.table.num_rows
@@ -321,7 +355,7 @@ class Manifest:
     def at(self, row: int) -> FileEntry:
         return FileEntry(self._paths.text(row), self._sizes[row],
                          self._versions.text(row) if self._versions is not None else "",
-                         self._packs[row], self._offsets[row])
+                         self._packs[row], self._offsets[row], self._units[row] if self._units is not None else 0)
 
     def file(self, path: str) -> FileEntry:
         row = self.row(path)
@@ -463,13 +497,26 @@ class Manifest:
             rows = pa.array([row], pa.uint32())
         else:
             lo, hi = self._under(path)
-            if hi <= lo and path:
+            if hi <= lo and path and not self.is_dir(path):
                 raise NotFound(f"no file or directory {path!r} in snapshot {self.snapshot}")
             rows = self.table.column("by_path").slice(lo, hi - lo)
         return self.table.select(["path", "size"]).take(rows)
 
+    def folders_below(self, below: str, files: pa.Array | pa.ChunkedArray) -> pa.Array:
+        """Every folder strictly below folder `below`, sorted: those its `files` (from
+        `files_below(below)`) imply and the recorded (empty) ones with their parents."""
+        lo, hi = self._folders_at(below)
+        recorded = [f.decode() for f in self._folders[lo:hi] if f != below.encode()]
+        if not recorded:
+            return self.implied_folders(files, below)
+        leaves = pa.array(recorded, pa.string())
+        both = pa.concat_arrays([self.implied_folders(files, below), leaves,
+                                 self.implied_folders(leaves, below)])
+        both = pc.unique(both)
+        return pc.take(both, pc.sort_indices(both))
+
     @staticmethod
-    def folders_of(paths: pa.Array | pa.ChunkedArray, below: str = "") -> pa.Array:
+    def implied_folders(paths: pa.Array | pa.ChunkedArray, below: str = "") -> pa.Array:
         """The folders that `paths` (files, relative to the dataset) imply strictly below
         folder `below`, sorted: each file's parent, then theirs, each level a `unique` of
         the one before (a million files in a thousand folders cost a thousand strings)."""
@@ -489,23 +536,30 @@ class Manifest:
 
     # -- packs (the server's view) ----------------------------------------------------------
     def _index_packs(self) -> None:
-        packs = self._packs
-        rows = [r for r in self._by_path if packs[r] != NOT_PACKED]  # packs ascend in path order
-        starts: list[int] = []
-        last = NOT_PACKED
-        for j, r in enumerate(rows):
-            if packs[r] != last:
-                last = packs[r]
-                starts.append(j)
-        starts.append(len(rows))
-        self._pack_rows, self._pack_starts = rows, starts
+        """Packed rows grouped by pack, in offset order (numbers kept across refreshes need
+        not follow path order, nor be dense)."""
+        packs, offsets = self._packs, self._offsets
+        rows = sorted((r for r in range(len(packs)) if packs[r] != NOT_PACKED), key=lambda r: (packs[r], offsets[r]))
+        index: dict[int, tuple[int, int]] = {}
+        start = 0
+        for j in range(1, len(rows) + 1):
+            if j == len(rows) or packs[rows[j]] != packs[rows[start]]:
+                index[packs[rows[start]]] = (start, j)
+                start = j
+        self._pack_rows, self._pack_index = rows, index
 
     @property
     def packs(self) -> int:
-        if self._pack_starts is None:
-            self._index_packs()
-        assert self._pack_starts is not None
-        return len(self._pack_starts) - 1
+        """How many packs this snapshot reads."""
+        return len(self._packs_index())
+
+    def pack_numbers(self) -> list[int]:
+        return sorted(self._packs_index())
+
+    @property
+    def next_pack(self) -> int:
+        """The number a new pack of the next snapshot gets (numbers are never reused)."""
+        return max(self._packs_index(), default=-1) + 1
 
     def pack_members(self, pack: int) -> list[FileEntry]:
         """The files laid out in `pack`, in offset order (built once; O(files) the first time)."""
@@ -514,16 +568,26 @@ class Manifest:
         return [self.at(r) for r in self._pack_rows[lo:hi]]
 
     def pack_size(self, pack: int) -> int:
-        """Bytes in `pack` (its last member's end), without building its members."""
+        """Bytes in `pack` up to its last live member's end, without building its members."""
         _, hi = self._pack_range(pack)
         assert self._pack_rows is not None
         last = self._pack_rows[hi - 1]
         return self._offsets[last] + self._sizes[last]
 
-    def _pack_range(self, pack: int) -> tuple[int, int]:
-        if self._pack_starts is None:
+    def pack_unit(self, pack: int) -> int:
+        """The pack's id (0 in a manifest from before units)."""
+        lo, _ = self._pack_range(pack)
+        assert self._pack_rows is not None
+        return self._units[self._pack_rows[lo]] if self._units is not None else 0
+
+    def _packs_index(self) -> dict[int, tuple[int, int]]:
+        if self._pack_index is None:
             self._index_packs()
-        assert self._pack_starts is not None
-        if not 0 <= pack < len(self._pack_starts) - 1:
-            raise NotFound(f"no pack {pack} in snapshot {self.snapshot} ({len(self._pack_starts) - 1} packs)")
-        return self._pack_starts[pack], self._pack_starts[pack + 1]
+        assert self._pack_index is not None
+        return self._pack_index
+
+    def _pack_range(self, pack: int) -> tuple[int, int]:
+        found = self._packs_index().get(pack)
+        if found is None:
+            raise NotFound(f"no pack {pack} in snapshot {self.snapshot} ({self.packs} packs)")
+        return found

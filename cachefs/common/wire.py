@@ -105,6 +105,10 @@ STATUS_OF_CODE = {
 }
 
 
+DEFAULT_LEASE = 24 * 3600.0  # a day: a training job's snapshot outlives the refresh made during it
+SNAPSHOT_ID_RE = re.compile(r"^[0-9a-f]{1,64}$")  # what `name@SNAPSHOT` may name
+
+
 def route(pattern: str, **params: str) -> str:
     """Fill a route pattern; parameters are quoted so a name can never add a segment."""
     from urllib.parse import quote
@@ -135,6 +139,7 @@ class DatasetInfo:
     created: float = 0.0
     packs: int = 0  # packs of small files in this snapshot (manifest columns `pack`, `offset`)
     pack_threshold: int = 0  # files below this many bytes were packed (0: none)
+    lease: float = DEFAULT_LEASE  # seconds a replaced snapshot stays readable after a reader loaded it
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -214,8 +219,8 @@ ADMIN_CALLS: tuple[AdminCall, ...] = (
               reads=OperationInfo.from_json),
     AdminCall("update_dataset", "PATCH", DATASET, ADMIN, ("name",), body=True, reads=DatasetInfo.from_json),
     AdminCall("remove_dataset", "DELETE", DATASET, ADMIN, ("name",)),
-    AdminCall("refresh_dataset", "POST", DATASET_REFRESH, ADMIN, ("name",), wrap="operation", status=202,
-              reads=OperationInfo.from_json),
+    AdminCall("refresh_dataset", "POST", DATASET_REFRESH, ADMIN, ("name",), body=True, wrap="operation", status=202,
+              reads=OperationInfo.from_json),  # body {"warm": bool}, or none
     AdminCall("warm_dataset", "POST", DATASET_WARM, ADMIN, ("name",), wrap="operation", status=202,
               reads=OperationInfo.from_json),
     AdminCall("operation", "GET", OPERATION, READER, ("op_id",), reads=OperationInfo.from_json),

@@ -71,7 +71,7 @@ class Client:
     def _pin(self, names: set[str]) -> None:
         """Workers read the snapshots this process listed (cachefs/pins.py), never a newer one."""
         fs = self.fs
-        for name in sorted(names):
+        for name in sorted(n for n in names if "@" not in n):  # `dataset@SNAPSHOT` paths pin themselves
             held = fs.pins.get(name)
             fs.pins.want(name, held.info.snapshot if held is not None else fs.dataset_info(name).snapshot)
         self.options["snapshots"] = fs.pins.snapshots()
