@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from csi.config import MountConfig
@@ -27,10 +27,15 @@ class Snapshot:
     root: str  # the fs path of the snapshot's root, no trailing slash
     tree: SnapshotTree
     chunk: int  # bytes per chunk of the reader (the dataset's block size)
+    # cachefs: {dataset: snapshot} the tree was listed from. Every serving process reads
+    # exactly these (cachefs/pins.py): a client of its own would load the current snapshot,
+    # whose bytes under this tree's sizes are wrong bytes (#20).
+    pins: dict[str, str] = field(default_factory=dict)
 
 
-def filesystem(source: str) -> tuple[Any, str]:
-    """(async fs on the running loop, root path) for an fsspec URL, never a cached instance."""
+def filesystem(source: str, pins: dict[str, str] | None = None) -> tuple[Any, str]:
+    """(async fs on the running loop, root path) for an fsspec URL, never a cached instance;
+    a cachefs one reads the snapshots `pins` names."""
     import fsspec
 
     options: dict[str, Any] = {}
@@ -38,6 +43,8 @@ def filesystem(source: str) -> tuple[Any, str]:
         # The client receives on this loop too: extra receive loops in threads would bring
         # back the thread hand-off per fetch that one loop is for (2x the CPU per small file).
         options["io_threads"] = 0
+    if pins:
+        options["snapshots"] = dict(pins)
     return fsspec.core.url_to_fs(source, asynchronous=True, loop=asyncio.get_running_loop(),
                                  skip_instance_cache=True, **options)
 
@@ -62,9 +69,10 @@ async def list_snapshot(source: str, timeout: float) -> Snapshot:
         chunk = DEFAULT_CHUNK
         if hasattr(fs, "_dataset_info"):  # cachefs: chunks follow the dataset's blocks
             chunk = (await within(fs._dataset_info(root.partition("/")[0]), timeout)).block_size
+        pins = fs.pins.snapshots() if hasattr(fs, "pins") else {}
     finally:
         await close(fs)
-    return Snapshot(source, root.rstrip("/"), tree, chunk)
+    return Snapshot(source, root.rstrip("/"), tree, chunk, pins)
 
 
 async def serve_snapshot(fd: int, snapshot: Snapshot, config: MountConfig, *, cache_bytes: int,
@@ -76,7 +84,7 @@ async def serve_snapshot(fd: int, snapshot: Snapshot, config: MountConfig, *, ca
     from csi.fusefs import DatasetOperations
     from csi.reader import SnapshotReader
 
-    fs, _ = filesystem(snapshot.source)
+    fs, _ = filesystem(snapshot.source, snapshot.pins)
     root = snapshot.root
 
     async def fetch(path: str, start: int, end: int) -> bytes:
