@@ -63,12 +63,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         os.execv(sys.executable, [sys.executable, "-m", "cachefs.cli.main", *sys.argv[1:]])
     from server import hosting
 
-    use_s3 = args.origin == "s3" or (args.origin == "auto" and importlib.util.find_spec("moto") is not None)
-    if args.origin == "s3" and importlib.util.find_spec("moto") is None:
-        raise CachefsError("--origin s3 runs moto's S3 server, which is not installed: pip install 'moto[server]'")
-    if not use_s3 and args.origin == "auto" and not args.json:
-        stdout().print("moto is not installed, so the origin is a local folder (pip install 'moto[server]' "
-                       "to see an object store as the origin)")
+    use_s3, line = choose_origin(args.origin, importlib.util.find_spec("moto") is not None)
+    if line and not args.json:
+        stdout().print(line)
     was_running = (cachefs_home() / "cluster.json").exists()
     with ExitStack() as stack:
         local = Path(args.origin_dir) if args.origin_dir else Path(
@@ -100,6 +97,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
         figures["origin"]["kind"] = "s3 (moto)" if use_s3 else "local folder"
     _print(figures, args.json)
     return 0 if figures["warm"]["state"] == "succeeded" and figures["verified"] else 1
+
+
+def choose_origin(wanted: str, have_moto: bool) -> tuple[bool, str]:
+    """(origin in S3?, a line to tell the user, or ""): S3 on moto's server when asked or
+    when moto is there; a local folder otherwise, said plainly."""
+    if wanted == "s3" and not have_moto:
+        raise CachefsError("--origin s3 runs moto's S3 server, which is not installed: pip install 'moto[server]'")
+    if wanted == "auto" and not have_moto:
+        return False, ("moto is not installed, so the origin is a local folder "
+                       "(pip install 'moto[server]' to see an object store as the origin)")
+    return wanted != "local", ""
 
 
 class S3Origin:

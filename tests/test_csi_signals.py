@@ -78,10 +78,14 @@ def plugin(root: Path, endpoint: str, stuck_mounts: int) -> tuple[subprocess.Pop
     return proc, sock, log
 
 
+def mount_processes(root: Path) -> list[int]:
+    """The mount processes the plugin started (detached; their targets lie under root)."""
+    kubelet = str(root / "kubelet").encode()
+    return [pid for pid, (_, cmd) in procs.processes().items() if kubelet in cmd and b"cachefs.cli.main" not in cmd]
+
+
 def stop_leftovers(root: Path) -> None:
-    """The mount processes the plugin started (detached; they name targets under root)."""
-    mine = [pid for pid, (_, cmd) in procs.processes().items() if str(root).encode() in cmd]
-    assert procs.terminate(mine, grace=5.0) == []
+    assert procs.terminate(mount_processes(root), grace=5.0) == []
 
 
 def sigterm_and_time(proc: subprocess.Popen) -> float:
@@ -103,12 +107,11 @@ def test_sigterm_during_start_up_stops_the_plugin(tmp_path: Path, black_hole: Bl
         if moment == "starting python":
             pass  # at once: the interpreter is still importing
         else:
-            wait_until(lambda: b"repairing" in log.read_bytes() or proc.poll() is not None, 60, 0.02,
-                       "the plugin to start repairing a mount")
+            wait_until(lambda: mount_processes(tmp_path) or proc.poll() is not None, 60, 0.02,
+                       "the plugin to start a mount process for its first repair")
             assert proc.poll() is None, log.read_text()[-2000:]
             if moment == "adopting, a while in":
-                wait_until(lambda: b"started mount process" in log.read_bytes(), 30, 0.02,
-                           "the mount process of the repair")
+                wait_until(black_hole.called, 60, 0.02, "the repair's mount process to ask the cluster")
         sigterm_and_time(proc)
         assert proc.returncode in (0, -signal.SIGTERM), log.read_text()[-2000:]
         if moment != "starting python":

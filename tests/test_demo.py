@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -26,3 +28,26 @@ def test_demo_tells_the_whole_story_and_leaves_nothing_running(tmp_path) -> None
     assert f["per_node_copies"] == {"nodes": 3, "memory_bytes": 3 * size, "origin_bytes": 3 * size}
     assert f["cachefs"]["memory_bytes"] == size and f["cachefs"]["origin_bytes"] == size  # one copy, read once
     assert not (tmp_path / "home" / "cluster.json").exists()
+
+
+@pytest.mark.parametrize("wanted, have_moto, expected", [
+    ("auto", True, (True, "")),
+    ("auto", False, (False, "moto is not installed, so the origin is a local folder (pip install 'moto[server]' "
+                            "to see an object store as the origin)")),
+    ("s3", True, (True, "")),
+    ("local", True, (False, "")),
+    ("local", False, (False, "")),
+])
+def test_the_demo_says_where_its_origin_is(wanted: str, have_moto: bool, expected: tuple[bool, str]) -> None:
+    from server.cli_demo import choose_origin
+
+    assert choose_origin(wanted, have_moto) == expected
+
+
+def test_the_demo_refuses_s3_without_moto_clearly() -> None:
+    from cachefs.common.errors import CachefsError
+    from server.cli_demo import choose_origin
+
+    with pytest.raises(CachefsError, match=r"pip install 'moto\[server\]'"):
+        choose_origin("s3", False)
+

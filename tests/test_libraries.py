@@ -166,3 +166,16 @@ def test_open_refuses_an_unknown_cache_type_clearly(cachefs_cluster, tables) -> 
         fs.open(f"{tables}/images/a.bin", cache_type="turbo")
     with pytest.raises(ValueError, match="block_size must be"):
         fs.open(f"{tables}/images/a.bin", block_size=-5)
+
+
+def test_fsspec_chaining_keeps_a_local_copy_checked_against_ukey(cachefs_cluster, tables, tmp_path) -> None:
+    """`filecache::cachefs://` keeps files on local disk and, with check_files, asks `ukey`
+    whether its copy is still the file's."""
+    import fsspec
+
+    options = {"filecache": {"cache_storage": str(tmp_path), "check_files": True},
+               "cachefs": {"endpoint": cachefs_cluster.endpoint, "token": cachefs_cluster.token}}
+    for _ in range(2):  # the second open is served from the local copy, after its ukey check
+        with fsspec.open(f"filecache::cachefs://{tables}/images/b.bin", "rb", **options) as f:
+            assert f.read() == b"b" * 5000
+    assert sum(1 for p in tmp_path.iterdir() if p.is_file() and p.stat().st_size == 5000) == 1

@@ -83,3 +83,21 @@ assert "ray" not in sys.modules
 
     cli = subprocess.run([str(venv / "bin" / "cachefs"), "up"], capture_output=True, text=True, timeout=60, env=env)
     assert cli.returncode == 2 and "pip install 'cachefs[server]'" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_every_command_group_registers_from_an_install_and_names_its_extra(venv, tmp_path) -> None:
+    """Installed (no pyproject.toml beside the code), the groups come from the package's
+    `cachefs.commands` entry points; each command whose extra is missing says which."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(CACHEFS_HOME=str(tmp_path), CACHEFS_ENDPOINT="http://127.0.0.1:9", CACHEFS_TOKEN="t")
+    run = lambda *argv: subprocess.run([str(venv / "bin" / "cachefs"), *argv], capture_output=True,  # noqa: E731
+                                       text=True, timeout=60, env=env, cwd=tmp_path)
+    usage = run("--help")
+    assert usage.returncode == 0, usage.stderr
+    for command in ("up", "down", "status", "dataset", "ls", "demo", "csi", "mount", "operator"):
+        assert f"    {command} " in usage.stdout, (command, usage.stdout)
+    for argv, extra in ((["csi"], "csi"), (["mount", "ds", str(tmp_path / "mnt")], "csi"), (["operator"], "operator"),
+                        (["down"], "server")):
+        done = run(*argv)
+        assert done.returncode == 2 and f"pip install 'cachefs[{extra}]'" in done.stderr, (argv, done.stderr)
+        assert "Traceback" not in done.stderr
