@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from http import HTTPStatus
 from typing import Callable
 
@@ -30,6 +31,7 @@ HEAD_LIMIT = 64 * 1024  # request line and headers
 BUFFER_LIMIT = 256 * 1024  # bytes received ahead of the request being answered before reading pauses
 WRITE_PIECE = 1024 * 1024  # large payloads leave in pieces this size, each once the socket drained
 HIGH_WATER = 4 * 1024 * 1024  # unsent bytes a connection may hold before it waits for the reader
+REQUEST_LINE = re.compile(rb"^[A-Z]{1,16} [\x21-\x7e]+ HTTP/1\.[01]$")
 REQUEST_TIMEOUT = 30.0  # a request begun must arrive whole within this many seconds
 
 
@@ -129,7 +131,11 @@ class DataProtocol(asyncio.Protocol):
                 return self._refuse(431, f"the request's line and headers exceed {HEAD_LIMIT // 1024} KiB")
             return self._wait_for_more("its headers")
         line_end = buf.find(b"\r\n")
-        method, _, rest = bytes(buf[:line_end]).partition(b" ")
+        line = bytes(buf[:line_end])
+        if not REQUEST_LINE.match(line):
+            return self._refuse(400, f"malformed request: {line[:80]!r} is not an HTTP/1.1 request line "
+                                     "(METHOD TARGET HTTP/1.1)")
+        method, _, rest = line.partition(b" ")
         target = rest.rpartition(b" ")[0]
         path, _, query = target.decode("latin-1").partition("?")
         route = data_route(method, path)
