@@ -13,9 +13,9 @@ import asyncio
 from collections import deque
 from typing import Awaitable, Callable
 
-from cachefs.plan import Slice
+from cachefs.plan import Outcome, Slice
 
-Send = Callable[[str, list[Slice]], Awaitable[None]]
+Send = Callable[[str, list[Slice]], Awaitable[list[Outcome]]]  # an outcome per slice, in order
 
 
 class NodeQueue:
@@ -23,59 +23,59 @@ class NodeQueue:
 
     def __init__(self, url: str, send: Send, senders: int, max_items: int, max_bytes: int) -> None:
         self.url = url
-        self._send = send  # sets each slice's outcome; never raises for a slice's failure
+        self._send = send  # answers each slice's outcome; never raises for a slice's failure
         self.senders = senders
         self.max_items = max_items
         self.max_bytes = max_bytes
-        self._waiting: deque[Slice] = deque()
+        self._waiting: deque[tuple[Slice, asyncio.Future[Outcome]]] = deque()
         self._busy = 0
 
-    def _chunk(self) -> list[Slice]:
+    def _chunk(self) -> list[tuple[Slice, asyncio.Future[Outcome]]]:
         """The next request's slices: as many waiting ones as fit the limits (at least one)."""
-        chunk: list[Slice] = []
+        chunk: list[tuple[Slice, asyncio.Future[Outcome]]] = []
         size = 0
         while self._waiting and len(chunk) < self.max_items:
-            n = len(self._waiting[0].dest)
+            n = len(self._waiting[0][0].dest)
             if chunk and size + n > self.max_bytes:
                 break
             chunk.append(self._waiting.popleft())
             size += n
         return chunk
 
-    async def read(self, slices: list[Slice]) -> None:
-        """Send `slices` to this node (now, or with the next request); returns when every
-        one has its outcome."""
+    async def read(self, slices: list[Slice]) -> list[Outcome]:
+        """Send `slices` to this node (now, or with the next request); each one's outcome."""
         if not self._waiting and self._busy < self.senders and len(slices) <= self.max_items \
                 and sum(len(s.dest) for s in slices) <= self.max_bytes:
             self._busy += 1  # the fast path: an idle node, sent from this task, no hand-off
             try:
-                await self._send(self.url, slices)
+                return await self._send(self.url, slices)
             finally:
                 self._busy -= 1
                 self._kick()
-            return
         loop = asyncio.get_running_loop()
-        for s in slices:
-            s.done = loop.create_future()
-            self._waiting.append(s)
+        futures = [loop.create_future() for _ in slices]
+        self._waiting.extend(zip(slices, futures))
         self._kick()
-        await asyncio.gather(*(s.done for s in slices if s.done is not None))
+        return list(await asyncio.gather(*futures))
 
     def _kick(self) -> None:
         while self._waiting and self._busy < self.senders:
             self._busy += 1
             asyncio.ensure_future(self._run(self._chunk()))
 
-    async def _run(self, chunk: list[Slice]) -> None:
+    async def _run(self, chunk: list[tuple[Slice, asyncio.Future[Outcome]]]) -> None:
         try:
-            await self._send(self.url, chunk)
+            outcomes = await self._send(self.url, [s for s, _ in chunk])
+            for (_, done), outcome in zip(chunk, outcomes, strict=True):
+                if not done.done():
+                    done.set_result(outcome)
         except Exception as e:  # a bug of ours: the waiters get it rather than hang
-            for s in chunk:
-                if s.done is not None and not s.done.done():
-                    s.done.set_exception(e)
+            for _, done in chunk:
+                if not done.done():
+                    done.set_exception(e)
         finally:  # cancelled too: every waiter is released
             self._busy -= 1
-            for s in chunk:
-                if s.done is not None and not s.done.done():
-                    s.done.set_result(None)
+            for _, done in chunk:
+                if not done.done():
+                    done.cancel()
             self._kick()

@@ -14,7 +14,7 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Collection
 
 from cachefs.common import wire
 from cachefs.batching import NodeQueue
@@ -24,7 +24,7 @@ from cachefs.common.errors import (CachefsError, IntegrityError, NodeUnavailable
 from cachefs.ioloops import IOLoops
 from cachefs.common.manifest import FileEntry, Manifest, from_ipc
 from cachefs.common.origin import Origin
-from cachefs.plan import Slice
+from cachefs.plan import Moved, Outcome, Slice, Stale
 from cachefs.transport import Endpoints, Transport
 from cachefs.common.wire import DatasetInfo
 from shard import Ring
@@ -90,11 +90,13 @@ class BlockReader:
             return self.ring
 
     # -- slices --------------------------------------------------------------------------
-    async def read(self, view: DatasetView, slices: list[Slice]) -> None:
-        """Fill every slice's `dest`, or set its `error`. Raises only for the whole read
-        (SnapshotGone: the caller reloads the dataset and starts again)."""
-        pending = [s for s in slices if len(s.dest)]
-        exhausted: list[Slice] = []
+    async def read(self, view: DatasetView, slices: list[Slice]) -> list[CachefsError | None]:
+        """Fill the slices' `dest`s; per slice, None (served) or its error (failed). Raises
+        only for the whole read (SnapshotGone: the caller reloads the dataset and starts again)."""
+        results: list[CachefsError | None] = [None] * len(slices)
+        tried: dict[int, set[str]] = {}  # slice index → nodes that failed it
+        pending = [i for i, s in enumerate(slices) if len(s.dest)]
+        exhausted: list[int] = []
         rounds = self.config.retries + view.info.replicas + EXTRA_CANDIDATES + 2
         for _ in range(rounds):
             if not pending:
@@ -102,22 +104,32 @@ class BlockReader:
             await self.get_ring()
             routes = self._routes
             assert routes is not None
-            groups: dict[str, list[Slice]] = defaultdict(list)
-            for s in pending:
-                node = self._pick(routes, s, view.info.replicas)
+            groups: dict[str, list[int]] = defaultdict(list)
+            for i in pending:
+                node = self._pick(routes, slices[i].key, tried.get(i, ()), view.info.replicas)
                 if node is None:
-                    exhausted.append(s)
+                    exhausted.append(i)
                 else:
-                    groups[node].append(s)
+                    groups[node].append(i)
             if len(groups) == 1:  # the common case of a small read: no task per group
                 (node, group), = groups.items()
-                await self._queue(view, node, routes.urls[node]).read(group)
+                answers = [await self._queue(view, node, routes.urls[node]).read([slices[i] for i in group])]
             else:
-                await asyncio.gather(*(self._queue(view, n, routes.urls[n]).read(g) for n, g in groups.items()))
-            pending = [s for s in pending if s.retry or s.stale]
-            stale = max((s.stale for s in pending), default=0)
-            for s in pending:
-                s.retry, s.stale = False, 0
+                answers = await asyncio.gather(*(self._queue(view, n, routes.urls[n]).read([slices[i] for i in g])
+                                                 for n, g in groups.items()))
+            pending, stale = [], 0
+            for group, outcomes in zip(groups.values(), answers, strict=True):
+                for i, outcome in zip(group, outcomes, strict=True):
+                    if outcome is None:
+                        continue
+                    if isinstance(outcome, Moved):
+                        tried.setdefault(i, set()).add(outcome.node)
+                        pending.append(i)
+                    elif isinstance(outcome, Stale):
+                        stale = max(stale, outcome.epoch)
+                        pending.append(i)
+                    else:
+                        results[i] = outcome
             if stale:
                 await self.refresh_ring(stale)
             if exhausted and not pending:  # every candidate failed: maybe the ring moved on without us
@@ -127,21 +139,23 @@ class BlockReader:
                 except NodeUnavailable:
                     break
                 if ring.epoch > before:
-                    for s in exhausted:
-                        s.tried.clear()
+                    for i in exhausted:
+                        tried.pop(i, None)
                     pending, exhausted = exhausted, []
-        for s in pending:  # rounds used up (a ring that keeps moving): last resort as well
-            exhausted.append(s)
+        exhausted += pending  # rounds used up (a ring that keeps moving): last resort as well
         if exhausted:
-            await self._read_origin(view, exhausted)
-        gone = next((s.error for s in slices if isinstance(s.error, SnapshotGone)), None)
+            failed = await self._read_origin(view, [slices[i] for i in exhausted])
+            for i, error in zip(exhausted, failed, strict=True):
+                results[i] = error
+        gone = next((e for e in results if isinstance(e, SnapshotGone)), None)
         if gone is not None:  # the snapshot was replaced: the whole read is, not slice by slice
             raise gone
+        return results
 
-    def _pick(self, routes: _Routes, s: Slice, replicas: int) -> str | None:
-        """The first owner of the slice's unit that has not failed it, preferring nodes that
-        are not marked down (when all are, try them anyway: they may be back)."""
-        prefs = [n for n in routes.ring.owners(s.key, replicas + EXTRA_CANDIDATES) if n not in s.tried]
+    def _pick(self, routes: _Routes, key: str, tried: Collection[str], replicas: int) -> str | None:
+        """The first owner of a unit that has not failed it, preferring nodes that are not
+        marked down (when all are, try them anyway: they may be back)."""
+        prefs = [n for n in routes.ring.owners(key, replicas + EXTRA_CANDIDATES) if n not in tried]
         if not prefs:
             return None
         now = time.monotonic()
@@ -173,14 +187,14 @@ class BlockReader:
         if queue is None:
             c = self.config
 
-            async def send(url: str, chunk: list[Slice]) -> None:
-                await self._send(view, node, url, chunk)
+            async def send(url: str, chunk: list[Slice]) -> list[Outcome]:
+                return await self._send(view, node, url, chunk)
 
             queue = self._queues[key] = NodeQueue(url, send, c.node_requests, c.max_batch_items, c.max_batch_bytes)
         return queue
 
-    async def _send(self, view: DatasetView, node: str, url: str, chunk: list[Slice]) -> None:
-        """One request for `chunk`; sets each slice's outcome (never raises for them)."""
+    async def _send(self, view: DatasetView, node: str, url: str, chunk: list[Slice]) -> list[Outcome]:
+        """One request for `chunk`: each slice's outcome (never raises for them)."""
         info = view.info
         body = wire.read_body(info.snapshot, [s.item for s in chunk])
         dests = [s.dest for s in chunk]
@@ -194,56 +208,43 @@ class BlockReader:
                 else:
                     results = await self.transport.read_frames(url, info.name, body, epoch, dests)
         except StaleEpoch as e:
-            for s in chunk:
-                s.stale = max(e.epoch, epoch + 1)
-            return
+            return [Stale(max(e.epoch, epoch + 1))] * len(chunk)
         except (NodeUnavailable, IntegrityError) as e:  # the node, or its answer, is broken: next owner
             self.mark_down(url)
-            for s in chunk:
-                s.tried.add(node)
-                s.retry = True
             log.debug("%s failed a batch of %d: %s", url, len(chunk), e)
-            return
+            return [Moved(node)] * len(chunk)
         except CachefsError as e:  # the node's answer for the whole request: token, dataset, snapshot
-            for s in chunk:
-                s.error = e
-            return
-        for s, result in zip(chunk, results, strict=True):
-            if result is None:
-                continue
-            if isinstance(result, IntegrityError):  # a bad copy on that node: try the next one
-                s.tried.add(node)
-                s.retry = True
-            else:
-                s.error = result
+            return [e] * len(chunk)
+        # a bad copy on that node (IntegrityError): try the next one
+        return [Moved(node) if isinstance(r, IntegrityError) else r for r in results]
 
-    async def _read_origin(self, view: DatasetView, slices: list[Slice]) -> None:
+    async def _read_origin(self, view: DatasetView, slices: list[Slice]) -> list[CachefsError | None]:
+        """The slices no node could serve, from the origin itself: per slice, None or its error."""
         name = view.info.name
         if not self.config.origin_fallback:
-            for s in slices:
-                s.error = Unavailable(f"cannot read {name}/{s.entry.path}: no cache node answered "
-                                      "(origin fallback is off)")
-            return
+            return [Unavailable(f"cannot read {name}/{s.entry.path}: no cache node answered "
+                                "(origin fallback is off)") for s in slices]
         try:
             entries = await self._versioned(view, [s.entry for s in slices])
         except CachefsError as e:
-            for s in slices:
-                s.error = Unavailable(f"cannot read {name}/{s.entry.path}: no cache node answered, and the origin "
-                                      f"cannot be read without the snapshot's version tokens ({e})")
-            return
+            return [Unavailable(f"cannot read {name}/{s.entry.path}: no cache node answered, and the origin "
+                                f"cannot be read without the snapshot's version tokens ({e})") for s in slices]
         origin = self._origins.get(name)
         if origin is None:
             origin = self._origins[name] = Origin(view.info.origin, self.origin_options, self.config.read_timeout)
         results = await origin.read_many([(e, s.file_start, s.file_start + len(s.dest)) for e, s in zip(entries, slices)])
+        out: list[CachefsError | None] = []
         for s, got in zip(slices, results, strict=True):
             if isinstance(got, CachefsError):
                 reason = "the cache cluster failed and so did the origin"
-                s.error = Unavailable(f"cannot read {name}/{s.entry.path}: {reason} ({got})") \
-                    if isinstance(got, OriginUnavailable) else got
+                out.append(Unavailable(f"cannot read {name}/{s.entry.path}: {reason} ({got})")
+                           if isinstance(got, OriginUnavailable) else got)
             else:
                 s.dest[:] = got
+                out.append(None)
                 self.origin_reads += 1
         log.warning("read %d slice(s) of %s from the origin: no cache node could serve them", len(slices), name)
+        return out
 
     async def _versioned(self, view: DatasetView, entries: list[FileEntry]) -> list[FileEntry]:
         """The entries with their version tokens (which the origin is checked against): a

@@ -211,19 +211,19 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
             raise NotFound(f"no file {rel!r} in dataset {name} (snapshot {view.info.snapshot})")
         return view, entry
 
-    async def _read_view(self, view: DatasetView, slices: list[Slice]) -> None:
-        """Every read of bytes: from the view's snapshot, or SnapshotGone saying what to do."""
+    async def _read_view(self, view: DatasetView, slices: list[Slice]) -> list[CachefsError | None]:
+        """Every read of bytes: from the view's snapshot (each slice's error, None if served),
+        or SnapshotGone saying what to do."""
         try:
-            await self.blocks.read(view, slices)
+            return await self.blocks.read(view, slices)
         except SnapshotGone as e:
             raise pins.gone(view.info.name, view.info.snapshot, f"the dataset was refreshed: {e.message}") from e
 
     async def _fill(self, view: DatasetView, slices: list[Slice]) -> None:
         """Fill the slices' destinations; raise the first slice's error, if any."""
-        await self._read_view(view, slices)
-        for s in slices:
-            if s.error is not None:
-                raise s.error
+        error = next((e for e in await self._read_view(view, slices) if e is not None), None)
+        if error is not None:
+            raise error
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         """Sync `cat_file`: a small read one node can answer goes on this thread
@@ -297,7 +297,7 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
     async def _read_many(self, reads: list[tuple[str, int | None, int | None]]) -> list[Any]:
         """Each read's bytes, or its exception; all their slices read together."""
         results: list[Any] = [None] * len(reads)
-        work: dict[str, tuple[DatasetView, list[Slice], list[tuple[int, list[Slice]]]]] = {}
+        work: dict[str, tuple[DatasetView, list[Slice], list[tuple[int, int, int]]]] = {}  # (read, its slices)
         for i, (path, start, end) in enumerate(reads):
             try:
                 view, entry = await self._resolve(path)
@@ -312,16 +312,16 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
             results[i] = out
             slices = plan(view.info, entry, lo, hi, dest)
             _, all_slices, per_read = work.setdefault(view.info.name, (view, [], []))
+            per_read.append((i, len(all_slices), len(all_slices) + len(slices)))
             all_slices.extend(slices)
-            per_read.append((i, slices))
         if len(work) == 1:  # one dataset, the usual case: no task for it
             (view, slices, _), = work.values()
-            await self._read_view(view, slices)
+            outcomes = [await self._read_view(view, slices)]
         else:
-            await asyncio.gather(*(self._read_view(view, slices) for view, slices, _ in work.values()))
-        for _, _, per_read in work.values():
-            for i, slices in per_read:
-                error = next((s.error for s in slices if s.error is not None), None)
+            outcomes = await asyncio.gather(*(self._read_view(view, slices) for view, slices, _ in work.values()))
+        for (_, _, per_read), errors in zip(work.values(), outcomes, strict=True):
+            for i, lo, hi in per_read:
+                error = next((e for e in errors[lo:hi] if e is not None), None)
                 if error is not None:
                     results[i] = error
         return results

@@ -7,8 +7,8 @@ path routes, batches and retries slices; it never copies a byte a second time.
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple, Union
 
 from cachefs.common import wire
 from cachefs.common.errors import CachefsError
@@ -17,7 +17,7 @@ from cachefs.common.wire import DatasetInfo
 from shard import block_key, blocks_for_range, identity, pack_key
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, slots=True, eq=False)
 class Slice:
     """Bytes a reader wants from one unit: `item` on the wire, landing in `dest`."""
 
@@ -26,11 +26,23 @@ class Slice:
     dest: memoryview
     entry: FileEntry  # for the origin fallback: the file, and ...
     file_start: int  # ... the offset in it of dest[0]
-    tried: set[str] = field(default_factory=set)  # node ids that failed this slice
-    error: CachefsError | None = None
-    retry: bool = False  # set by a send: route it again
-    stale: int = 0  # set by a send: the node knows a newer ring epoch
-    done: asyncio.Future[None] | None = None
+
+
+class Moved(NamedTuple):
+    """The node could not serve the slice (unreachable, or its copy was bad): try the next owner."""
+
+    node: str
+
+
+class Stale(NamedTuple):
+    """The node routes by a newer ring epoch: refresh the ring, then route the slice again."""
+
+    epoch: int
+
+
+# What one send did with one slice: None (served: its bytes are in `dest`), Moved, Stale,
+# or the slice's own error (failed).
+Outcome = Union[None, Moved, Stale, CachefsError]
 
 
 def plan(info: DatasetInfo, entry: FileEntry, start: int, end: int, dest: memoryview) -> list[Slice]:

@@ -1,8 +1,10 @@
 """The aiohttp app of a cache node: routes in one place, thin handlers.
 
-Handlers parse, call the domain (`CacheNode` for blocks, an `Admin` for the registry),
-and map domain errors to statuses in one middleware. Block bytes leave through the
-fastest path: memoryview slices from RAM, or sendfile from the disk tier.
+Handlers parse, call the domain (`CacheNode`, an `Admin` for the registry), and map
+domain errors to statuses in one middleware. The data routes (batched read, block GET)
+are answered by `server/data_routes.py` and normally never reach aiohttp: the lean
+protocol in `server/dataproto.py` serves them, and hands aiohttp only the connections
+that begin with another route (`serve`, below, listens for both on one port).
 """
 
 from __future__ import annotations
@@ -11,22 +13,18 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 from typing import Any, Awaitable, Callable, Protocol
 
-import xxhash
 from aiohttp import web
 
 from cachefs.common import wire
-from cachefs.common.errors import BadRequest, CachefsError, Forbidden, NotFound, RangeNotSatisfiable, Unauthorized
-from server.node import BlockRead, CacheNode
-from server.peers import CACHED_ONLY
-from server.stores import read_ranges
+from cachefs.common.errors import BadRequest, CachefsError, Forbidden, NotFound, Unauthorized
+from server.data_routes import DataRoutes
+from server.node import CacheNode
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024  # 1 MiB slices keep the socket full without copying the block
-COALESCE = 512 * 1024  # batch answers up to this size are copied into one buffer and sent in one write
 
 
 class Admin(Protocol):
@@ -41,6 +39,7 @@ NODE = web.AppKey("node", CacheNode)
 ADMIN = web.AppKey("admin", object)
 TOKENS = web.AppKey("tokens", tuple)  # (reader, admin), as bytes
 ROLES = web.AppKey("roles", dict)  # route → wire.OPEN | READER | ADMIN, filled by make_app
+ROUTES = web.AppKey("routes", DataRoutes)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -169,167 +168,32 @@ async def manifest(request: web.Request) -> web.Response:
                         headers={wire.SNAPSHOT_HEADER: state.info.snapshot})
 
 
-# -- blocks ------------------------------------------------------------------------------
-def _int(value: str, what: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise BadRequest(f"{what} must be an integer, not {value!r}") from None
-
-
-def _epoch(request: web.Request) -> int | None:
-    value = request.headers.get(wire.EPOCH_HEADER)
-    return None if value is None else _int(value, wire.EPOCH_HEADER)
-
-
-async def block(request: web.Request) -> web.StreamResponse:
-    """GET one block of a file (?path=&index=) or one pack (?pack=), whole or a byte range."""
-    node = request.app[NODE]
-    name, q = _name(request), request.query
-    if "snapshot" not in q or not ("pack" in q or ("path" in q and "index" in q)):
-        raise BadRequest("missing query parameter(s): a block is named by snapshot, path and index "
-                         "(or snapshot and pack)")
-    epoch = _epoch(request)
-    cached = q.get(CACHED_ONLY) == "1"  # a peer asking for a unit that moved (server/peers.py)
-    if "pack" in q:
-        read_it = lambda: node.read_pack(name, q["snapshot"], _int(q["pack"], "pack"), epoch, cached)  # noqa: E731
-    else:
-        index = _int(q["index"], "index")
-        if index < 0:
-            raise RangeNotSatisfiable(f"block index {index} is negative")
-        read_it = lambda: node.read_block(name, q["snapshot"], q["path"], index, epoch, cached)  # noqa: E731
-    read = await read_it()
-    try:
-        return await _send_block(request, read)
-    except FileNotFoundError:  # evicted between lookup and open: read it again (now a miss)
-        return await _send_block(request, await read_it())
-
-
-def _byte_range(request: web.Request, size: int) -> tuple[int, int]:
-    """The part of a block of `size` bytes that is asked for: ?start=&end=, or a Range header."""
-    q = request.query
-    if "start" in q or "end" in q:
-        start, stop = _int(q.get("start", "0"), "start"), _int(q.get("end", str(size)), "end")
-        if not 0 <= start <= stop <= size:
-            raise RangeNotSatisfiable(f"range [{start}, {stop}) is outside the block of {size} bytes")
-        return start, stop
-    try:
-        rng = request.http_range
-    except ValueError as e:
-        raise BadRequest(f"malformed Range header: {e}") from e
-    start, stop = rng.start, rng.stop
-    if start is None and stop is None:
-        return 0, size
-    if start is not None and start < 0:  # suffix range: the last -start bytes
-        start, stop = max(0, size + start), size
-    start = start or 0
-    stop = size if stop is None else min(stop, size)
-    if start >= size and size > 0 or start > stop:
-        raise RangeNotSatisfiable(f"range {start}-{stop} is outside the block of {size} bytes")
-    return start, stop
-
-
-async def _send_block(request: web.Request, read: BlockRead) -> web.StreamResponse:
-    size = read.end - read.start  # a packed file's block is its range of the pack
-    start, stop = _byte_range(request, size)
-    partial = (start, stop) != (0, size)
-    lo, hi = read.start + start, read.start + stop
-    whole = (lo, hi) == (0, read.block.size)
-    body: memoryview | bytes | None = None
-    if read.data is not None:
-        body = memoryview(read.data)[lo:hi]
-    elif not whole:  # a range of a disk block: its digest needs its bytes
-        (body,) = await asyncio.to_thread(read_ranges, [(read.block.path, lo, hi)])
-    digest = read.block.digest if whole else xxhash.xxh3_64_hexdigest(body)  # type: ignore[arg-type]
-    resp = web.StreamResponse(status=206 if partial else 200, headers={
-        wire.DIGEST_HEADER: digest,
-        wire.SOURCE_HEADER: read.source,
-        "Accept-Ranges": "bytes",
-        "Content-Type": "application/octet-stream",
-    })
-    if partial:
-        resp.headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
-    resp.content_length = hi - lo
-    if body is not None:
+# -- data routes (served by server/dataproto.py; here for a connection aiohttp already holds) --
+def data_handler(route: str) -> Handler:
+    """The aiohttp face of a data route: the same `DataRoutes` answer, sent by aiohttp."""
+    async def handle(request: web.Request) -> web.StreamResponse:
+        headers = {k.lower().encode("latin-1"): v.encode("latin-1") for k, v in request.headers.items()}
+        body = await request.read() if request.method == "POST" else b""
+        answer = await request.app[ROUTES].handle(route, request.path, request.query_string, headers, body)
+        resp = web.StreamResponse(status=answer.status, headers=dict(answer.headers))
+        resp.content_length = answer.length
         await resp.prepare(request)
-        for off in range(0, len(body), CHUNK):
-            await resp.write(body[off:off + CHUNK])
-    else:
-        fd = os.open(read.block.path, os.O_RDONLY)  # local disk: microseconds, no thread hop needed
-        with os.fdopen(fd, "rb") as f:
-            await resp.prepare(request)
-            transport = request.transport
-            if transport is None:
-                raise ConnectionResetError("client went away")
-            await asyncio.get_running_loop().sendfile(transport, f, lo, hi - lo)
-    await resp.write_eof()
-    request.app[NODE].metrics.served(read.block.dataset, hi - lo)
-    return resp
+        for part in answer.parts:
+            for off in range(0, len(part), CHUNK):
+                await resp.write(memoryview(part)[off:off + CHUNK])
+        if answer.file:
+            with open(answer.file, "rb") as f:  # local disk: microseconds, no thread hop needed
+                transport = request.transport
+                if transport is None:
+                    raise ConnectionResetError("client went away")
+                await asyncio.get_running_loop().sendfile(transport, f, answer.offset, answer.length)
+        await resp.write_eof()
+        if answer.dataset:
+            request.app[NODE].metrics.served(answer.dataset, answer.length)
+        return resp
 
-
-def _wants(doc: Any) -> tuple[str, list[tuple]]:
-    """The snapshot and items of a batch read, checked for shape (the node checks meaning).
-    Written as a plain loop: it runs once per item of every batch."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("snapshot"), str) or not isinstance(doc.get("items"), list):
-        raise BadRequest('a batch read is {"snapshot": S, "items": [["b", PATH, INDEX, START, END] or '
-                         '["p", PACK, START, END], ...]}')
-    items = doc["items"]
-    if len(items) > wire.MAX_BATCH_ITEMS:
-        raise BadRequest(f"{len(items)} items in one batch; send at most {wire.MAX_BATCH_ITEMS} per request")
-    wants: list[tuple] = []
-    total = 0
-    for n, item in enumerate(items):
-        if type(item) is list and len(item) == 4 and item[0] == wire.ITEM_PACK \
-                and type(item[1]) is int and type(item[2]) is int and type(item[3]) is int:
-            total += item[3] - item[2]
-        elif type(item) is list and len(item) == 5 and item[0] == wire.ITEM_BLOCK and type(item[1]) is str \
-                and type(item[2]) is int and type(item[3]) is int and type(item[4]) is int:
-            total += item[4] - item[3]
-        else:
-            raise BadRequest(f"item {n} is {item!r}; an item is [\"b\", PATH, INDEX, START, END] "
-                             "or [\"p\", PACK, START, END] with integers")
-        wants.append(tuple(item))
-    if total > wire.MAX_BATCH_BYTES:
-        raise BadRequest(f"the batch asks for {total} bytes; split it into requests of at most "
-                         f"{wire.MAX_BATCH_BYTES} bytes")
-    return doc["snapshot"], wants
-
-
-async def read_many(request: web.Request) -> web.StreamResponse:
-    """POST a batch of byte ranges; the answer streams one frame per item (wire.FRAME)."""
-    name = _name(request)
-    try:
-        doc = json.loads(await request.read())
-    except ValueError as e:
-        raise BadRequest(f"the body is not JSON: {e}") from e
-    snapshot, wants = _wants(doc)
-    pieces = await request.app[NODE].read_ranges(name, snapshot, wants, _epoch(request))
-    total = sum(wire.FRAME.size + len(p.payload) for p in pieces)
-    if total <= COALESCE:  # one buffer, sent with the headers in one write: one wake-up of the reader
-        parts: list[bytes | memoryview] = []
-        for i, p in enumerate(pieces):
-            parts += (wire.FRAME.pack(p.status, 0, i, len(p.payload), p.digest), p.payload)
-        return web.Response(body=b"".join(parts), headers={"Content-Type": wire.FRAMES})
-    resp = web.StreamResponse(status=200, headers={"Content-Type": wire.FRAMES})
-    resp.content_length = total
-    await resp.prepare(request)
-    small: list[bytes | memoryview] = []  # frame headers and small payloads go out together
-    size = 0
-    for i, p in enumerate(pieces):
-        small.append(wire.FRAME.pack(p.status, 0, i, len(p.payload), p.digest))
-        big = len(p.payload) >= COALESCE // 4
-        if not big:
-            small.append(p.payload)
-        size += wire.FRAME.size + (0 if big else len(p.payload))
-        if big or size >= COALESCE:
-            await resp.write(b"".join(small))
-            small, size = [], 0
-        if big:  # a large payload leaves as the view it is, no copy
-            await resp.write(p.payload)
-    if small:
-        await resp.write(b"".join(small))
-    await resp.write_eof()
-    return resp
+    handle.__name__ = route
+    return handle
 
 
 def make_app(node: CacheNode, admin: Admin, token: str, admin_token: str) -> web.Application:
@@ -344,9 +208,10 @@ def make_app(node: CacheNode, admin: Admin, token: str, admin_token: str) -> web
     app[ADMIN] = admin
     app[TOKENS] = (token.encode(), admin_token.encode())
     app[ROLES] = {}
+    app[ROUTES] = DataRoutes(node, token, admin_token)
     routes = [  # (method, route, handler, who may call it): docs/api.md is this table in prose
-        ("POST", wire.READ, read_many, wire.READER),  # first: aiohttp tries routes in order, and this is the hot one
-        ("GET", wire.BLOCK, block, wire.READER),
+        ("POST", wire.READ, data_handler("read"), wire.READER),  # served by server/dataproto.py unless a
+        ("GET", wire.BLOCK, data_handler("block"), wire.READER),  # connection began with another route
         ("GET", wire.HEALTH, health, wire.OPEN),  # kubelet probes carry no token
         ("GET", wire.RING, ring, wire.READER),
         ("GET", wire.METRICS, metrics, wire.READER),

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, NamedTuple, Protocol, Sequence
 
 import pyarrow as pa
 import xxhash
@@ -109,6 +109,26 @@ class Piece:
 Want = tuple  # ("b", path, index, start, end) | ("p", pack, start, end): wire.READ items, checked
 
 
+class Found(NamedTuple):
+    """A unit as a read found it: its block and where from, or why there is none."""
+
+    block: StoredBlock | None
+    source: str  # memory | disk | origin
+    error: CachefsError | None = None
+
+
+@dataclass(slots=True)
+class Ask:
+    """One item of a batch: bytes [start, end) of `unit`, and its outcome once known
+    (`payload`, or `error`, which an item that names nothing has from the start)."""
+
+    unit: Unit | None
+    start: int
+    end: int
+    error: CachefsError | None = None
+    payload: memoryview | bytes | None = None
+
+
 def _open_manifest(ipc: bytes, snapshot: str) -> tuple[Manifest, bytes]:
     """The node's index of a snapshot, and the IPC readers load (built here, off the loop)."""
     manifest = Manifest(from_ipc(ipc), snapshot)
@@ -129,7 +149,7 @@ class CacheNode:
         self._datasets: dict[str, DatasetState] = {}
         self._older: dict[tuple[str, str], tuple[DatasetState, float]] = {}  # replaced, leased: (state, recheck at)
         self._loads: Group[DatasetState] = Group()
-        self._fetches: Group[tuple[StoredBlock, str]] = Group()
+        self._fetches: Group[Found] = Group()
         self.warmups = Warmups(self)
         self.started = time.time()
         # Membership changes (server/rebalance.py, server/peers.py): the rings before this
@@ -138,7 +158,7 @@ class CacheNode:
         self.previous_owners: PreviousOwners | None = None
         self.dataset_names: Callable[[], Awaitable[list[str]]] = self._loaded_names
         self.rebalance = Rebalancer(self)
-        self._pulls: Group[tuple[StoredBlock, str] | None] = Group()
+        self._pulls: Group[Found | None] = Group()
         self.peer_bytes = 0  # bytes of moved units that came from a previous owner rather than the origin
 
     async def open(self) -> None:
@@ -293,10 +313,14 @@ class CacheNode:
                         cached_only: bool = False) -> BlockRead:
         """`cached_only`: a peer asking for a unit that moved (server/peers.py) gets it from
         a tier or a 404, never an origin read on its behalf."""
-        block, source = await (self.held(state, unit) if cached_only else self.unit(state, unit))
-        _raise_hole(block, start, end)
-        data = block.buffer if source != "disk" else None
-        return BlockRead(block, source, data, start, end)
+        found = await (self.held(state, unit) if cached_only else self.unit(state, unit))
+        block = found.block
+        assert block is not None
+        hole = _hole(block, start, end)
+        if hole is not None:
+            raise hole
+        data = block.buffer if found.source != "disk" else None
+        return BlockRead(block, found.source, data, start, end)
 
     # -- many ranges (POST /v1/datasets/{name}/read) -------------------------------------
     async def read_ranges(self, name: str, snapshot: str, wants: Sequence[Want],
@@ -308,79 +332,84 @@ class CacheNode:
         self._check_epoch(epoch)
         state = await self.dataset(name, snapshot)
         asked = [self._resolve(state, want) for want in wants]
-        found: dict[str, tuple[StoredBlock, str] | BaseException] = {}
-        misses: dict[str, Unit] = {}
-        for a in asked:
-            if type(a) is tuple and a[0].key not in found and a[0].key not in misses:
-                hit = self._lookup(name, a[0].key)
-                if hit is None:
-                    misses[a[0].key] = a[0]
-                else:
-                    found[a[0].key] = hit
-        for key in [k for k, v in found.items() if not v[0].verified]:  # type: ignore[index]
-            if await self._verified(key) is None:  # corrupt on disk: fetched again
-                del found[key]
-                misses[key] = next(a[0] for a in asked if type(a) is tuple and a[0].key == key)
-        members: dict[tuple[str, int], bytes | CachefsError] = {}
-        if misses:
-            partial = {k for k, u in misses.items() if self._partial(u)}
-            fetch = [k for k in misses if k not in partial]
-            got = await asyncio.gather(*(self._fetches.do(k, lambda u=misses[k]: self._fetch(state, u))
-                                         for k in fetch), return_exceptions=True)
-            found.update(zip(fetch, got))
-            members = await self._members(state, [a for a in asked if type(a) is tuple and a[0].key in partial])
-        from_disk = await self._disk_ranges(asked, found)
+        found, partial = await self._units(state, {a.unit.key: a.unit for a in asked if a.unit is not None})
+        if partial:
+            await self._members(state, [a for a in asked if a.unit is not None and a.unit.key in partial])
+        await self._cut(asked, found)
         pieces: list[Piece] = []
         served = 0
         digest = xxhash.xxh3_64_intdigest
-        for i, a in enumerate(asked):
-            try:
-                if type(a) is not tuple:
-                    raise a  # type: ignore[misc]
-                unit, start, end = a
-                result = found.get(unit.key)
-                if result is None:  # read file by file (_partial)
-                    payload = members[(unit.key, start)]
-                    if isinstance(payload, BaseException):
-                        raise payload
-                else:
-                    if isinstance(result, BaseException):
-                        raise _as_error(result)
-                    block = result[0]
-                    if block.holes or end > block.size:
-                        _raise_hole(block, start, end)
-                    payload = from_disk[i] if i in from_disk else memoryview(block.buffer)[start:end]  # type: ignore[arg-type]
-            except CachefsError as e:
-                pieces.append(Piece.failed(e))
-                continue
-            pieces.append(Piece(200, payload, digest(payload)))
-            served += end - start
+        for a in asked:
+            if a.error is not None:
+                pieces.append(Piece.failed(a.error))
+            else:
+                pieces.append(Piece(200, a.payload, digest(a.payload)))  # type: ignore[arg-type]
+                served += a.end - a.start
         self.metrics.served(name, served)
         return pieces
 
-    def _lookup(self, name: str, key: str) -> tuple[StoredBlock, str] | None:
+    async def _units(self, state: DatasetState, units: dict[str, Unit]) -> tuple[dict[str, Found], set[str]]:
+        """Each unit from a tier or the origin (misses fetched together), and the keys of
+        packs to read file by file instead (`_partial`)."""
+        found: dict[str, Found] = {}
+        misses: dict[str, Unit] = {}
+        name = state.info.name
+        for key, unit in units.items():
+            hit = self._lookup(name, key)
+            if hit is None:
+                misses[key] = unit
+            else:
+                found[key] = hit
+        for key in [k for k, v in found.items() if not v.block.verified]:
+            if await self._verified(key) is None:  # corrupt on disk: fetched again
+                del found[key]
+                misses[key] = units[key]
+        if not misses:
+            return found, set()
+        partial = {k for k, u in misses.items() if self._partial(u)}
+        fetch = [u for k, u in misses.items() if k not in partial]
+        got = await asyncio.gather(*(self.fetch(state, u) for u in fetch), return_exceptions=True)
+        for unit, result in zip(fetch, got, strict=True):
+            found[unit.key] = Found(None, "origin", _as_error(result)) if isinstance(result, BaseException) \
+                else result
+        return found, partial
+
+    async def _cut(self, asked: list[Ask], found: dict[str, Found]) -> None:
+        """Give each item still without an outcome its bytes (a view of a block in memory;
+        disk ranges read in one thread hop) or its unit's error."""
+        disk: list[Ask] = []
+        for a in asked:
+            if a.error is not None or a.payload is not None:
+                continue
+            f = found[a.unit.key]  # type: ignore[union-attr]
+            if f.error is not None:
+                a.error = f.error
+            elif (f.block.holes or a.end > f.block.size) and (hole := _hole(f.block, a.start, a.end)) is not None:  # type: ignore[union-attr]
+                a.error = hole
+            elif f.source == "disk":
+                disk.append(a)
+            else:
+                a.payload = memoryview(f.block.buffer)[a.start:a.end]  # type: ignore[union-attr,arg-type]
+        if disk:
+            data = await asyncio.to_thread(read_ranges, [(found[a.unit.key].block.path, a.start, a.end)  # type: ignore
+                                                         for a in disk])
+            for a, d in zip(disk, data, strict=True):
+                a.payload = d
+
+    def _lookup(self, name: str, key: str) -> Found | None:
         block = self.memory.get(key)
         if block is not None:
             self.metrics.hit(name, "memory")
-            return block, "memory"
+            return Found(block, "memory")
         if self.disk is not None:
             block = self.disk.get(key)  # possibly not verified yet: see _verified
             if block is not None:
                 self.metrics.hit(name, "disk")
-                return block, "disk"
+                return Found(block, "disk")
         return None
 
-    async def _disk_ranges(self, asked: list, found: dict[str, Any]) -> dict[int, bytes]:
-        """The asked ranges of blocks found on disk, read in one thread hop, by item index."""
-        disk = [(i, a) for i, a in enumerate(asked) if type(a) is tuple and isinstance(found.get(a[0].key), tuple)
-                and found[a[0].key][1] == "disk" and not found[a[0].key][0].holes]
-        if not disk:
-            return {}
-        data = await asyncio.to_thread(read_ranges, [(found[a[0].key][0].path, a[1], a[2]) for _, a in disk])
-        return {i: d for (i, _), d in zip(disk, data, strict=True)}
-
-    def _resolve(self, state: DatasetState, want: Want) -> tuple[Unit, int, int] | CachefsError:
-        """(unit, start, end): the bytes of a unit an item asks for, or the item's error."""
+    def _resolve(self, state: DatasetState, want: Want) -> Ask:
+        """The bytes of a unit an item asks for, or the item's error."""
         try:
             if want[0] == wire.ITEM_PACK:
                 unit, lo, hi = self._pack(state, want[1])
@@ -391,8 +420,8 @@ class CacheNode:
             if not 0 <= start <= end <= hi - lo:
                 raise RangeNotSatisfiable(f"range [{start}, {end}) is outside the {hi - lo} bytes of that block")
         except CachefsError as e:
-            return e
-        return unit, lo + start, lo + end
+            return Ask(None, 0, 0, e)
+        return Ask(unit, lo + start, lo + end)
 
     def _partial(self, unit: Unit) -> bool:
         """Is this a pack that is not here and would not be kept if fetched? Then only the
@@ -404,35 +433,52 @@ class CacheNode:
             return False
         return not self.memory.would_keep(unit.length)
 
-    async def _members(self, state: DatasetState, asked: list[tuple[Unit, int, int]]
-                       ) -> dict[tuple[str, int], bytes | CachefsError]:
+    async def _members(self, state: DatasetState, asked: list[Ask]) -> None:
         """The files that ranges of packs name, read from the origin (not kept)."""
-        out: dict[tuple[str, int], bytes | CachefsError] = {}
-        reads, where = [], []
-        for unit, start, end in asked:
-            unit = with_members(unit, state.manifest)
-            member = next((m for m in unit.members if m.offset == start and m.offset + m.size == end), None)
+        reads = []
+        wanted: list[Ask] = []
+        for a in asked:
+            unit = with_members(a.unit, state.manifest)  # type: ignore[arg-type]
+            member = next((m for m in unit.members if m.offset == a.start and m.offset + m.size == a.end), None)
             if member is None:
-                out[(unit.key, start)] = BadRequest(f"[{start}, {end}) is not one file of pack {unit.pack}; "
-                                                    "ask for whole files, or for the pack when it can be cached")
+                a.error = BadRequest(f"[{a.start}, {a.end}) is not one file of pack {unit.pack}; "
+                                     "ask for whole files, or for the pack when it can be cached")
                 continue
             reads.append((member, 0, member.size))
-            where.append((unit.key, start))
+            wanted.append(a)
         if reads:
             results = await state.origin.read_many(reads)
-            for key, got in zip(where, results, strict=True):
-                out[key] = got
-                if not isinstance(got, CachefsError):
+            for a, got in zip(wanted, results, strict=True):
+                if isinstance(got, CachefsError):
+                    a.error = got
+                else:
+                    a.payload = got
                     self.metrics.miss(state.info.name, len(got))
-        return out
 
     # -- the tiers and the origin ----------------------------------------------------------
-    async def unit(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
+    async def unit(self, state: DatasetState, unit: Unit) -> Found:
         """The unit from memory, disk, or the origin (once, however many ask at the same time)."""
         hit = self._lookup(state.info.name, unit.key)
-        if hit is not None and (hit[0].verified or await self._verified(unit.key) is not None):
+        if hit is not None and (hit.block.verified or await self._verified(unit.key) is not None):
             return hit
-        return await self._fetches.do(unit.key, lambda: self._fetch(state, unit))
+        return await self.fetch(state, unit)
+
+    def fetch(self, state: DatasetState, unit: Unit) -> Awaitable[Found]:
+        """The unit for a reader that missed it: one load per key at a time (single flight)."""
+        return self._fetches.do(unit.key, lambda: self._load_missing(state, unit))
+
+    async def _load_missing(self, state: DatasetState, unit: Unit) -> Found:
+        """Inside the flight, the tiers are asked again: the reader looked them up before an
+        await (a disk check, a dataset load), and a flight of the same key may have landed
+        in between and left; reading the origin then would read it twice."""
+        block = self.memory.get(unit.key)
+        if block is not None:
+            return Found(block, "memory")
+        if self.disk is not None and self.disk.get(unit.key) is not None:
+            block = await self._verified(unit.key)
+            if block is not None:
+                return Found(block, "disk")
+        return await self._fetch(state, unit)
 
     async def _verified(self, key: str) -> StoredBlock | None:
         """A disk block re-indexed on start, once its bytes match its digest (checked on its
@@ -440,7 +486,9 @@ class CacheNode:
         assert self.disk is not None
         return await self.disk.get_verified(key)
 
-    async def _fetch(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
+    async def _fetch(self, state: DatasetState, unit: Unit) -> Found:
+        """Read the unit from a node that held it before (a membership change), else from
+        the origin, and keep it (where it may be kept)."""
         pulled = await self._from_previous_owners(state, unit)
         if pulled is not None:
             return pulled
@@ -449,7 +497,7 @@ class CacheNode:
         return await self._keep(state, unit, data, holes, "origin")
 
     async def _keep(self, state: DatasetState, unit: Unit, data: bytes | bytearray, holes: tuple,
-                    source: str) -> tuple[StoredBlock, str]:
+                    source: str) -> Found:
         """Store a unit just read (unless its dataset moved on meanwhile) and say where from."""
         info = state.info
         buffer = pa.py_buffer(data)
@@ -457,7 +505,7 @@ class CacheNode:
                             holes=holes)
         served = self._datasets.get(info.name) is state or (info.name, info.snapshot) in self._older
         if not served or transient(holes):
-            return block, source  # refreshed or removed meanwhile, or worth another try: serve, don't keep
+            return Found(block, source)  # refreshed or removed meanwhile, or worth another try: serve, don't keep
         evicted = self.memory.put(block)
         if evicted:
             self.metrics.evicted(info.name, "memory", len(evicted))
@@ -465,13 +513,13 @@ class CacheNode:
             evicted = await self.disk.put(block, buffer)
             if evicted:
                 self.metrics.evicted(info.name, "disk", len(evicted))
-        return block, source
+        return Found(block, source)
 
     # -- units that moved (a node joined, drained or restarted) ----------------------------
-    async def held(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
+    async def held(self, state: DatasetState, unit: Unit) -> Found:
         """The unit from a tier, or NotFound: what a previous owner answers a peer."""
         hit = self._lookup(state.info.name, unit.key)
-        if hit is not None and (hit[0].verified or await self._verified(unit.key) is not None):
+        if hit is not None and (hit.block.verified or await self._verified(unit.key) is not None):
             return hit
         raise NotFound(f"unit {unit.key} is not cached on node {self.node_id}")
 
@@ -491,7 +539,7 @@ class CacheNode:
                     urls.append(url)
         return urls[:3]  # each dead one costs a connect timeout: a few, then the origin
 
-    async def _from_previous_owners(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str] | None:
+    async def _from_previous_owners(self, state: DatasetState, unit: Unit) -> Found | None:
         """The previous-owner seam of the miss path: the unit from a node that held it."""
         if self.previous_owners is None:
             return None
@@ -504,7 +552,7 @@ class CacheNode:
         self.peer_bytes += len(data)
         return await self._keep(state, unit, data, (), "peer")
 
-    async def pull(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str] | None:
+    async def pull(self, state: DatasetState, unit: Unit) -> Found | None:
         """A moved unit from its previous owners only (the rebalance); None if none has it
         (a reader then reads it from the origin, once, as for any miss)."""
         if self.holds(unit.key):
@@ -564,15 +612,16 @@ def _unit_name(state: DatasetState, unit: Unit) -> UnitName:
     return UnitName(info.name, info.snapshot, path=unit.members[0].path, index=unit.start // info.block_size)
 
 
-def _raise_hole(block: StoredBlock, start: int, end: int) -> None:
+def _hole(block: StoredBlock, start: int, end: int) -> CachefsError | None:
     """A read that touches a member that failed gets that member's error; one past the end
     of this copy (a pack cut short by a newer snapshot) is told that its files changed."""
     if end > block.size:
-        raise OriginChanged(f"bytes [{start}, {end}) are not in this copy of the pack ({block.size} bytes): their "
-                            "files changed at the origin since; read the current snapshot")
+        return OriginChanged(f"bytes [{start}, {end}) are not in this copy of the pack ({block.size} bytes): their "
+                             "files changed at the origin since; read the current snapshot")
     for hole in block.holes:
         if hole.start < end and start < hole.end:
-            raise hole.error
+            return hole.error
+    return None
 
 
 def _as_error(e: BaseException) -> CachefsError:

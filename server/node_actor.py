@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
 
 import ray
-from aiohttp import web
 
 from cachefs.common import wire
 from server.config import NodeConfig
@@ -27,7 +26,7 @@ from cachefs.common.errors import Unavailable
 from server.tls import server_context
 from cachefs.common.wire import DatasetInfo
 from server.coordinator import cachefs_error_or_raise
-from server.http_app import make_app
+from server.listener import Listener
 from server.node import CacheNode, OriginSpec
 from server.peers import PeerConfig, PeerLoader
 from shard import Ring
@@ -86,6 +85,15 @@ def _set_priority(nice: int) -> None:
             log.info("keeping the priority of thread %d (could not set nice %d: %s)", tid, nice, e)
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """The node's loop: uvloop where it is installed (less CPU per request), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class CacheNodeActor:
     """One cache node. Created by the coordinator's placement (server/hosting.py)."""
 
@@ -103,10 +111,10 @@ class CacheNodeActor:
         self.peers = PeerLoader(PeerConfig(config.token, tls_ca=config.tls_cert))
         self.node.previous_owners = self.peers  # a moved unit is asked of its previous owner first
         self.node.dataset_names = self._dataset_names
-        self.runner: web.AppRunner | None = None
+        self.listener: Listener | None = None
         self.url = ""
         self._stopped = asyncio.Event()  # on Ray's loop: `wait_forever` waits on it there
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         threading.Thread(target=self.loop.run_forever, name="cachefs-node", daemon=True).start()
 
     async def _on_node_loop(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -125,13 +133,11 @@ class CacheNodeActor:
         return await self._on_node_loop(self._start)
 
     async def _start(self) -> str:
-        if self.runner is not None:
+        if self.listener is not None:
             await self._join()
             return self.url
         await self.node.open()
-        app = make_app(self.node, self.link, self.config.token, self.config.admin_token)
-        self.runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self.runner.setup()
+        self.listener = Listener(self.node, self.link, self.config.token, self.config.admin_token)
         port = await self._listen()
         host = self.config.advertise_host or (
             self.config.host if self.config.host not in ("0.0.0.0", "::", "") else ray.util.get_node_ip_address())
@@ -142,7 +148,7 @@ class CacheNodeActor:
     async def _listen(self) -> int:
         """Listen on the configured port; with port 0, on the port this node's disk used last
         time, so that a restarted node comes back at the same URL (clients keep working)."""
-        assert self.runner is not None
+        assert self.listener is not None
         remembered = Path(self.config.disk_dir) / ".port" if self.config.disk_dir else None
         wanted = self.config.port
         if wanted == 0 and remembered is not None and remembered.exists():
@@ -152,12 +158,11 @@ class CacheNodeActor:
                 wanted = 0
         tls = server_context(self.config.tls_cert, self.config.tls_key) if self.config.tls_cert else None
         try:
-            await web.TCPSite(self.runner, self.config.host, wanted, backlog=1024, ssl_context=tls).start()
+            port = await self.listener.start(self.config.host, wanted, tls)
         except OSError:
             if self.config.port:
                 raise
-            await web.TCPSite(self.runner, self.config.host, 0, backlog=1024, ssl_context=tls).start()
-        port = int(self.runner.addresses[-1][1])
+            port = await self.listener.start(self.config.host, 0, tls)
         if remembered is not None:
             remembered.parent.mkdir(parents=True, exist_ok=True)
             remembered.write_text(str(port))
@@ -233,9 +238,9 @@ class CacheNodeActor:
         async def stop() -> None:
             await self.node.close()
             await self.peers.close()
-            if self.runner is not None:
-                await self.runner.cleanup()
-                self.runner = None
+            if self.listener is not None:
+                await self.listener.close()
+                self.listener = None
 
         await self._on_node_loop(stop)
         self.loop.call_soon_threadsafe(self.loop.stop)

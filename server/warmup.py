@@ -73,7 +73,8 @@ class Warmups:
                     if warm.cancelled:
                         return
                     try:
-                        block, _ = await self.node.unit(state, unit)
+                        block = (await self.node.unit(state, unit)).block
+                        assert block is not None  # unit() raises rather than answer no block
                         progress.done_bytes += block.size
                         for hole in block.holes:  # a member's failure; dead space of older snapshots is none
                             failed = next((m.path for m in unit.members if m.offset == hole.start), None)

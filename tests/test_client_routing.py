@@ -1,0 +1,178 @@
+"""The client's read path without a cluster: planning, routing by the ring, batching per node,
+stale epochs, failover to the next owner and to the origin, and direct sync reads, against
+two real cache nodes served over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from cachefs.batching import NodeQueue
+from cachefs.blocks import BlockReader, DatasetView
+from cachefs.common import wire
+from cachefs.common.errors import NodeUnavailable
+from cachefs.common.manifest import Manifest, from_ipc
+from cachefs.config import ClientConfig
+from cachefs.direct import DirectReads
+from cachefs.plan import Moved, plan
+from cachefs.transport import Transport
+from conftest import write_tree
+from server.config import NodeConfig
+from server.listener import listen
+from server.node import CacheNode
+from shard import Member, Ring
+from test_node_reads import BLOCK, SnapshotDirectory
+
+TOKEN, ADMIN = "reader-token", "admin-token"
+FILES = {f"f{i}.bin": bytes([i]) * (3 * BLOCK + 100 * i) for i in range(6)}
+
+
+class TwoNodes:
+    def __init__(self, origin: Path) -> None:
+        self.directory = SnapshotDirectory(origin)
+        self.nodes = [CacheNode(f"n{i}", NodeConfig(memory_bytes=8 << 20), self.directory) for i in range(2)]
+        self.listeners: list = []
+        self.urls: list[str] = []
+
+    async def start(self) -> None:
+        for node in self.nodes:
+            await node.open()
+            listener = await listen(node, None, TOKEN, ADMIN, "127.0.0.1", 0)
+            self.listeners.append(listener)
+            self.urls.append(f"http://127.0.0.1:{listener.port}")
+        self.set_epoch(2)
+
+    def set_epoch(self, epoch: int) -> Ring:
+        ring = Ring.build([Member(n.node_id, 1.0, u) for n, u in zip(self.nodes, self.urls)], epoch=epoch)
+        for node in self.nodes:
+            node.ring = ring  # pushed by the coordinator in production (set_ring only moves forward)
+        return ring
+
+    async def view(self) -> DatasetView:
+        state = await self.nodes[0].dataset("d")
+        return DatasetView(state.info, Manifest(from_ipc(state.reader_ipc), state.info.snapshot))
+
+    async def close(self) -> None:
+        for listener in self.listeners:
+            await listener.close()
+        for node in self.nodes:
+            await node.close()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path):
+    two = TwoNodes(write_tree(tmp_path / "origin", FILES))
+    await two.start()
+    yield two
+    await two.close()
+
+
+@pytest.fixture
+async def reader(cluster):
+    config = ClientConfig(endpoint=cluster.urls[0], token=TOKEN, io_threads=0, connect_timeout=2, read_timeout=10)
+    transport = Transport(config)
+    blocks = BlockReader(config, transport)
+    yield blocks
+    await blocks.close()
+    await transport.close()
+
+
+def slices_of(view: DatasetView, path: str, start: int = 0, end: int | None = None):
+    entry = view.manifest.file(path)
+    end = entry.size if end is None else end
+    buf = bytearray(end - start)
+    return buf, plan(view.info, entry, start, end, memoryview(buf))
+
+
+async def test_a_range_is_planned_as_block_slices_landing_in_views_of_one_buffer(cluster) -> None:
+    view = await cluster.view()
+    buf, slices = slices_of(view, "f2.bin", BLOCK - 10, 2 * BLOCK + 10)
+    assert [s.item[2:] for s in slices] == [[0, BLOCK - 10, BLOCK], [1, 0, BLOCK], [2, 0, 10]]
+    assert [len(s.dest) for s in slices] == [10, BLOCK, 10] and sum(map(len, (s.dest for s in slices))) == len(buf)
+    assert len({s.key for s in slices}) == 3
+
+
+async def test_each_slice_is_read_from_its_ring_owner_once(cluster, reader) -> None:
+    view = await cluster.view()
+    ring = await reader.get_ring()
+    work = [slices_of(view, path) for path in FILES]
+    outcomes = await reader.read(view, [s for _, slices in work for s in slices])
+    assert outcomes == [None] * len(outcomes)
+    assert [bytes(buf) for buf, _ in work] == list(FILES.values())
+    owned = {n.node_id: 0 for n in cluster.nodes}
+    for _, slices in work:
+        for s in slices:
+            owned[ring.owners(s.key, 1)[0]] += 1
+    assert {n.node_id: n.metrics.totals["misses"] for n in cluster.nodes} == owned
+    assert reader.origin_reads == 0
+
+
+async def test_a_stale_ring_is_refreshed_and_the_read_routed_again(cluster, reader) -> None:
+    view = await cluster.view()
+    assert (await reader.get_ring()).epoch == 2
+    cluster.set_epoch(5)
+    buf, slices = slices_of(view, "f1.bin")
+    assert await reader.read(view, slices) == [None] * len(slices)
+    assert bytes(buf) == FILES["f1.bin"] and reader.ring.epoch == 5
+
+
+async def test_a_dead_node_costs_its_slices_a_read_from_their_next_owner(cluster, reader) -> None:
+    view = await cluster.view()
+    ring = await reader.get_ring()
+    await cluster.listeners[1].close()  # n1 stops answering
+    work = [slices_of(view, path) for path in FILES]
+    flat = [s for _, slices in work for s in slices]
+    assert any(ring.owners(s.key, 1)[0] == "n1" for s in flat)
+    assert await reader.read(view, flat) == [None] * len(flat)
+    assert [bytes(buf) for buf, _ in work] == list(FILES.values())
+    assert reader.origin_reads == 0 and cluster.nodes[0].metrics.totals["misses"] == len(flat)
+
+
+async def test_with_no_node_answering_the_slices_come_from_the_origin(cluster, reader) -> None:
+    state = await cluster.nodes[0].dataset("d")
+    view = DatasetView(state.info, state.manifest)  # with version tokens: the origin is read checked
+    await reader.get_ring()
+    for listener in cluster.listeners:
+        await listener.close()
+    buf, slices = slices_of(view, "f3.bin")
+    assert await reader.read(view, slices) == [None] * len(slices)
+    assert bytes(buf) == FILES["f3.bin"] and reader.origin_reads == len(slices)
+
+
+async def test_reads_arriving_while_a_node_is_busy_leave_together_and_keep_their_outcomes() -> None:
+    chunks: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def send(url: str, chunk: list) -> list:
+        chunks.append([s for s in chunk])
+        if len(chunks) == 1:
+            await release.wait()  # the first request is in flight while the others arrive
+        return [None if s % 3 else Moved("n1") for s in chunk]
+
+    queue = NodeQueue("http://n", send, senders=1, max_items=10, max_bytes=1 << 30)
+
+    class Item(int):
+        dest = b"x"
+
+    reads = [asyncio.ensure_future(queue.read([Item(i)])) for i in range(25)]
+    await asyncio.sleep(0)  # (one turn: the first read leaves, the others queue up)
+    release.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*reads), 10)
+    assert [o for (o,) in outcomes] == [None if i % 3 else Moved("n1") for i in range(25)]
+    assert [len(c) for c in chunks] == [1, 10, 10, 4]  # batches formed under load, within max_items
+
+
+async def test_a_direct_read_fills_its_destination_and_says_when_a_node_is_gone(cluster, reader) -> None:
+    view = await cluster.view()
+    direct = DirectReads(TOKEN, 2.0, 10.0)
+    buf, (s,) = slices_of(view, "f0.bin", 5, 105)
+    url = cluster.urls[0]
+    body = wire.read_body(view.info.snapshot, [s.item])
+    outcome = await asyncio.to_thread(direct.read, url, "d", body, 2, [s.dest])
+    assert outcome == [None] and bytes(buf) == FILES["f0.bin"][5:105]
+    await cluster.listeners[0].close()
+    with pytest.raises(NodeUnavailable):
+        await asyncio.to_thread(direct.read, url, "d", body, 2, [s.dest])
+    direct.close()
