@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Sequence
 
 from cachefs.common.errors import CachefsError
 from server.units import Unit, all_units
@@ -63,11 +63,13 @@ class Progress:
         return asdict(self)
 
 
-def moved_here(state: Any, ring: Any, previous: Any, node_id: str) -> list[Unit]:
-    """Units this node owns under `ring` and did not under `previous` (blocking: O(units))."""
+def moved_here(state: Any, ring: Any, previous: Sequence[Any], node_id: str) -> list[Unit]:
+    """Units this node owns under `ring` and did not under one of the `previous` rings
+    (blocking: O(units × rings)). All of them, not only the last: a rebalance cancelled by
+    the next ring (two changes at once) must not lose what the first change moved here."""
     r = state.info.replicas
     return [u for u in all_units(state.info, state.manifest)
-            if node_id in ring.owners(u.key, r) and node_id not in previous.owners(u.key, r)]
+            if node_id in ring.owners(u.key, r) and any(node_id not in p.owners(u.key, r) for p in previous)]
 
 
 class Pacer:
@@ -116,7 +118,7 @@ class Rebalancer:
 
     async def _run(self, progress: Progress) -> None:
         node = self.node
-        ring, previous = node.ring, node.previous_rings[0]
+        ring, previous = node.ring, node.previous_rings
         pacer = Pacer(node.config.rebalance_bytes_per_s)
         try:
             for name in await node.dataset_names():

@@ -144,17 +144,20 @@ class Reader:
         self.errors: list[BaseException] = []
         self.wrong: list[str] = []
         self.rounds = 0
+        self.slowest = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for rel, data in self.files.items():
+                t0 = time.monotonic()
                 try:
                     if self.fs.cat_file(f"{self.name}/{rel}") != data:
                         self.wrong.append(rel)
                 except Exception as e:  # noqa: BLE001 - reported to the test
                     self.errors.append(e)
+                self.slowest = max(self.slowest, time.monotonic() - t0)
             self.rounds += 1
 
     def __enter__(self) -> "Reader":
@@ -164,7 +167,8 @@ class Reader:
 
     def more_rounds(self, n: int = 2) -> None:
         target = self.rounds + n
-        wait_until(lambda: self.rounds >= target, timeout=90, what=f"{n} more rounds of reads")
+        wait_until(lambda: self.rounds >= target, timeout=240,
+                   what=f"{n} more rounds of reads (slowest file read so far: {self.slowest:.1f} s)")
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -440,3 +444,22 @@ def test_the_chart_names_a_hostpath_worker_by_its_kubernetes_node(chart: Any) ->
     assert resources == {"cachefs_node": 1, "cachefs_host_$(CACHEFS_HOST_ID)": 1}
     worker = container(rendered.worker_pod, "ray-worker")
     assert env_of(worker)["CACHEFS_HOST_ID"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_a_moved_unit_is_asked_of_its_previous_owners_and_an_unmoved_one_of_nobody() -> None:
+    from server.handover import previous_owner_urls
+    from server.placement import build_ring
+
+    nodes = [(f"n{i}", f"http://n{i}", MiB) for i in range(4)]
+    before = build_ring(nodes, 1, 64)
+    after = build_ring([*nodes, ("new", "http://new", MiB)], 2, 64)
+    keys = [f"k{i}" for i in range(400)]
+    moved = [k for k in keys if after.owners(k)[0] == "new"]
+    stayed = [k for k in keys if after.owners(k)[0] != "new"]
+    assert moved and stayed
+    for k in moved:  # the new owner asks who had it
+        assert previous_owner_urls("new", [before], k, 1) == [before.member(before.owners(k)[0]).url]
+    for k in stayed:  # an owner that always had it: a plain miss
+        owner = after.owners(k)[0]
+        assert previous_owner_urls(owner, [before], k, 1) == []
+    assert previous_owner_urls("new", [], moved[0], 1) == []  # no earlier ring known: the origin
