@@ -292,6 +292,32 @@ def test_a_previous_owner_that_died_costs_an_origin_read_not_a_failed_one(member
     members.settled({"node-0", "node-1", "node-2", "node-3"})
 
 
+def test_node_ls_and_drain_from_the_command_line(members, dataset) -> None:
+    from conftest import run_cli
+    from server import hosting
+
+    env = {**members.env, "CACHEFS_ENDPOINT": ",".join(members.handle.endpoints)}
+    members.nodes(4)
+    members.settled({"node-0", "node-1", "node-2", "node-3"})
+    r = run_cli("node", "ls", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    listed = {n["id"]: n for n in json.loads(r.stdout)}
+    assert set(listed) == {"node-0", "node-1", "node-2", "node-3"}
+    assert all(n["state"] == "serving" and n["weight"] > 0 for n in listed.values())
+    assert "node-3" in run_cli("node", "ls", env=env).stdout
+    for bad, says in ((["node", "drain"], "name the node to drain"),
+                      (["node", "drain", "node-9"], "no cache node 'node-9'"),
+                      (["node", "drain", "node-1", "--deadline", "-5"], "--deadline")):
+        r = run_cli(*bad, env=env)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("node", "drain", "node-3", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "succeeded"
+    members.settled({"node-0", "node-1", "node-2"})
+    # --here (the preStop) drains only the nodes of this machine: none at an address that is not ours
+    assert hosting.drain_here(members.handle.ray_address or "auto", NAMESPACE, 5, {"192.0.2.99"}, members.env) == []
+
+
 # -- the coordinator's epoch -----------------------------------------------------------------
 def test_a_torn_epoch_file_is_reported_and_the_epoch_never_goes_back(tmp_path: Path) -> None:
     from server.coordinator import Coordinator
