@@ -190,16 +190,18 @@ class Reader:
 def event(label: str, s3: MeteredS3, reader: Reader, dataset_bytes: int, change: Callable[[], None]) -> dict[str, Any]:
     """Run `change` under the reader, then one more whole epoch; what it cost."""
     before_bytes, _ = s3.meter()
-    failed, wrong = reader.failed, reader.wrong
+    failed, wrong, fallback = reader.failed, reader.wrong, reader.fs.blocks.origin_reads
     t0 = time.perf_counter()
     change()
     seconds = time.perf_counter() - t0
     reader.until_epochs(1)
     origin = s3.meter()[0] - before_bytes
     row = {"event": label, "origin_bytes": origin, "origin_fraction": origin / dataset_bytes,
-           "failed_reads": reader.failed - failed, "wrong_files": reader.wrong - wrong, "seconds": seconds}
+           "failed_reads": reader.failed - failed, "wrong_files": reader.wrong - wrong, "seconds": seconds,
+           "reader_fallback_slices": reader.fs.blocks.origin_reads - fallback}
     print(f"  {label:<12} origin {origin / dataset_bytes:7.2%}  failed {row['failed_reads']}  "
-          f"wrong {row['wrong_files']}  {seconds:.1f} s", file=sys.stderr)
+          f"wrong {row['wrong_files']}  {seconds:.1f} s  (reader's own origin reads: "
+          f"{row['reader_fallback_slices']} slices)", file=sys.stderr)
     return row
 
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from cachefs.common.errors import CachefsError
 from server.units import Unit, all_units
@@ -89,8 +89,10 @@ class Pacer:
 
 
 class Rebalancer:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, plan: Callable[[Any, Any, Sequence[Any], str], list[Unit]] | None = None) -> None:
+        """`plan`: which units moved here (`moved_here`; a seam for tests of the pacing)."""
         self.node = node
+        self.plan = plan or moved_here
         self.progress = Progress()
         self._task: asyncio.Task[None] | None = None
 
@@ -127,7 +129,7 @@ class Rebalancer:
                 except CachefsError as e:  # removed meanwhile, or its manifest unreachable
                     progress.failures[name] = str(e)
                     continue
-                todo = [u for u in await asyncio.to_thread(moved_here, state, ring, previous, node.node_id)
+                todo = [u for u in await asyncio.to_thread(self.plan, state, ring, previous, node.node_id)
                         if not node.holds(u.key)]
                 progress.units += len(todo)
                 units = iter(todo)

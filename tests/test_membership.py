@@ -489,3 +489,50 @@ def test_a_moved_unit_is_asked_of_its_previous_owners_and_an_unmoved_one_of_nobo
         owner = after.owners(k)[0]
         assert previous_owner_urls(owner, [before], k, 1) == []
     assert previous_owner_urls("new", [], moved[0], 1) == []  # no earlier ring known: the origin
+
+
+def test_a_rebalance_is_paced_reports_progress_and_stops_when_cancelled() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.rebalance import Rebalancer
+    from server.units import Unit
+
+    units = [Unit(f"k{i}", 1000) for i in range(50)]
+
+    class Node:  # the rebalance's view of a node (the plan of what moved is given)
+        node_id = "me"
+        config = SimpleNamespace(rebalance_bytes_per_s=10_000, rebalance_concurrency=2)  # 10 units a second
+        ring = SimpleNamespace(epoch=7, owners=lambda key, r: ["me"])
+        previous_rings = (SimpleNamespace(epoch=6, owners=lambda key, r: ["other"]),)
+        pulled: list[str] = []
+
+        async def dataset_names(self) -> list[str]:
+            return ["d"]
+
+        async def dataset(self, name: str) -> Any:
+            return SimpleNamespace(info=SimpleNamespace(replicas=1), manifest=None)
+
+        def holds(self, key: str) -> bool:
+            return False
+
+        async def pull(self, state: Any, unit: Unit) -> Any:
+            self.pulled.append(unit.key)
+            return (None, "peer") if unit.key != "k3" else None  # k3: no previous owner holds it
+
+    async def go() -> None:
+        node = Node()
+        r = Rebalancer(node, plan=lambda state, ring, previous, node_id: units)
+        r.start()
+        await asyncio.sleep(0.3)
+        assert r.progress.state == "running" and r.progress.epoch == 7 and r.progress.units == 50
+        assert 0 < r.progress.moved < 20  # paced: ~10 units a second, not all 50 at once
+        r.cancel()
+        done = await r.wait()
+        assert done.state == "cancelled" and done.moved < 50
+        node.config = SimpleNamespace(rebalance_bytes_per_s=10**9, rebalance_concurrency=4)
+        r.start()  # a newer ring: all over again, to the end
+        done = await asyncio.wait_for(r.wait(), 30)
+        assert done.state == "done" and (done.moved, done.missing) == (49, 1)
+
+    asyncio.run(go())
