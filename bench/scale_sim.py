@@ -15,6 +15,8 @@ file), side by side with a naive `hash mod N` placement:
   epochs        origin reads per block over `epochs` shuffled epochs, with `churn` nodes
                 leaving and `churn` new ones joining between epochs; each node an LRU of
                 `headroom` × (blocks / nodes) blocks, lost when the node leaves
+  events        origin reads per block when a warm cluster gets 1 node, drains 1, or restarts
+                every node one at a time: as crashes, and handed over (previous owners first)
   coordinator   the work per membership change for 10..1,000 nodes: the coordinator's
                 build, with_member, without, JSON; a client's from_json + first look-up
 
@@ -266,6 +268,35 @@ def origin_reads(p: Params, owners: list[np.ndarray], orders: list[np.ndarray],
     return exact, len(slow)
 
 
+def held_at_end(owners: np.ndarray, order: np.ndarray, capacity: int) -> np.ndarray:
+    """Per block: is it still in its owner's LRU after the epoch? Every block is read once
+    an epoch, so its owner keeps it iff fewer than `capacity` of its reads came after it."""
+    by_node = owners[order]
+    sort = np.argsort(by_node, kind="stable")
+    counts = np.bincount(by_node)
+    starts = np.concatenate([[0], np.cumsum(counts)])[:-1]
+    position = np.empty(len(order), dtype=np.int64)  # index of each read among its node's reads
+    position[sort] = np.arange(len(order)) - np.repeat(starts, counts)
+    after = counts[by_node] - 1 - position
+    held = np.zeros(len(owners), dtype=bool)
+    held[order] = after < capacity
+    return held
+
+
+def handed_over(owners: list[np.ndarray], orders: list[np.ndarray], missed: list[np.ndarray],
+                capacity: int) -> list[np.ndarray]:
+    """The origin reads left when a moved block is asked of its previous owner first (what
+    a join or a drain does: server/node.py's previous-owner seam, server/rebalance.py): a
+    miss whose owner changed is served by the previous owner if its LRU still holds it."""
+    out = [missed[0]]
+    for e in range(1, len(owners)):
+        m = missed[e]
+        held = held_at_end(owners[e - 1], orders[e - 1], capacity)
+        from_peer = (owners[e - 1][m] != owners[e][m]) & held[m]
+        out.append(m[~from_peer])
+    return out
+
+
 def epochs(p: Params, positions: np.ndarray) -> dict[str, Any]:
     members = memberships(p)
     capacity = math.ceil(p.headroom * p.blocks / p.nodes)
@@ -282,15 +313,39 @@ def epochs(p: Params, positions: np.ndarray) -> dict[str, Any]:
         over = sum(int((np.bincount(o, minlength=max(ids) + 1)[ids] > capacity).sum())
                    for o, ids in zip(owners, members))
         missed, simulated = origin_reads(p, owners, orders, capacity)
-        reads = np.bincount(np.concatenate(missed), minlength=p.blocks)
-        out["peers"].append({
-            "placement": name, "origin_reads_per_epoch": [len(m) / p.blocks for m in missed],
-            "mean": float(reads.mean()), "max": int(reads.max()),
-            "blocks_read": {str(k): int(v) for k, v in enumerate(np.bincount(reads)) if v},
-            "node_epochs_over_capacity": over, "nodes_lru_run": simulated,
-            "seconds": time.perf_counter() - t0,
-        })
+        runs = [(name, missed)]
+        if name == "ring":  # the same churn as drains and joins: moved blocks come from their previous owner
+            runs.append(("ring, hand-over", handed_over(owners, orders, missed, capacity)))
+        for label, origin in runs:
+            reads = np.bincount(np.concatenate(origin), minlength=p.blocks)
+            out["peers"].append({
+                "placement": label, "origin_reads_per_epoch": [len(m) / p.blocks for m in origin],
+                "mean": float(reads.mean()), "max": int(reads.max()),
+                "blocks_read": {str(k): int(v) for k, v in enumerate(np.bincount(reads)) if v},
+                "node_epochs_over_capacity": over, "nodes_lru_run": simulated,
+                "seconds": time.perf_counter() - t0,
+            })
     return out
+
+
+def events(p: Params, owners: np.ndarray, positions: np.ndarray) -> list[dict[str, Any]]:
+    """Origin reads per block of a warm cluster (one epoch read) for one join, one drain and
+    a rolling restart of every node, one at a time: as crashes (the moved share is read
+    again: today's cost) and with the hand-over (a moved block comes from the node that
+    held it, if its LRU still does; a restarted node keeps its disk)."""
+    ids = list(range(p.nodes))
+    capacity = math.ceil(p.headroom * p.blocks / p.nodes)
+    held = held_at_end(owners, np.random.default_rng(p.seed + 100).permutation(p.blocks), capacity)
+    rows = []
+    for label, after in (("1 node joins", owners_by_ring(ring_of([*ids, p.nodes], 2), positions)),
+                         ("1 node drains", owners_by_ring(ring_of(ids[1:], 2), positions))):
+        moved = after != owners
+        rows.append({"event": label, "crash": float(moved.mean()), "hand_over": float((moved & ~held).mean())})
+    # Restarting node i as a crash reads its share again; drained first, its share moves out
+    # and back from nodes that hold it (and its own disk): what was not held is all that is read.
+    rows.append({"event": f"rolling restart of {p.nodes:,} nodes", "crash": 1.0 * float(held.mean()),
+                 "hand_over": float((~held).mean())})
+    return rows
 
 
 def coordinator(p: Params) -> list[dict[str, Any]]:
@@ -334,7 +389,8 @@ def run(quick: bool) -> dict[str, Any]:
     owners = owners_by_ring(ring, positions)
     parts: dict[str, Callable[[], Any]] = {
         "balance": lambda: balance(p, ring, owners, positions), "moves": lambda: moves(p, ring, owners, positions),
-        "epochs": lambda: epochs(p, positions), "coordinator": lambda: coordinator(p)}
+        "epochs": lambda: epochs(p, positions), "events": lambda: events(p, owners, positions),
+        "coordinator": lambda: coordinator(p)}
     doc["part_seconds"] = {}
     for name, part in parts.items():
         doc[name], doc["part_seconds"][name] = timed(part)
@@ -371,6 +427,9 @@ def report(doc: dict[str, Any]) -> str:
                  [[r["placement"], *[f"{x:.3f}" for x in r["origin_reads_per_epoch"]], f"{r['mean']:.3f}",
                    r["max"], "1.000", f"{1 - r['blocks_read'].get('1', 0) / p['blocks']:.2%}",
                    f"{r['nodes_lru_run']:,}"] for r in ep["peers"]]),
+           "", "Origin reads per block for one change to a warm cluster (as a crash, and handed over)",
+           table(["event", "as a crash", "handed over"],
+                 [[r["event"], f"{r['crash']:.4f}", f"{r['hand_over']:.4f}"] for r in doc["events"]]),
            "", "Per membership change (best of 2-3; ms)",
            table(["nodes", "points", "coordinator: build + JSON", "with_member", "without", "client: from_json + table",
                   "JSON KiB", "client ring MiB"],

@@ -55,6 +55,7 @@ class Coordinator:
         self.state_problem = saved.problem
         self.history: list[Ring] = []  # the rings before this one, newest first: who held what
         self.nodes: dict[str, NodeEntry] = {}
+        self._leaving: set[str] = set()  # drained nodes being stopped: not welcome back until they have
         self.ops = Operations()
         self.deaths = 0
 
@@ -63,6 +64,9 @@ class Coordinator:
                             node_epoch: int = 0) -> dict[str, Any]:
         """A node joins (or rejoins after a restart); everyone gets the new ring. `node_epoch`
         is the ring the node last had: a coordinator that lost its state never goes below it."""
+        if node_id in self._leaving:
+            raise Unavailable(f"cache node {node_id} is leaving after a drain; it can start again once it has "
+                              "stopped (the next `cachefs up`)")
         if node_epoch > self.ring.epoch:
             self.ring = Ring(self.ring.members, node_epoch, self.ring.vnodes)
         same = self.nodes.get(node_id)
@@ -186,10 +190,13 @@ class Coordinator:
             del self.nodes[entry.id]
         if entry.watch is not None:
             entry.watch.cancel()
+        self._leaving.add(entry.id)
         try:
             await asyncio.wait_for(entry.handle.leave.remote(), CALL_TIMEOUT)
         except Exception as e:  # it exits by raising (ray.actor.exit_actor), or was already gone
             log.info("drained node %s ended (%s)", entry.id, type(e).__name__)
+        finally:
+            self._leaving.discard(entry.id)
 
     def set_origin_policy(self, policy: OriginPolicy) -> None:
         """Every `cachefs up` hands over its allowlist: the last `up` decides."""

@@ -25,6 +25,7 @@ from cachefs.common.manifest import Manifest, check_path, for_readers, from_ipc,
 from cachefs.common.origin import Origin
 from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.metrics import NodeMetrics
+from server.handover import previous_owner_urls, unit_name
 from server.peers import UnitName
 from server.rebalance import Rebalancer
 from server.singleflight import Group
@@ -175,7 +176,7 @@ class CacheNode:
     def set_ring(self, ring: Ring, history: Sequence[Ring] = ()) -> bool:
         """Take `ring` if it is not older than ours; True if it is a newer epoch. The ring it
         replaces (and `history`, the coordinator's earlier rings, for a node that just
-        started) are kept: they say who held a unit before (`_previous_owner_urls`)."""
+        started) are kept: they say who held a unit before (server/handover.py)."""
         if ring.epoch < self.ring.epoch:
             return False
         newer = ring.epoch > self.ring.epoch
@@ -320,6 +321,9 @@ class CacheNode:
         if hole is not None:
             raise hole
         data = block.buffer if found.source != "disk" else None
+        if cached_only and data is None:  # a peer gets the bytes in hand: measured, its fetch could stall on sendfile
+            (raw,) = await asyncio.to_thread(read_ranges, [(block.path, 0, block.size)])
+            data = pa.py_buffer(raw)
         return BlockRead(block, found.source, data, start, end)
 
     # -- many ranges (POST /v1/datasets/{name}/read) -------------------------------------
@@ -526,27 +530,14 @@ class CacheNode:
     def holds(self, key: str) -> bool:
         return key in self.memory or (self.disk is not None and key in self.disk)
 
-    def _previous_owner_urls(self, key: str, replicas: int) -> list[str]:
-        """Who held `key` under the earlier rings, newest first, if this node did not: a
-        unit this node always owned is a plain miss (no hop)."""
-        if not self.previous_rings or all(self.node_id in r.owners(key, replicas) for r in self.previous_rings):
-            return []
-        urls: list[str] = []
-        for ring in self.previous_rings:
-            for owner in ring.owners(key, replicas):
-                url = ring.member(owner).url
-                if owner != self.node_id and url and url not in urls:
-                    urls.append(url)
-        return urls[:3]  # each dead one costs a connect timeout: a few, then the origin
-
     async def _from_previous_owners(self, state: DatasetState, unit: Unit) -> Found | None:
         """The previous-owner seam of the miss path: the unit from a node that held it."""
         if self.previous_owners is None:
             return None
-        urls = self._previous_owner_urls(unit.key, state.info.replicas)
+        urls = previous_owner_urls(self.node_id, self.previous_rings, unit.key, state.info.replicas)
         if not urls:
             return None
-        data = await self.previous_owners.fetch(_unit_name(state, unit), urls)
+        data = await self.previous_owners.fetch(unit_name(state.info, unit), urls)
         if data is None or len(data) != unit.length:
             return None
         self.peer_bytes += len(data)
@@ -602,14 +593,6 @@ class CacheNode:
             "peer_bytes": self.peer_bytes,
             "rebalance": self.rebalance.progress.to_json(),
         }
-
-
-def _unit_name(state: DatasetState, unit: Unit) -> UnitName:
-    """How the data route names `unit` (a pack by number, a block by path and index)."""
-    info = state.info
-    if unit.pack >= 0:
-        return UnitName(info.name, info.snapshot, pack=unit.pack)
-    return UnitName(info.name, info.snapshot, path=unit.members[0].path, index=unit.start // info.block_size)
 
 
 def _hole(block: StoredBlock, start: int, end: int) -> CachefsError | None:

@@ -114,11 +114,15 @@ class CacheNodeActor:
         self.listener: Listener | None = None
         self.url = ""
         self._stopped = asyncio.Event()  # on Ray's loop: `wait_forever` waits on it there
+        self._closing = False  # set first thing by `stop`: later calls are refused, never left hanging
         self.loop = _new_loop()
         threading.Thread(target=self.loop.run_forever, name="cachefs-node", daemon=True).start()
 
     async def _on_node_loop(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run `call()` on the node's loop and wait for it from Ray's."""
+        if self._closing:  # stopping (a drain ended, `down`): its loop may never run the call
+            raise Unavailable(f"cache node {self.node_id} has stopped")
+
         async def run() -> T:
             return await call()
 
@@ -235,6 +239,9 @@ class CacheNodeActor:
         ray.actor.exit_actor()
 
     async def stop(self) -> None:
+        if self._closing:
+            return
+
         async def stop() -> None:
             await self.node.close()
             await self.peers.close()
@@ -243,5 +250,6 @@ class CacheNodeActor:
                 self.listener = None
 
         await self._on_node_loop(stop)
+        self._closing = True
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._stopped.set()

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 from cachefs.common.errors import CachefsError
 from server.units import Unit, all_units
@@ -63,11 +63,13 @@ class Progress:
         return asdict(self)
 
 
-def moved_here(state: Any, ring: Any, previous: Any, node_id: str) -> list[Unit]:
-    """Units this node owns under `ring` and did not under `previous` (blocking: O(units))."""
+def moved_here(state: Any, ring: Any, previous: Sequence[Any], node_id: str) -> list[Unit]:
+    """Units this node owns under `ring` and did not under one of the `previous` rings
+    (blocking: O(units × rings)). All of them, not only the last: a rebalance cancelled by
+    the next ring (two changes at once) must not lose what the first change moved here."""
     r = state.info.replicas
     return [u for u in all_units(state.info, state.manifest)
-            if node_id in ring.owners(u.key, r) and node_id not in previous.owners(u.key, r)]
+            if node_id in ring.owners(u.key, r) and any(node_id not in p.owners(u.key, r) for p in previous)]
 
 
 class Pacer:
@@ -87,8 +89,10 @@ class Pacer:
 
 
 class Rebalancer:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, plan: Callable[[Any, Any, Sequence[Any], str], list[Unit]] | None = None) -> None:
+        """`plan`: which units moved here (`moved_here`; a seam for tests of the pacing)."""
         self.node = node
+        self.plan = plan or moved_here
         self.progress = Progress()
         self._task: asyncio.Task[None] | None = None
 
@@ -116,7 +120,7 @@ class Rebalancer:
 
     async def _run(self, progress: Progress) -> None:
         node = self.node
-        ring, previous = node.ring, node.previous_rings[0]
+        ring, previous = node.ring, node.previous_rings
         pacer = Pacer(node.config.rebalance_bytes_per_s)
         try:
             for name in await node.dataset_names():
@@ -125,7 +129,7 @@ class Rebalancer:
                 except CachefsError as e:  # removed meanwhile, or its manifest unreachable
                     progress.failures[name] = str(e)
                     continue
-                todo = [u for u in await asyncio.to_thread(moved_here, state, ring, previous, node.node_id)
+                todo = [u for u in await asyncio.to_thread(self.plan, state, ring, previous, node.node_id)
                         if not node.holds(u.key)]
                 progress.units += len(todo)
                 units = iter(todo)

@@ -132,12 +132,16 @@ def test_scale_sim_places_with_the_real_ring_and_moves_only_what_must(scale_doc:
 def test_scale_sim_counts_origin_reads_per_block_against_the_ideal(scale_doc: dict[str, Any]) -> None:
     sim = scale_doc["sections"]["sim"]
     p, peers = sim["params"], {r["placement"]: r for r in sim["epochs"]["peers"]}
-    assert set(peers) == {"ring", "hash mod N"}
+    assert set(peers) == {"ring", "ring, hand-over", "hash mod N"}
     for r in peers.values():
         assert r["origin_reads_per_epoch"][0] == 1.0  # the first epoch reads every block once
         assert sum(r["blocks_read"].values()) == p["blocks"] and "0" not in r["blocks_read"]
         assert r["mean"] == pytest.approx(sum(r["origin_reads_per_epoch"]))
     assert 1 < peers["ring"]["mean"] < 1.5 < peers["hash mod N"]["mean"]
+    # moved blocks asked of their previous owner first: churn costs (almost) no origin read
+    assert 1 <= peers["ring, hand-over"]["mean"] < peers["ring"]["mean"]
+    events = {r["event"].split(" of ")[0]: r for r in sim["events"]}
+    assert all(r["hand_over"] <= r["crash"] for r in events.values()) and events["1 node joins"]["crash"] > 0
 
 
 def test_the_epochwise_lru_of_the_sim_is_exactly_the_servers_lru_read_by_read() -> None:

@@ -144,17 +144,20 @@ class Reader:
         self.errors: list[BaseException] = []
         self.wrong: list[str] = []
         self.rounds = 0
+        self.slowest = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             for rel, data in self.files.items():
+                t0 = time.monotonic()
                 try:
                     if self.fs.cat_file(f"{self.name}/{rel}") != data:
                         self.wrong.append(rel)
                 except Exception as e:  # noqa: BLE001 - reported to the test
                     self.errors.append(e)
+                self.slowest = max(self.slowest, time.monotonic() - t0)
             self.rounds += 1
 
     def __enter__(self) -> "Reader":
@@ -164,7 +167,8 @@ class Reader:
 
     def more_rounds(self, n: int = 2) -> None:
         target = self.rounds + n
-        wait_until(lambda: self.rounds >= target, timeout=90, what=f"{n} more rounds of reads")
+        wait_until(lambda: self.rounds >= target, timeout=240,
+                   what=f"{n} more rounds of reads (slowest file read so far: {self.slowest:.1f} s)")
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
@@ -286,6 +290,32 @@ def test_a_previous_owner_that_died_costs_an_origin_read_not_a_failed_one(member
     reader.check()
     members.nodes(4)
     members.settled({"node-0", "node-1", "node-2", "node-3"})
+
+
+def test_node_ls_and_drain_from_the_command_line(members, dataset) -> None:
+    from conftest import run_cli
+    from server import hosting
+
+    env = {**members.env, "CACHEFS_ENDPOINT": ",".join(members.handle.endpoints)}
+    members.nodes(4)
+    members.settled({"node-0", "node-1", "node-2", "node-3"})
+    r = run_cli("node", "ls", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    listed = {n["id"]: n for n in json.loads(r.stdout)}
+    assert set(listed) == {"node-0", "node-1", "node-2", "node-3"}
+    assert all(n["state"] == "serving" and n["weight"] > 0 for n in listed.values())
+    assert "node-3" in run_cli("node", "ls", env=env).stdout
+    for bad, says in ((["node", "drain"], "name the node to drain"),
+                      (["node", "drain", "node-9"], "no cache node 'node-9'"),
+                      (["node", "drain", "node-1", "--deadline", "-5"], "--deadline")):
+        r = run_cli(*bad, env=env)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
+    r = run_cli("node", "drain", "node-3", "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["state"] == "succeeded"
+    members.settled({"node-0", "node-1", "node-2"})
+    # --here (the preStop) drains only the nodes of this machine: none at an address that is not ours
+    assert hosting.drain_here(members.handle.ray_address or "auto", NAMESPACE, 5, {"192.0.2.99"}, members.env) == []
 
 
 # -- the coordinator's epoch -----------------------------------------------------------------
@@ -440,3 +470,69 @@ def test_the_chart_names_a_hostpath_worker_by_its_kubernetes_node(chart: Any) ->
     assert resources == {"cachefs_node": 1, "cachefs_host_$(CACHEFS_HOST_ID)": 1}
     worker = container(rendered.worker_pod, "ray-worker")
     assert env_of(worker)["CACHEFS_HOST_ID"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+
+
+def test_a_moved_unit_is_asked_of_its_previous_owners_and_an_unmoved_one_of_nobody() -> None:
+    from server.handover import previous_owner_urls
+    from server.placement import build_ring
+
+    nodes = [(f"n{i}", f"http://n{i}", MiB) for i in range(4)]
+    before = build_ring(nodes, 1, 64)
+    after = build_ring([*nodes, ("new", "http://new", MiB)], 2, 64)
+    keys = [f"k{i}" for i in range(400)]
+    moved = [k for k in keys if after.owners(k)[0] == "new"]
+    stayed = [k for k in keys if after.owners(k)[0] != "new"]
+    assert moved and stayed
+    for k in moved:  # the new owner asks who had it
+        assert previous_owner_urls("new", [before], k, 1) == [before.member(before.owners(k)[0]).url]
+    for k in stayed:  # an owner that always had it: a plain miss
+        owner = after.owners(k)[0]
+        assert previous_owner_urls(owner, [before], k, 1) == []
+    assert previous_owner_urls("new", [], moved[0], 1) == []  # no earlier ring known: the origin
+
+
+def test_a_rebalance_is_paced_reports_progress_and_stops_when_cancelled() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from server.rebalance import Rebalancer
+    from server.units import Unit
+
+    units = [Unit(f"k{i}", 1000) for i in range(50)]
+
+    class Node:  # the rebalance's view of a node (the plan of what moved is given)
+        node_id = "me"
+        config = SimpleNamespace(rebalance_bytes_per_s=10_000, rebalance_concurrency=2)  # 10 units a second
+        ring = SimpleNamespace(epoch=7, owners=lambda key, r: ["me"])
+        previous_rings = (SimpleNamespace(epoch=6, owners=lambda key, r: ["other"]),)
+        pulled: list[str] = []
+
+        async def dataset_names(self) -> list[str]:
+            return ["d"]
+
+        async def dataset(self, name: str) -> Any:
+            return SimpleNamespace(info=SimpleNamespace(replicas=1), manifest=None)
+
+        def holds(self, key: str) -> bool:
+            return False
+
+        async def pull(self, state: Any, unit: Unit) -> Any:
+            self.pulled.append(unit.key)
+            return (None, "peer") if unit.key != "k3" else None  # k3: no previous owner holds it
+
+    async def go() -> None:
+        node = Node()
+        r = Rebalancer(node, plan=lambda state, ring, previous, node_id: units)
+        r.start()
+        await asyncio.sleep(0.3)
+        assert r.progress.state == "running" and r.progress.epoch == 7 and r.progress.units == 50
+        assert 0 < r.progress.moved < 20  # paced: ~10 units a second, not all 50 at once
+        r.cancel()
+        done = await r.wait()
+        assert done.state == "cancelled" and done.moved < 50
+        node.config = SimpleNamespace(rebalance_bytes_per_s=10**9, rebalance_concurrency=4)
+        r.start()  # a newer ring: all over again, to the end
+        done = await asyncio.wait_for(r.wait(), 30)
+        assert done.state == "done" and (done.moved, done.missing) == (49, 1)
+
+    asyncio.run(go())
