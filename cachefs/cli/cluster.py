@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import time
 from typing import Any
 
 from cachefs.common import extras
@@ -108,8 +109,18 @@ def cmd_status(args: argparse.Namespace) -> int:
         (n["id"], n["url"], f"{format_size(n['memory_used'])} / {format_size(n['memory_budget'])}",
          f"{format_size(n['disk_used'])} / {format_size(n['disk_budget'])}", n["memory_blocks"] + n["disk_blocks"])
         for n in doc["nodes"]])
-    table("datasets", ["name", "origin", "files", "size", "cached", "snapshot"], [
+    table("datasets", ["name", "origin", "files", "size", "cached", "snapshot", "last refresh"], [
         (d["name"], d["origin"], d["files"], format_size(d["bytes"]),
-         f"{100 * d['cached_bytes'] / max(d['bytes'] * d['replicas'], 1):.0f}%", d["snapshot"])
+         f"{100 * d['cached_bytes'] / max(d['bytes'] * d['replicas'], 1):.0f}%", d["snapshot"],
+         _last_refresh(d.get("last_refresh")))
         for d in doc["datasets"]])
     return 0
+
+
+def _last_refresh(last: dict | None) -> str:
+    """'succeeded (interval, changed) 12:00:03' and the like; '-' when none yet."""
+    if not last:
+        return "-"
+    when = time.strftime("%H:%M:%S", time.localtime(last["time"])) if last.get("time") else ""
+    changed = ", changed" if last.get("changed") else ""
+    return f"{last['state']} ({last['trigger']}{changed}) {when}".strip()
