@@ -103,3 +103,30 @@ def test_an_on_change_policy_refreshes_once_the_origin_changes(cachefs_cluster, 
 
     assert cachefs_cluster.run(manual()).refresh == {}
     cachefs_cluster.remove_dataset(name)
+
+
+@pytest.mark.parametrize("lease", [-1, "1d", True, 10**9, None])
+def test_a_bad_lease_says_what_is_wrong(lease: Any) -> None:
+    from server.registry import parse_settings
+
+    with pytest.raises(BadRequest, match="lease must be"):
+        parse_settings({"lease": lease})
+
+
+def test_a_manifest_from_before_units_still_loads_and_names_its_blocks_by_its_snapshot() -> None:
+    from cachefs.common.manifest import FileEntry, Manifest, build_table, for_readers, from_ipc, to_ipc
+    from cachefs.common.wire import DatasetInfo
+    from cachefs.plan import plan
+    from shard import block_key, pack_key
+
+    table = build_table([FileEntry("a.bin", 100, "v1"), FileEntry("b.bin", 5_000_000, "v1")], 4 << 20, 1 << 20)
+    old = table.drop_columns(["unit"])  # what a cluster before units wrote
+    for ipc in (to_ipc(old), to_ipc(for_readers(old))):
+        m = Manifest(from_ipc(ipc), "snap1")
+        assert not m.has_units and m.get("a.bin").unit == 0 and m.packs == 1
+        info = DatasetInfo("d", "file:///x", "snap1", 2, 5_000_100, block_size=4 << 20)
+        buf = memoryview(bytearray(5_000_100))
+        assert plan(info, m.get("a.bin"), 0, 100, buf[:100])[0].key == pack_key("d", "snap1", 0)
+        assert plan(info, m.get("b.bin"), 0, 10, buf[:10])[0].key == block_key("d", "snap1", "b.bin", 0)
+    fresh = Manifest(table, "snap2")
+    assert fresh.get("a.bin").unit and fresh.get("b.bin").unit  # with units: keys name the bytes
