@@ -334,7 +334,7 @@ class CacheNode:
     async def _disk_ranges(self, asked: list, found: dict[str, Any]) -> dict[int, bytes]:
         """The asked ranges of blocks found on disk, read in one thread hop, by item index."""
         disk = [(i, a) for i, a in enumerate(asked) if type(a) is tuple and isinstance(found.get(a[0].key), tuple)
-                and found[a[0].key][1] == "disk" and not found[a[0].key][0].holes]
+                and found[a[0].key][1] == "disk" and not found[a[0].key][0].holes and a[2] <= found[a[0].key][0].size]
         if not disk:
             return {}
         data = await asyncio.to_thread(read_ranges, [(found[a[0].key][0].path, a[1], a[2]) for _, a in disk])

@@ -133,7 +133,8 @@ class DatasetSpec:
         allowed = spec.get("allowedNamespaces") or []
         if not isinstance(allowed, list) or not all(isinstance(n, str) and _DNS_LABEL_RE.match(n) for n in allowed):
             raise InvalidSpec(f"spec.allowedNamespaces must be a list of namespace names, not {allowed!r}")
-        return cls(origin, secret_name, dict(options), replicas, warm, tuple(allowed), refresh_policy(spec.get("refresh")))
+        return cls(origin, secret_name, dict(options), replicas, warm, tuple(allowed),
+                   refresh_policy(spec.get("refresh")))
 
     def namespaces(self, own: str) -> tuple[str, ...]:
         """The namespaces allowed to mount the dataset: always its own, then the listed ones."""
