@@ -151,7 +151,7 @@ def main() -> int:
             cold = s3.meter()[0] - before
             rows.append(["new snapshot, cold", mib(cold), f"{cold / new_bytes:.2f}x", f"{cold_s:.1f}"])
             out["cold"] = {"origin_bytes": cold, "multiple": cold / new_bytes, "seconds_until_current": cold_s}
-    print(f"{n} files, {len(changed)} changed and {len(added)} added: {mib(new_bytes)} new bytes")
+    print(f"{n} files, {len(changed)} changed and {len(added)} added: {mib(new_bytes)} MiB new bytes")
     print(table(["peer", "origin bytes", "x changed bytes", "s until current"], rows))
     print(f"job across the refresh: {job.reads} reads, {job.failed} failed, {job.wrong} not the old snapshot's "
           f"bytes (snapshot {job.snapshot} throughout)")

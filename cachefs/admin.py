@@ -63,13 +63,16 @@ class AdminClient:
     # -- the calls with arguments worth naming; the others are made from the table below ---
     async def add_dataset(self, name: str, origin: str, storage_options: dict[str, Any] | None = None,
                           replicas: int = 1, allowed_namespaces: Sequence[str] = (),
-                          pack_threshold: int | None = None, lease: float | None = None) -> OperationInfo:
+                          pack_threshold: int | None = None, lease: float | None = None,
+                          refresh: dict[str, Any] | None = None) -> OperationInfo:
         body: dict[str, Any] = {"name": name, "origin": origin, "storage_options": storage_options or {},
                                 "replicas": replicas, "allowed_namespaces": list(allowed_namespaces)}
         if pack_threshold is not None:
             body["pack_threshold"] = pack_threshold
         if lease is not None:
             body["lease"] = lease
+        if refresh is not None:
+            body["refresh"] = refresh
         return await self.call("add_dataset", body)
 
     async def refresh_dataset(self, name: str, warm: bool = False) -> OperationInfo:
@@ -78,10 +81,11 @@ class AdminClient:
 
     async def update_dataset(self, name: str, *, replicas: int | None = None,
                              allowed_namespaces: Sequence[str] | None = None,
-                             storage_options: dict[str, Any] | None = None, lease: float | None = None) -> DatasetInfo:
+                             storage_options: dict[str, Any] | None = None, lease: float | None = None,
+                             refresh: dict[str, Any] | None = None) -> DatasetInfo:
         """Change settings in place: same snapshot, cached blocks kept."""
         body: dict[str, Any] = {k: v for k, v in (("replicas", replicas), ("storage_options", storage_options),
-                                                  ("lease", lease)) if v is not None}
+                                                  ("lease", lease), ("refresh", refresh)) if v is not None}
         if allowed_namespaces is not None:
             body["allowed_namespaces"] = list(allowed_namespaces)
         return await self.call("update_dataset", name, body)

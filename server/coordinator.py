@@ -23,7 +23,8 @@ from server.origin_policy import OriginPolicy
 from server import epoch_state
 from server.drain import DRAIN_DEADLINE, drain_plan, wait_for_rebalance
 from server.placement import build_ring, choose_unit
-from server.registry import SETTINGS, DatasetSpec, Registry, parse_settings, take_snapshot
+from server.refresh_policy import PolicyLoop, RefreshPolicy
+from server.registry import SETTINGS, DatasetSpec, Registry, origin_differs, parse_settings, take_snapshot
 from shard import Ring
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ class Coordinator:
     def __init__(self, state_dir: str | None, block_size: int, policy: OriginPolicy) -> None:
         self.registry = Registry(state_dir)
         self.leases = Leases()
+        self.last_refresh: dict[str, dict[str, Any]] = {}  # dataset → its last refresh (or policy check)
+        self.policy_loop = PolicyLoop(self._policies, self._origin_changed, self._policy_refresh, self._record_refresh)
         self.block_size = block_size
         self.policy = policy
         # The epoch survives a coordinator restart: nodes and clients ignore older epochs.
@@ -64,6 +67,7 @@ class Coordinator:
                             node_epoch: int = 0) -> dict[str, Any]:
         """A node joins (or rejoins after a restart); everyone gets the new ring. `node_epoch`
         is the ring the node last had: a coordinator that lost its state never goes below it."""
+        self.policy_loop.start()  # on the actor's loop, once there is one
         if node_id in self._leaving:
             raise Unavailable(f"cache node {node_id} is leaving after a drain; it can start again once it has "
                               "stopped (the next `cachefs up`)")
@@ -226,6 +230,7 @@ class Coordinator:
         return self.leases.take(name, snapshot, current.info.lease)
 
     async def add_dataset(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.policy_loop.start()
         spec = DatasetSpec.parse(body, self.block_size)
         await self.policy.check(spec.origin, spec.storage_options)
         existing = self.registry.check_add(spec)
@@ -241,7 +246,8 @@ class Coordinator:
 
         return self.ops.start("add", spec.name, run).to_json()
 
-    async def refresh_dataset(self, name: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def refresh_dataset(self, name: str, body: dict[str, Any] | None = None,
+                              trigger: str = "manual") -> dict[str, Any]:
         """A new snapshot of the origin. `{"warm": true}`: warmed first, made current only
         once every node holds its share; until then (or if that fails) readers get the old one."""
         body = body or {}
@@ -250,8 +256,8 @@ class Coordinator:
         warm = body.get("warm", False)
         old = self.registry.get(name)
         await self.policy.check(old.info.origin, old.storage_options)  # the allowlist may have changed since
-        spec = DatasetSpec(name, old.info.origin, old.storage_options, old.info.replicas,
-                           old.info.allowed_namespaces, old.info.block_size, old.info.pack_threshold, old.info.lease)
+        spec = DatasetSpec(name, old.info.origin, old.storage_options, old.info.replicas, old.info.allowed_namespaces,
+                           old.info.block_size, old.info.pack_threshold, old.info.lease, old.info.refresh)
 
         async def run(op: Operation) -> None:
             record = await self._snapshot(op, spec, old)
@@ -266,7 +272,31 @@ class Coordinator:
             await self._broadcast("dataset_updated", name)  # nodes load the new snapshot; blocks stay
             op.info.result = {**record.info.to_json(), "changed": True}
 
-        return self.ops.start("refresh", name, run).to_json()
+        info = self.ops.start("refresh", name, run)
+        task = self.ops.get(info.id).task
+        assert task is not None
+        task.add_done_callback(lambda _: self._record_refresh(name, {
+            "trigger": trigger, "operation": info.id, "state": info.state, "time": info.finished,
+            "changed": bool(info.result.get("changed")), "snapshot": info.result.get("snapshot", ""),
+            "message": info.message}))
+        return info.to_json()
+
+    # -- refresh policies (server/refresh_policy.py) -----------------------------------------
+    def _policies(self) -> dict[str, RefreshPolicy]:
+        return {i.name: RefreshPolicy.parse(i.refresh) for i in self.registry.list() if i.refresh}
+
+    async def _origin_changed(self, name: str) -> bool:
+        """Do the origin's files (path, size, version token) differ from the snapshot's?"""
+        record = self.registry.get(name)
+        return await asyncio.to_thread(origin_differs, record)
+
+    async def _policy_refresh(self, name: str, warm: bool, trigger: str) -> None:
+        if self.ops.running(name, "refresh") is None:
+            await self.refresh_dataset(name, {"warm": warm} if warm else {}, trigger)
+
+    def _record_refresh(self, name: str, result: dict[str, Any]) -> None:
+        if name in self.registry.names():
+            self.last_refresh[name] = result
 
     async def _warm_before_swap(self, op: Operation, record: Any) -> None:
         """Warm `record`'s snapshot on every node while the current one keeps serving; raise
@@ -311,6 +341,7 @@ class Coordinator:
     async def remove_dataset(self, name: str) -> dict[str, Any]:
         self.registry.remove(name)
         self.leases.forget(name)
+        self.last_refresh.pop(name, None)
         await self._broadcast("dataset_changed", name)
         return {"removed": name}
 
@@ -383,7 +414,8 @@ class Coordinator:
         datasets = []
         for info in self.registry.list():
             cached = sum(s["datasets"].get(info.name, 0) for s in stats)
-            datasets.append({**info.to_json(), "cached_bytes": cached})
+            datasets.append({**info.to_json(), "cached_bytes": cached, "last_refresh": self.last_refresh.get(info.name),
+                             "kept_snapshots": self.leases.kept(info.name)})
         draining = {n.id for n in self.nodes.values() if n.draining}
         for s in stats:
             s["state"] = "draining" if s["id"] in draining else "serving"

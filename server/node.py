@@ -243,7 +243,10 @@ class CacheNode:
         manifest, reader_ipc = await asyncio.to_thread(_open_manifest, manifest_ipc, info.snapshot)
         state = DatasetState(info, manifest, Origin(spec.url, spec.storage_options, self.config.origin_timeout),
                              manifest_ipc, reader_ipc)
-        self._older[(name, snapshot)] = (state, time.monotonic() + min(LEASE_RECHECK, info.lease))
+        now = time.monotonic()
+        for key in [k for k, (_, at) in self._older.items() if at < now - LEASE_RECHECK]:  # no reader for a while
+            await self._older.pop(key)[0].origin.close()
+        self._older[(name, snapshot)] = (state, now + min(LEASE_RECHECK, info.lease))
         return state
 
     async def lease(self, name: str, snapshot: str) -> float:

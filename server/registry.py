@@ -18,11 +18,12 @@ from typing import Any, Callable
 
 from cachefs.common.files import write_atomically
 from cachefs.common.errors import BadRequest, Conflict, NotFound
-from cachefs.common.manifest import Manifest, build_table, from_ipc, snapshot_id, to_ipc
+from cachefs.common.manifest import Manifest, build_table, from_ipc, leaf_folders, snapshot_id, to_ipc
 from cachefs.common.wire import (ALL_NAMESPACES, DATASET_NAME_RE, DEFAULT_BLOCK_SIZE, DEFAULT_LEASE, NAMESPACE_RE,
                                  DatasetInfo)
 from cachefs.common.origin import Origin, split_origin
 from server.listing import list_origin
+from server.refresh_policy import RefreshPolicy
 from shard import default_threshold
 
 
@@ -38,6 +39,7 @@ class DatasetSpec:
     block_size: int = DEFAULT_BLOCK_SIZE
     pack_threshold: int = -1  # files below this many bytes share packs; -1: the default for the block size
     lease: float = DEFAULT_LEASE  # seconds a replaced snapshot stays readable after a reader loaded it
+    refresh: dict[str, Any] = field(default_factory=dict)  # its refresh policy (server/refresh_policy.py)
 
     def __post_init__(self) -> None:
         if self.pack_threshold < 0:
@@ -64,10 +66,11 @@ class DatasetSpec:
                              f"({block_size}), not {threshold!r}")
         settings = parse_settings({k: body[k] for k in SETTINGS if k in body})
         return cls(name, origin, settings.get("storage_options", {}), settings.get("replicas", 1),
-                   settings.get("allowed_namespaces", ()), block_size, threshold, settings.get("lease", DEFAULT_LEASE))
+                   settings.get("allowed_namespaces", ()), block_size, threshold, settings.get("lease", DEFAULT_LEASE),
+                   settings.get("refresh", {}))
 
 
-SETTINGS = ("replicas", "allowed_namespaces", "storage_options", "lease")  # what an update changes in place
+SETTINGS = ("replicas", "allowed_namespaces", "storage_options", "lease", "refresh")  # what an update changes in place
 
 
 def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +104,8 @@ def parse_settings(body: dict[str, Any]) -> dict[str, Any]:
             raise BadRequest(f"lease must be a number of seconds from 0 (a replaced snapshot is dropped at once) "
                              f"to a year, not {lease!r}")
         out["lease"] = float(lease)
+    if "refresh" in body:
+        out["refresh"] = RefreshPolicy.parse(body["refresh"]).to_json()
     return out
 
 
@@ -129,9 +134,25 @@ def take_snapshot(spec: DatasetSpec, progress: Callable[[int, int], None] | None
         name=spec.name, origin=spec.origin, snapshot=snapshot_id(table, layout), files=len(entries),
         bytes=sum(e.size for e in entries), replicas=spec.replicas, block_size=spec.block_size,
         allowed_namespaces=spec.allowed_namespaces, created=time.time(), packs=packs,
-        pack_threshold=spec.pack_threshold, lease=spec.lease,
+        pack_threshold=spec.pack_threshold, lease=spec.lease, refresh=dict(spec.refresh),
     )
     return DatasetRecord(info, dict(spec.storage_options), to_ipc(table))
+
+
+def origin_differs(record: DatasetRecord, cancelled: threading.Event | None = None) -> bool:
+    """Does the origin list other files, sizes or version tokens (or empty folders) than the
+    snapshot? (An on-change policy's check: a listing, no manifest built.) Blocking: run it
+    in a thread."""
+    listing = list_origin(Origin(record.info.origin, record.storage_options), None, cancelled)
+    entries = listing.files
+    manifest = Manifest(from_ipc(record.manifest_ipc), record.info.snapshot)
+    if len(entries) != len(manifest) or leaf_folders(listing.folders, sorted(e.path for e in entries)) != manifest.folders:
+        return True
+    for e in entries:
+        old = manifest.get(e.path)
+        if old is None or old.size != e.size or old.version != e.version:
+            return True
+    return False
 
 
 class Registry:

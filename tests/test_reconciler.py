@@ -433,3 +433,38 @@ async def test_an_unreachable_cache_cluster_is_reported_and_retried(harness: Har
     finally:
         await op.stop()
         await dead.close()
+
+
+async def test_the_refresh_policy_of_the_spec_is_followed_and_its_last_result_shown(harness: Harness,
+                                                                                    fresh_origin: Path) -> None:
+    harness.start()
+    spec = {"origin": url(fresh_origin), "refresh": {"interval": 1, "onChange": True}}
+    await harness.fake.create(harness.ns, "images", spec)
+    before = (await harness.ready("images"))["status"]
+    info = await harness.info("images")
+    assert info.refresh == {"interval": 1, "on_change": True, "warm": False}
+    await harness.until(lambda: harness.status("images").get("lastRefresh", {}).get("state") == "unchanged",
+                        "a first check of the origin")
+    (fresh_origin / "added.bin").write_bytes(b"x" * 5000)
+    last = await harness.until(lambda: (r := harness.status("images").get("lastRefresh", {})).get("changed") and r,
+                               "the policy's refresh")
+    assert last["state"] == "succeeded" and last["trigger"] == "onChange"
+    await harness.until(lambda: harness.status("images").get("snapshot") not in (None, before["snapshot"]),
+                        "the new snapshot in the status")
+    assert harness.recorder.of(harness.dataset("images")) == ["add"]  # the cluster refreshed it, not the operator
+    await harness.fake.update_spec(harness.ns, "images", {"origin": url(fresh_origin), "refresh": None})  # manual
+    info = await harness.until(lambda: _manual(harness), "the policy to be removed")
+    assert info.refresh == {}
+
+
+async def _manual(harness: Harness) -> Any:
+    info = await harness.info("images")
+    return info if info is not None and not info.refresh else None
+
+
+@pytest.mark.parametrize("refresh", [{"interval": -5}, {"interval": "1h"}, {"onChange": "yes"}, {"every": 5}, "daily"])
+def test_a_bad_refresh_policy_is_an_invalid_spec_naming_the_field(refresh: Any) -> None:
+    from server.k8s.crd import DatasetSpec, InvalidSpec
+
+    with pytest.raises(InvalidSpec, match="spec.refresh"):
+        DatasetSpec.parse({"origin": "s3://b/p", "refresh": refresh})

@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "namespace; default: none, so the CSI plugin mounts it nowhere)")
     p.add_argument("--pack-threshold", help="files below this size share 8 MiB packs (e.g. 1MiB; 0: no packing; "
                    "default: 1 MiB, or a quarter block)")
+    _refresh_flags(p)
     _common(p)
     p.set_defaults(func=cmd_add)
 
@@ -42,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-namespaces", action="store_true", help="allow no namespace (the CSI plugin mounts it nowhere)")
     p.add_argument("--lease", type=float, help="seconds a replaced snapshot stays readable for the readers that "
                    "loaded it (default: a day)")
+    _refresh_flags(p)
+    p.add_argument("--refresh-manual", action="store_true", help="no refresh policy: refresh only when asked")
     _common(p)
     p.set_defaults(func=cmd_update)
 
@@ -75,6 +78,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_warm)
 
 
+def _refresh_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("refresh policy", "when the cluster refreshes the dataset by itself (default: never)")
+    g.add_argument("--refresh-interval", type=float, metavar="SECONDS",
+                   help="refresh every SECONDS (with --refresh-on-change: check the origin that often)")
+    g.add_argument("--refresh-on-change", action="store_true",
+                   help="list the origin every interval (default 60 s) and refresh only when its files changed")
+    g.add_argument("--refresh-warm", action="store_true", help="warm each new snapshot before it becomes current")
+
+
+def _policy(args: argparse.Namespace) -> dict | None:
+    """The `refresh` setting the flags ask for; None when they ask nothing."""
+    if getattr(args, "refresh_manual", False):
+        if args.refresh_interval or args.refresh_on_change or args.refresh_warm:
+            raise BadRequest("--refresh-manual contradicts the other --refresh-* flags: give one or the other")
+        return {}
+    if args.refresh_interval is None and not args.refresh_on_change and not args.refresh_warm:
+        return None
+    return {"interval": args.refresh_interval or 0, "on_change": args.refresh_on_change, "warm": args.refresh_warm}
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     add_client_flags(p)
     add_json_flag(p)
@@ -96,7 +119,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
     async def go(admin: AdminClient) -> int:
         op = await admin.add_dataset(args.name, args.origin, options, args.replicas, args.allowed_namespaces,
-                                     threshold)
+                                     threshold, refresh=_policy(args))
         op = await follow(admin, op, f"listing {args.origin}", quiet=args.json)
         return report(op, args.json)
 
@@ -108,16 +131,18 @@ def cmd_update(args: argparse.Namespace) -> int:
         raise BadRequest("--no-namespaces and --allow-namespace contradict each other: give one")
     namespaces = [] if args.no_namespaces else args.allowed_namespaces
     options = _options(args.storage_options) if args.storage_options is not None else None
-    if args.replicas is None and namespaces is None and options is None and args.lease is None:
-        raise BadRequest("nothing to update: give --replicas, --allow-namespace, --no-namespaces, --storage-options "
-                         "or --lease")
+    policy = _policy(args)
+    if args.replicas is None and namespaces is None and options is None and args.lease is None and policy is None:
+        raise BadRequest("nothing to update: give --replicas, --allow-namespace, --no-namespaces, --storage-options, "
+                         "--lease or a --refresh-* flag")
     info = run_admin(args, lambda a: a.update_dataset(args.name, replicas=args.replicas, allowed_namespaces=namespaces,
-                                                      storage_options=options, lease=args.lease))
+                                                      storage_options=options, lease=args.lease, refresh=policy))
     if args.json:
         print_json(info.to_json())
     else:
         print(f"updated {info.name}: replicas {info.replicas}, allowed namespaces "
-              f"{list(info.allowed_namespaces) or 'none'} (snapshot {info.snapshot} kept)")
+              f"{list(info.allowed_namespaces) or 'none'}, lease {info.lease:g} s, refresh "
+              f"{info.refresh or 'manual'} (snapshot {info.snapshot} kept)")
     return 0
 
 

@@ -121,10 +121,10 @@ def build_table(entries: Iterable[FileEntry], block_size: int = 8 * 1024 * 1024,
                               "pack": pa.array(packs, pa.int32()), "offset": pa.array(offsets, pa.int32()),
                               "unit": pa.array(units, pa.uint64()),
                               "hash": pa.array([path_hash(p) for p in paths], pa.uint64())})
-    return with_folders(_hash_ordered(in_path_order), _leaf_folders(folders, paths))
+    return with_folders(_hash_ordered(in_path_order), leaf_folders(folders, paths))
 
 
-def _leaf_folders(folders: Iterable[str], sorted_paths: list[str]) -> list[str]:
+def leaf_folders(folders: Iterable[str], sorted_paths: list[str]) -> list[str]:
     """The folders that neither a file nor another folder lies below, in path order: the
     rest are implied by what lies below them."""
     candidates = sorted({check_path(f) for f in folders} - {""})

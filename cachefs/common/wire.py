@@ -140,6 +140,7 @@ class DatasetInfo:
     packs: int = 0  # packs of small files in this snapshot (manifest columns `pack`, `offset`)
     pack_threshold: int = 0  # files below this many bytes were packed (0: none)
     lease: float = DEFAULT_LEASE  # seconds a replaced snapshot stays readable after a reader loaded it
+    refresh: dict[str, Any] = field(default_factory=dict)  # its refresh policy ({} manual: server/refresh_policy.py)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

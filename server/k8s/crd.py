@@ -72,6 +72,23 @@ def dataset_name(key: Key) -> str:
     return name
 
 
+def refresh_policy(doc: Any) -> dict[str, Any]:
+    """`spec.refresh` ({interval, onChange, warm}) as the cachefs API takes it; {} for manual."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict) or set(doc) - {"interval", "onChange", "warm"}:
+        raise InvalidSpec(f"spec.refresh must be {{interval: seconds, onChange: bool, warm: bool}}, not {doc!r}")
+    interval = doc.get("interval", 0)
+    if isinstance(interval, bool) or not isinstance(interval, int) or not (interval == 0 or 1 <= interval <= 31536000):
+        raise InvalidSpec(f"spec.refresh.interval must be 0 or seconds from 1 to a year, not {interval!r}")
+    for flag in ("onChange", "warm"):
+        if not isinstance(doc.get(flag, False), bool):
+            raise InvalidSpec(f"spec.refresh.{flag} must be true or false, not {doc[flag]!r}")
+    if not interval and not doc.get("onChange") and not doc.get("warm"):
+        return {}
+    return {"interval": interval, "on_change": doc.get("onChange", False), "warm": doc.get("warm", False)}
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """A CachedDataset's spec, checked."""
@@ -82,13 +99,15 @@ class DatasetSpec:
     replicas: int = 1
     warm_on_create: bool = False
     allowed_namespaces: tuple[str, ...] = ()
+    refresh: Mapping[str, Any] = field(default_factory=dict)  # the dataset's refresh policy, as the API spells it
 
     @classmethod
     def parse(cls, spec: Any) -> "DatasetSpec":
         """Read and check `.spec`; raise InvalidSpec naming the field and the fix."""
         if not isinstance(spec, dict):
             raise InvalidSpec("spec must be an object with at least spec.origin")
-        unknown = set(spec) - {"origin", "secretRef", "storageOptions", "replicas", "warmOnCreate", "allowedNamespaces"}
+        unknown = set(spec) - {"origin", "secretRef", "storageOptions", "replicas", "warmOnCreate", "allowedNamespaces",
+                               "refresh"}
         if unknown:
             raise InvalidSpec(f"unknown spec fields {sorted(unknown)}; check the spelling against the CRD")
         origin = spec.get("origin")
@@ -114,7 +133,8 @@ class DatasetSpec:
         allowed = spec.get("allowedNamespaces") or []
         if not isinstance(allowed, list) or not all(isinstance(n, str) and _DNS_LABEL_RE.match(n) for n in allowed):
             raise InvalidSpec(f"spec.allowedNamespaces must be a list of namespace names, not {allowed!r}")
-        return cls(origin, secret_name, dict(options), replicas, warm, tuple(allowed))
+        return cls(origin, secret_name, dict(options), replicas, warm, tuple(allowed),
+                   refresh_policy(spec.get("refresh")))
 
     def namespaces(self, own: str) -> tuple[str, ...]:
         """The namespaces allowed to mount the dataset: always its own, then the listed ones."""
@@ -130,6 +150,7 @@ class DatasetSpec:
             "secret": f"{self.secret_name}@{secret_version}" if self.secret_name else "",
             "replicas": self.replicas,
             "namespaces": self.namespaces(own_namespace),
+            **({"refresh": dict(self.refresh)} if self.refresh else {}),
         }
         canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -62,11 +62,13 @@ class Admin(Protocol):
     async def get_dataset(self, name: str) -> DatasetInfo: ...
     async def add_dataset(
         self, name: str, origin: str, storage_options: Mapping[str, Any] | None = None,
-        replicas: int = 1, allowed_namespaces: tuple[str, ...] | list[str] = (),
+        replicas: int = 1, allowed_namespaces: tuple[str, ...] | list[str] = (), *,
+        refresh: dict[str, Any] | None = None,
     ) -> OperationInfo: ...
     async def update_dataset(self, name: str, *, replicas: int | None = None,
                              allowed_namespaces: Sequence[str] | None = None,
-                             storage_options: dict[str, Any] | None = None) -> DatasetInfo: ...
+                             storage_options: dict[str, Any] | None = None,
+                             refresh: dict[str, Any] | None = None) -> DatasetInfo: ...
     async def refresh_dataset(self, name: str) -> OperationInfo: ...
     async def remove_dataset(self, name: str) -> Any: ...
     async def warm_dataset(self, name: str) -> OperationInfo: ...
@@ -200,7 +202,16 @@ class Reconciler:
             f"snapshot {info.snapshot}: {info.files} files, {format_size(info.bytes)}",
         )
         await self._update_warmth(res, spec, name, info, known, status)
+        await self._refresh_status(name, status)
         return await self._write(res, obj, status)
+
+    async def _refresh_status(self, name: str, status: dict[str, Any]) -> None:
+        """`status.lastRefresh`: the last refresh (or check) the dataset's policy made, or any refresh."""
+        last = await self.cached.last_refresh(name)
+        if last:  # every field, each time: the status is merge-patched, so one left out would keep its old value
+            status["lastRefresh"] = {"trigger": last.get("trigger", ""), "state": last.get("state", ""),
+                                     "time": last.get("time") or 0.0, "changed": bool(last.get("changed")),
+                                     "snapshot": last.get("snapshot", ""), "message": last.get("message", "")}
 
     async def _ensure_registered(
         self, res: Resource, spec: DatasetSpec, name: str, known: Mapping[str, Any], status: dict[str, Any]
@@ -223,7 +234,7 @@ class Reconciler:
         if step.register is Register.UPDATE:
             log.info("%s: settings of %s changed: updating them in place", res.key, name)
             info = await self.admin.update_dataset(name, replicas=spec.replicas, allowed_namespaces=desired.namespaces,
-                                                   storage_options=options)
+                                                   storage_options=options, refresh=dict(spec.refresh))
         elif step.register is Register.REPLACE:
             log.info("%s: origin of %s changed: removing it to add it again", res.key, name)
             try:
@@ -232,7 +243,8 @@ class Reconciler:
                 pass
         if step.register in (Register.ADD, Register.REPLACE):
             info = await self._run(
-                res, "add", self.admin.add_dataset(name, spec.origin, options, spec.replicas, desired.namespaces), name
+                res, "add", self.admin.add_dataset(name, spec.origin, options, spec.replicas, desired.namespaces,
+                                                   refresh=dict(spec.refresh)), name
             )
             log.info("%s: registered %s from %s (snapshot %s)", res.key, name, spec.origin, info.snapshot)
         assert info is not None

@@ -92,8 +92,7 @@ class CachedFraction:
         self._at = 0.0
         self._doc: dict[str, Any] = {}
 
-    async def of(self, info: DatasetInfo) -> float | None:
-        """None when the cluster cannot say."""
+    async def _status(self) -> dict[str, Any] | None:
         if time.monotonic() - self._at > self.ttl:
             try:
                 self._doc = await self.admin.status()
@@ -101,6 +100,18 @@ class CachedFraction:
                 log.debug("cannot read cluster status: %s", e)
                 return None
             self._at = time.monotonic()
+        return self._doc
+
+    async def last_refresh(self, name: str) -> dict[str, Any] | None:
+        """The dataset's last refresh or policy check, as `cachefs status` shows it (None: none yet)."""
+        doc = await self._status()
+        found = next((d for d in (doc or {}).get("datasets") or () if d.get("name") == name), None)
+        return (found or {}).get("last_refresh")
+
+    async def of(self, info: DatasetInfo) -> float | None:
+        """None when the cluster cannot say."""
+        if await self._status() is None:
+            return None
         for d in self._doc.get("datasets") or ():
             if d.get("name") == info.name and "cached_bytes" in d:
                 wanted = info.bytes * max(1, info.replicas)  # cached_bytes counts every copy
