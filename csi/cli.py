@@ -1,7 +1,7 @@
 """`cachefs csi`, `cachefs mount`, `cachefs unmount`: volumes from the command line.
 
 `csi` runs the Kubernetes node plugin; `mount` and `unmount` give the same FUSE mount
-outside Kubernetes. Heavy modules (grpc, pyfuse3, the client) are imported inside the
+outside Kubernetes. Heavy modules (grpc, the FUSE server, the client) are imported inside the
 handlers so `cachefs --help` stays fast.
 """
 
