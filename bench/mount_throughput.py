@@ -28,7 +28,7 @@ Small files (--small), N reader processes each `open().read()` of its share of t
   mount xN, pages dropped again, the kernel's pages dropped first: the serving processes'
                           chunk caches answer (each has its own: a read may land on another)
   mount, re-read          again: the kernel page cache answers (keep_cache)
-  kill                    a mount with 2 serving processes, one SIGKILLed under the readers:
+  kill                    a mount with 1 serving process, SIGKILLed under the readers:
                           the longest read around the kill, and the failed reads (goal: 0)
 
 Needs FUSE (root, /dev/fuse, fusermount3).
@@ -311,7 +311,7 @@ def _small(args: argparse.Namespace, origin: Path, mountpoint: Path, total: int,
         _drop_pages(via_mount)
         timed(f"mount x{serving}, pages dropped", via_mount)
     timed("mount, re-read (page cache)", via_mount)
-    mount(2)
+    mount(1)  # the default: the only serving process is killed
     stall = _stall_when_killed(mountpoint, via_mount, args.readers)
 
     print(f"\nsmall files: {len(rel)} files of 60-160 KB ({total / MiB:.0f} MiB), {args.readers} reader processes, "

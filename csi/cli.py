@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cache-bytes", type=int, default=None,
                    help="budget of the mount's chunk cache, shared by every open file (default 256 MiB)")
     p.add_argument("--serving-processes", type=int, default=None,
-                   help="processes serving the mount; one that dies is replaced (default 0: one per core)")
+                   help="processes serving the mount; one that dies is replaced (default 1; 0: one per core)")
     p.set_defaults(func=_run_mount)
 
     p = subparsers.add_parser(
