@@ -46,6 +46,7 @@ class SnapshotReader:
         self.chunk_size = chunk_size
         self.readahead = readahead
         self.timeout = timeout
+        self.fetched = [0, 0]  # fetches, bytes fetched (logged when serving ends)
         self._runs: dict[str, tuple[int, int]] = {}  # path → (where its last read ended, contiguous bytes so far)
 
     def read_now(self, path: str, size: int, offset: int, length: int) -> bytes | memoryview | None:
@@ -131,6 +132,8 @@ class SnapshotReader:
         fetch_many = self._fetch_many
 
         async def load() -> list[bytes | BaseException]:
+            self.fetched[0] += 1
+            self.fetched[1] += sum(size for _, size in todo)
             results = await within(fetch_many(todo), self.timeout)
             for i, ((path, size), data) in enumerate(zip(todo, results)):
                 if not isinstance(data, BaseException) and len(data) != size:
@@ -157,6 +160,8 @@ class SnapshotReader:
         return lambda: self._load(path, start, stop)
 
     async def _load(self, path: str, start: int, stop: int) -> bytes:
+        self.fetched[0] += 1
+        self.fetched[1] += stop - start
         data = await within(self._fetch(path, start, stop), self.timeout)
         if len(data) != stop - start:
             raise OSError(errno.EIO, f"short read of {path}: {len(data)} of {stop - start} bytes at {start}")
