@@ -16,6 +16,8 @@ Big files (default), N reader threads:
   client, random          1 MiB reads at random offsets, through cachefs://
   mount, random           the same offsets through the mount, pages dropped first
   mount, re-read          sequential again: served by the kernel page cache (keep_cache)
+  mount, random 4 KiB     O_DIRECT reads at random offsets of one file, 1 and 8 threads, in
+                          IOPS: every read is a FUSE request (the figure Alluxio publishes)
 
 Small files (--small), N reader processes each `open().read()` of its share of the files
 (bench/file_readers.py), files/s side by side with the same files on local disk:
@@ -26,6 +28,8 @@ Small files (--small), N reader processes each `open().read()` of its share of t
   mount xN, pages dropped again, the kernel's pages dropped first: the serving processes'
                           chunk caches answer (each has its own: a read may land on another)
   mount, re-read          again: the kernel page cache answers (keep_cache)
+  kill                    a mount with 1 serving process, SIGKILLed under the readers:
+                          the longest read around the kill, and the failed reads (goal: 0)
 
 Needs FUSE (root, /dev/fuse, fusermount3).
 """
@@ -108,6 +112,77 @@ def _cpu_seconds(mountpoint: Path) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _iops(path: str, threads: int, reads_each: int, size: int) -> float:
+    """Random 4 KiB reads with O_DIRECT (each one a FUSE request, no page cache), reads/s."""
+    import mmap
+
+    def work(seed: int) -> int:
+        rnd = random.Random(seed)
+        buf = mmap.mmap(-1, 4096)  # page-aligned, as O_DIRECT wants
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for _ in range(reads_each):
+                assert os.preadv(fd, [buf], rnd.randrange(0, size // 4096) * 4096) == 4096
+        finally:
+            os.close(fd)
+        return reads_each
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        done = sum(pool.map(work, range(threads)))
+    return done / (time.perf_counter() - started)
+
+
+def _stall_when_killed(mountpoint: Path, paths: list[str], readers: int) -> dict[str, float]:
+    """Readers read files (pages dropped, so every read reaches the mount) while one serving
+    process is SIGKILLed: the longest a read took around the kill, and the failed reads."""
+    import signal
+    import threading
+
+    from cachefs.common import procs
+    from csi.mounter import mount_pids
+
+    holder = mount_pids(str(mountpoint))[0]
+    stop = threading.Event()
+    slowest, failed, done = [0.0], [0], [0]
+
+    def reader(k: int) -> None:
+        i = k
+        while not stop.is_set():
+            path = paths[i % len(paths)]
+            i += readers
+            started = time.perf_counter()
+            try:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    while os.read(fd, 1 << 20):
+                        pass
+                finally:
+                    os.close(fd)
+            except OSError:
+                failed[0] += 1
+            slowest[0] = max(slowest[0], time.perf_counter() - started)
+            done[0] += 1
+
+    threads = [threading.Thread(target=reader, args=(k,), daemon=True) for k in range(readers)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while done[0] < 200 and time.monotonic() < deadline:  # readers going
+        time.sleep(0.01)
+    slowest[0] = 0.0
+    victim = min(pid for pid, (ppid, _) in procs.processes().items() if ppid == holder)
+    os.kill(victim, signal.SIGKILL)
+    after = done[0]
+    while done[0] < after + 200 and time.monotonic() < deadline:  # readers going again
+        time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join(timeout=30)
+    return {"longest_read_s": slowest[0], "failed_reads": failed[0]}
+
+
 def _drop_pages(paths: list[str]) -> None:
     """Forget the kernel's cached pages of these files, so the next read goes to FUSE."""
     for p in paths:
@@ -143,7 +218,7 @@ def main() -> int:
     ap.add_argument("--file-mib", type=int, default=16)
     ap.add_argument("--readers", type=int, default=4)
     ap.add_argument("--nodes", type=int, default=3)
-    ap.add_argument("--serving", default="1,2,4", help="serving processes per mount to compare (--small)")
+    ap.add_argument("--serving", default="1,2,4", help="serving processes per mount to compare (--small); big files use the first")
     ap.add_argument("--json", default=None, help="where to write the figures (default bench/results/...)")
     args = ap.parse_args()
     if args.quick:
@@ -196,13 +271,12 @@ def main() -> int:
         if args.small:
             report = _small(args, origin, mountpoint, total, mount)
         else:
-            mount()
+            mount(int(args.serving.split(",")[0]))
             report = _big(args, work, config, origin, mountpoint)
     finally:
         subprocess.run([*cli, "unmount", str(mountpoint)], capture_output=True, timeout=60)
         hosting.down(os.environ, namespace="cachefs-bench")
         ray.shutdown()
-        shutil.copytree(work / "home" / "logs", "/tmp/fuse-bench-logs", dirs_exist_ok=True)
         shutil.rmtree(work, ignore_errors=True)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,6 +311,8 @@ def _small(args: argparse.Namespace, origin: Path, mountpoint: Path, total: int,
         _drop_pages(via_mount)
         timed(f"mount x{serving}, pages dropped", via_mount)
     timed("mount, re-read (page cache)", via_mount)
+    mount(1)  # the default: the only serving process is killed
+    stall = _stall_when_killed(mountpoint, via_mount, args.readers)
 
     print(f"\nsmall files: {len(rel)} files of 60-160 KB ({total / MiB:.0f} MiB), {args.readers} reader processes, "
           f"{args.nodes} cache nodes, {os.cpu_count()} cores")
@@ -244,7 +320,9 @@ def _small(args: argparse.Namespace, origin: Path, mountpoint: Path, total: int,
     for label, rate in rates.items():
         mount_cpu = f"{cpu[label]:>20.0f}" if label != "local disk" else ""
         print(f"{label:<30}{rate:>10.0f}{rate / rates['local disk']:>10.2f}{mount_cpu}")
-    return {"files": len(rel), "bytes": total, "readers": args.readers, "files_per_s": rates,
+    print(f"a serving process SIGKILLed under {args.readers} readers: longest read {stall['longest_read_s']:.2f} s, "
+          f"{stall['failed_reads']:.0f} failed reads")
+    return {"files": len(rel), "bytes": total, "readers": args.readers, "files_per_s": rates, "kill": stall,
             "ratios": {k: v / rates["local disk"] for k, v in rates.items()},
             "mount_cpu_us_per_file": {k: v for k, v in cpu.items() if k != "local disk"}}
 
@@ -285,6 +363,8 @@ def _big(args: argparse.Namespace, work: Path, config: Any, origin: Path, mountp
     _drop_pages(via_mount)
     record("mount, random", lambda: _timed([(str(mountpoint / r), offsets[r]) for r in rel],
                                            _random(lambda p: open(p, "rb", buffering=0)), args.readers), random_total)
+    iops = {f"mount, random 4 KiB, {n} threads": _iops(via_mount[0], n, 400 if args.quick else 2000, size)
+            for n in (1, 8)}
     _timed(via_mount, unbuffered, args.readers)  # fill the page cache
     record("mount, re-read (page cache)", lambda: _timed(via_mount, unbuffered, args.readers), total)
     fs.close()
@@ -303,7 +383,9 @@ def _big(args: argparse.Namespace, work: Path, config: Any, origin: Path, mountp
         print(f"{label:<30}{rate:>8.2f}{rate / ceiling:>12.2f}{mount_cpu}")
     print(f"mount / client: sequential {ratios['mount_vs_client_sequential']:.2f}, "
           f"random {ratios['mount_vs_client_random']:.2f}")
-    return {"files": args.files, "file_mib": args.file_mib, "readers": args.readers, "GBps": figures,
+    for label, rate in iops.items():
+        print(f"{label:<30}{rate:>8.0f} IOPS (O_DIRECT: every read a FUSE request)")
+    return {"files": args.files, "file_mib": args.file_mib, "readers": args.readers, "GBps": figures, "iops": iops,
             "ratios": ratios, "mount_cpu_s_per_GB": cpu}
 
 

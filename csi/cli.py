@@ -1,7 +1,7 @@
 """`cachefs csi`, `cachefs mount`, `cachefs unmount`: volumes from the command line.
 
 `csi` runs the Kubernetes node plugin; `mount` and `unmount` give the same FUSE mount
-outside Kubernetes. Heavy modules (grpc, pyfuse3, the client) are imported inside the
+outside Kubernetes. Heavy modules (grpc, the FUSE server, the client) are imported inside the
 handlers so `cachefs --help` stays fast.
 """
 
@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--cache-bytes", type=int, default=None,
                    help="budget of the mount's chunk cache, shared by every open file (default 256 MiB)")
     p.add_argument("--serving-processes", type=int, default=None,
-                   help="processes serving the mount; one that dies is replaced (default 0: one per core)")
+                   help="processes serving the mount; one that dies is replaced (default 1; 0: one per core)")
     p.set_defaults(func=_run_mount)
 
     p = subparsers.add_parser(

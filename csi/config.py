@@ -44,8 +44,10 @@ class MountConfig:
     # Chunks (blocks) fetched ahead of a sequential reader of a big file.
     readahead_chunks: int = 2
     # Processes serving the mount's FUSE session, each on its own clone of it; one that
-    # dies is replaced while readers wait. 0: one per core, at most 8.
-    serving_processes: int = 0
+    # dies is replaced while readers wait. 0: one per core, at most 8. The default is 1:
+    # each process has its own chunk cache, and with two on a 2-core node a read misses
+    # in one what the other holds (half the files/s; docs/benchmarks.md).
+    serving_processes: int = 1
     # A small file read for the first time is fetched with up to this many small files
     # after it in its directory (and this many bytes), in one batched read: per file, the
     # request's CPU and round trip are most of the cost. 1: one file at a time.

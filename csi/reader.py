@@ -48,6 +48,7 @@ class SnapshotReader:
         self.chunk_size = chunk_size
         self.readahead = readahead
         self.timeout = timeout
+        self.fetched = [0, 0]  # fetches, bytes fetched (logged when serving ends)
         self._runs: dict[str, tuple[int, int]] = {}  # path → (where its last read ended, contiguous bytes so far)
         self._gone_logged = False
 
@@ -134,13 +135,26 @@ class SnapshotReader:
         fetch_many = self._fetch_many
 
         async def load() -> list[bytes | BaseException]:
+            self.fetched[0] += 1
+            self.fetched[1] += sum(size for _, size in todo)
             results = await within(fetch_many(todo), self.timeout)
             for i, ((path, size), data) in enumerate(zip(todo, results)):
-                if not isinstance(data, BaseException) and len(data) != size:
+                if isinstance(data, (SnapshotGone, OriginChanged)):
+                    results[i] = self._gone(path, data)
+                elif not isinstance(data, BaseException) and len(data) != size:
                     results[i] = OSError(errno.EIO, f"short read of {path}: {len(data)} of {size} bytes")
             return results
 
         self.cache.prefetch_many([(path, 0) for path, _ in todo], load)
+
+    def _gone(self, path: str, e: BaseException) -> OSError:
+        """The mount shows one snapshot (its tree, its sizes); bytes of another would be
+        wrong bytes. Fail loudly (EIO), and say once in the log what to do."""
+        if not self._gone_logged:
+            self._gone_logged = True
+            log.error("%s: this mount's snapshot can no longer be read there (%s); remount the volume to see "
+                      "the current snapshot", path, e)
+        return OSError(errno.EIO, f"{path}: the mount's snapshot can no longer be read there; remount ({e})")
 
     def _run(self, path: str, offset: int, end: int) -> int:
         """How many bytes of the file up to `end` have now been read contiguously; records it."""
@@ -160,16 +174,12 @@ class SnapshotReader:
         return lambda: self._load(path, start, stop)
 
     async def _load(self, path: str, start: int, stop: int) -> bytes:
+        self.fetched[0] += 1
+        self.fetched[1] += stop - start
         try:
             data = await within(self._fetch(path, start, stop), self.timeout)
         except (SnapshotGone, OriginChanged) as e:
-            # The mount shows one snapshot (its tree, its sizes); bytes of another would be
-            # wrong bytes. Fail loudly, and say once what to do.
-            if not self._gone_logged:
-                self._gone_logged = True
-                log.error("%s: this mount's snapshot can no longer be read there (%s); remount the volume to see "
-                          "the current snapshot", path, e)
-            raise OSError(errno.EIO, f"{path}: the mount's snapshot can no longer be read there; remount ({e})") from e
+            raise self._gone(path, e) from e
         if len(data) != stop - start:
             raise OSError(errno.EIO, f"short read of {path}: {len(data)} of {stop - start} bytes at {start}")
         return data

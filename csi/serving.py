@@ -104,7 +104,8 @@ async def serve_snapshot(fd: int, snapshot: Snapshot, config: MountConfig, *, ca
     try:
         await serve(fd, dispatcher)
     finally:
-        log.info("serving process %d answered: %s", os.getpid(), dispatcher.summary() or "nothing")
+        log.info("serving process %d answered: %s; fetched %d MiB in %d reads", os.getpid(),
+                 dispatcher.summary() or "nothing", reader.fetched[1] >> 20, reader.fetched[0])
         cache.close()
         await close(fs)
     return 0

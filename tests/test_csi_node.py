@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -324,6 +325,53 @@ def test_killing_the_plugin_keeps_the_volume_readable_and_a_restart_can_unpublis
     own_plugin.publish(pod)  # still idempotent after the restart
     own_plugin.unpublish(pod)
     assert_gone(pod, pid)
+
+
+def test_readers_see_no_error_while_the_plugin_restarts_and_a_serving_process_dies(own_plugin, pod, sample_origin):
+    from cachefs.common import procs
+
+    expected = origin_files(sample_origin)
+    own_plugin.start().publish(pod)
+    holder = own_plugin.record(pod)["pid"]
+    stop, failures, reads = threading.Event(), [], [0]
+
+    def reader() -> None:
+        while not stop.is_set():
+            for name, data in expected.items():
+                try:
+                    fd = os.open(pod / name, os.O_RDONLY)
+                    try:
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # every read reaches the mount
+                        got = os.read(fd, len(data) + 1)
+                    finally:
+                        os.close(fd)
+                except OSError as e:
+                    failures.append(f"{name}: {e}")
+                    continue
+                if got != data[:len(got)] or len(got) < min(len(data), 1):
+                    failures.append(f"{name}: bytes differ")
+                reads[0] += 1
+
+    threads = [threading.Thread(target=reader, daemon=True) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        own_plugin.kill()
+        serving = [pid for pid, (ppid, _) in procs.processes().items() if ppid == holder]
+        os.kill(serving[0], signal.SIGKILL)
+        own_plugin.start()
+        assert own_plugin.record(pod)["pid"] == holder  # adopted, not remounted
+        before, deadline = reads[0], time.monotonic() + 30
+        assert not failures
+        while reads[0] < before + 50 and time.monotonic() < deadline:  # readers go on after both
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert failures == [] and reads[0] >= before + 50
+    own_plugin.unpublish(pod)
+    assert_gone(pod, holder)
 
 
 def test_a_restarted_plugin_repairs_a_mount_whose_process_died(own_plugin, pod, sample_origin):

@@ -204,6 +204,10 @@ async def test_reads_answer_the_bytes_at_any_offset_and_nothing_past_the_end(ker
     assert (await kernel.send(p.Op.READ, small, read_body(0, 128 * 1024))) == (0, FILES["small.bin"])
     assert (await kernel.send(p.Op.READ, small, read_body(8192, 4096))) == (0, FILES["small.bin"][8192:12288])
     assert (await kernel.send(p.Op.READ, small, read_body(20_000, 4096))) == (0, b"")
+    kernel.dispatcher.max_pages = 2
+    big_read = await kernel.send(p.Op.READ, big, read_body(0, 2**32 - 1))  # more than INIT allowed
+    assert big_read == (0, FILES["big.bin"][:2 * 4096])
+    kernel.dispatcher.max_pages = 256
     for offset in (0, CHUNK - 100, 3 * CHUNK, 5 * CHUNK + 100):
         assert (await kernel.send(p.Op.READ, big, read_body(offset, 2 * CHUNK)))[1] == \
             FILES["big.bin"][offset:offset + 2 * CHUNK]

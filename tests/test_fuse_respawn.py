@@ -31,9 +31,15 @@ KILLS = 10
 
 
 @pytest.fixture(scope="module")
-def mounted(cachefs_cluster, sample_origin, tmp_path_factory) -> Iterator[tuple[Path, subprocess.Popen]]:
+def dataset(cachefs_cluster, sample_origin) -> str:
     name = cachefs_cluster.unique("fuse-respawn")
     cachefs_cluster.add_dataset(name, f"file://{sample_origin}")
+    return name
+
+
+@pytest.fixture(params=[2, 1], ids=["2-serving", "1-serving"])
+def mounted(request, cachefs_cluster, dataset, tmp_path_factory) -> Iterator[tuple[Path, subprocess.Popen, Path]]:
+    serving_processes, name = request.param, dataset
     root = tmp_path_factory.mktemp("respawn")
     point = root / "mnt"
     point.mkdir()
@@ -41,15 +47,16 @@ def mounted(cachefs_cluster, sample_origin, tmp_path_factory) -> Iterator[tuple[
     log = root / "mount.log"
     with open(log, "wb") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "csi.mount_process", "--source", f"cachefs://{name}",
-                                 "--target", str(point), "--serving-processes", "2"], env=env,
+                                 "--target", str(point), "--serving-processes", str(serving_processes)],
+                                env=env,
                                 stdout=subprocess.DEVNULL, stderr=logf)
     try:
         deadline = time.monotonic() + 60
-        while find_mount(str(point)) is None or len(serving(proc.pid)) < 2:
+        while find_mount(str(point)) is None or len(serving(proc.pid)) < serving_processes:
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the mount did not appear"
             time.sleep(0.05)
-        yield point, proc, log
+        yield point, proc, log, serving_processes
     finally:
         subprocess.run(["fusermount3", "-u", str(point)], capture_output=True, timeout=10)
         try:
@@ -77,7 +84,7 @@ def read_uncached(path: Path) -> bytes:
 
 
 def test_readers_see_no_error_while_serving_processes_are_killed_again_and_again(mounted, sample_origin):
-    point, holder, log = mounted
+    point, holder, log, count = mounted
     expected = {name: hashlib.sha256(data).digest() for name, data in origin_files(sample_origin).items()}
     names = sorted(expected)
     stop = threading.Event()
@@ -115,7 +122,7 @@ def test_readers_see_no_error_while_serving_processes_are_killed_again_and_again
                 before = reads[0]
             deadline = time.monotonic() + 30
             # Replaced, and readers going on: a few more whole files read after the kill.
-            while not (len(serving(holder.pid)) == 2 and victims[kill % len(victims)] not in serving(holder.pid)
+            while not (len(serving(holder.pid)) == count and victims[kill % len(victims)] not in serving(holder.pid)
                        and reads[0] >= before + 8):
                 assert time.monotonic() < deadline, f"readers stalled after kill {kill}: {failures[:3]}"
                 time.sleep(0.02)

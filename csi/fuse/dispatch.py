@@ -195,6 +195,7 @@ class Dispatcher:
 
     def _read(self, head: p.Header, body: memoryview) -> Reply | None:
         _fh, offset, size, *_ = p.unpack(p.READ_IN, body)
+        size = min(size, self.max_pages * p.PAGE)  # what INIT allowed: a bogus size costs no memory
         data = self.ops.read_now(head.nodeid, offset, size)
         if data is not None:
             return p.reply(head.unique, data)
