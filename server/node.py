@@ -27,7 +27,7 @@ from cachefs.common.wire import DatasetInfo, OperationInfo
 from server.metrics import NodeMetrics
 from server.singleflight import Group
 from server.stores import DiskStore, MemoryStore, StoredBlock, digest_of, read_ranges
-from server.units import Unit, block_unit, pack_unit, read_unit, transient, with_members
+from server.units import Unit, block_unit, of_snapshot, pack_unit, read_unit, transient, with_members
 from server.warmup import Warmups
 from shard import Ring, block_count
 
@@ -273,13 +273,13 @@ class CacheNode:
         misses: dict[str, Unit] = {}
         for a in asked:
             if type(a) is tuple and a[0].key not in found and a[0].key not in misses:
-                hit = self._lookup(name, a[0].key)
+                hit = self._find(state, a[0])
                 if hit is None:
                     misses[a[0].key] = a[0]
                 else:
                     found[a[0].key] = hit
         for key in [k for k, v in found.items() if not v[0].verified]:  # type: ignore[index]
-            if await self._verified(key) is None:  # corrupt on disk: fetched again
+            if await self._verified(found[key][0].key) is None:  # type: ignore[index]  # corrupt on disk: fetched again
                 del found[key]
                 misses[key] = next(a[0] for a in asked if type(a) is tuple and a[0].key == key)
         members: dict[tuple[str, int], bytes | CachefsError] = {}
@@ -318,6 +318,13 @@ class CacheNode:
             served += end - start
         self.metrics.served(name, served)
         return pieces
+
+    def _find(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str] | None:
+        """The unit in a tier: under its key, or (a pack) the copy its snapshot read with dead space."""
+        hit = self._lookup(state.info.name, unit.key)
+        if hit is None and unit.pack >= 0:
+            hit = self._lookup(state.info.name, of_snapshot(unit.key, state.info.snapshot))
+        return hit
 
     def _lookup(self, name: str, key: str) -> tuple[StoredBlock, str] | None:
         block = self.memory.get(key)
@@ -390,8 +397,8 @@ class CacheNode:
     # -- the tiers and the origin ----------------------------------------------------------
     async def unit(self, state: DatasetState, unit: Unit) -> tuple[StoredBlock, str]:
         """The unit from memory, disk, or the origin (once, however many ask at the same time)."""
-        hit = self._lookup(state.info.name, unit.key)
-        if hit is not None and (hit[0].verified or await self._verified(unit.key) is not None):
+        hit = self._find(state, unit)
+        if hit is not None and (hit[0].verified or await self._verified(hit[0].key) is not None):
             return hit
         return await self._fetches.do(unit.key, lambda: self._fetch(state, unit))
 
@@ -406,7 +413,10 @@ class CacheNode:
         data, holes = await read_unit(state.origin, with_members(unit, state.manifest))
         self.metrics.miss(info.name, len(data) - sum(h.end - h.start for h in holes))
         buffer = pa.py_buffer(data)
-        block = StoredBlock(unit.key, info.name, info.snapshot, len(data), digest_of(buffer), buffer=buffer,
+        key = unit.key
+        if holes and all(h.dead for h in holes):  # exact for this snapshot: kept where only its readers look
+            key, holes = of_snapshot(unit.key, info.snapshot), ()
+        block = StoredBlock(key, info.name, info.snapshot, len(data), digest_of(buffer), buffer=buffer,
                             holes=holes)
         served = self._datasets.get(info.name) is state or (info.name, info.snapshot) in self._older
         if not served or transient(holes):
