@@ -45,7 +45,7 @@ class NodeEntry:
 class Coordinator:
     def __init__(self, state_dir: str | None, block_size: int, policy: OriginPolicy) -> None:
         self.registry = Registry(state_dir)
-        self.leases = Leases()
+        self.leases = Leases(state_dir)
         self.last_refresh: dict[str, dict[str, Any]] = {}  # dataset → its last refresh (or policy check)
         self.policy_loop = PolicyLoop(self._policies, self._origin_changed, self._policy_refresh, self._record_refresh)
         self.block_size = block_size

@@ -30,7 +30,7 @@ from server.peers import UnitName
 from server.rebalance import Rebalancer
 from server.singleflight import Group
 from server.stores import DiskStore, MemoryStore, StoredBlock, digest_of, read_ranges
-from server.units import Unit, block_unit, pack_unit, read_unit, transient, with_members
+from server.units import Unit, block_unit, of_snapshot, pack_unit, read_unit, transient, with_members
 from server.warmup import Warmups
 from shard import Ring, block_count
 
@@ -360,15 +360,14 @@ class CacheNode:
         packs to read file by file instead (`_partial`)."""
         found: dict[str, Found] = {}
         misses: dict[str, Unit] = {}
-        name = state.info.name
         for key, unit in units.items():
-            hit = self._lookup(name, key)
+            hit = self._find(state, unit)
             if hit is None:
                 misses[key] = unit
             else:
                 found[key] = hit
         for key in [k for k, v in found.items() if not v.block.verified]:
-            if await self._verified(key) is None:  # corrupt on disk: fetched again
+            if await self._verified(found[key].block.key) is None:  # corrupt on disk: fetched again
                 del found[key]
                 misses[key] = units[key]
         if not misses:
@@ -402,6 +401,20 @@ class CacheNode:
                                                          for a in disk])
             for a, d in zip(disk, data, strict=True):
                 a.payload = d
+
+    @staticmethod
+    def _keys(state: DatasetState, unit: Unit) -> tuple[str, ...]:
+        """Where a unit may be held: under its key, and (a pack) the copy its snapshot read
+        with dead space in it (server/units.py `of_snapshot`), exact for this snapshot only."""
+        return (unit.key, of_snapshot(unit.key, state.info.snapshot)) if unit.pack >= 0 else (unit.key,)
+
+    def _find(self, state: DatasetState, unit: Unit) -> Found | None:
+        """The unit in a tier, under any key it may be held by."""
+        for key in self._keys(state, unit):
+            hit = self._lookup(state.info.name, key)
+            if hit is not None:
+                return hit
+        return None
 
     def _lookup(self, name: str, key: str) -> Found | None:
         block = self.memory.get(key)
@@ -465,8 +478,8 @@ class CacheNode:
     # -- the tiers and the origin ----------------------------------------------------------
     async def unit(self, state: DatasetState, unit: Unit) -> Found:
         """The unit from memory, disk, or the origin (once, however many ask at the same time)."""
-        hit = self._lookup(state.info.name, unit.key)
-        if hit is not None and (hit.block.verified or await self._verified(unit.key) is not None):
+        hit = self._find(state, unit)
+        if hit is not None and (hit.block.verified or await self._verified(hit.block.key) is not None):
             return hit
         return await self.fetch(state, unit)
 
@@ -478,13 +491,14 @@ class CacheNode:
         """Inside the flight, the tiers are asked again: the reader looked them up before an
         await (a disk check, a dataset load), and a flight of the same key may have landed
         in between and left; reading the origin then would read it twice."""
-        block = self.memory.get(unit.key)
-        if block is not None:
-            return Found(block, "memory")
-        if self.disk is not None and self.disk.get(unit.key) is not None:
-            block = await self._verified(unit.key)
+        for key in self._keys(state, unit):
+            block = self.memory.get(key)
             if block is not None:
-                return Found(block, "disk")
+                return Found(block, "memory")
+            if self.disk is not None and self.disk.get(key) is not None:
+                block = await self._verified(key)
+                if block is not None:
+                    return Found(block, "disk")
         return await self._fetch(state, unit)
 
     async def _verified(self, key: str) -> StoredBlock | None:
@@ -508,7 +522,10 @@ class CacheNode:
         """Store a unit just read (unless its dataset moved on meanwhile) and say where from."""
         info = state.info
         buffer = pa.py_buffer(data)
-        block = StoredBlock(unit.key, info.name, info.snapshot, len(data), digest_of(buffer), buffer=buffer,
+        key = unit.key
+        if holes and all(h.dead for h in holes):  # exact for this snapshot: kept where only its readers look
+            key, holes = of_snapshot(unit.key, info.snapshot), ()
+        block = StoredBlock(key, info.name, info.snapshot, len(data), digest_of(buffer), buffer=buffer,
                             holes=holes)
         served = self._datasets.get(info.name) is state or (info.name, info.snapshot) in self._older
         if not served or transient(holes):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import xxhash
+
 from cachefs.common.errors import CachefsError, OriginChanged, OriginUnavailable
 from cachefs.common.manifest import FileEntry, Manifest
 from cachefs.common.origin import Origin
@@ -24,6 +26,13 @@ class Hole:
     start: int
     end: int
     error: CachefsError
+    dead: bool = False  # dead space: older members no file of the fetching snapshot covers
+
+
+def of_snapshot(key: str, snapshot: str) -> str:
+    """Where a copy of a pack with dead space is kept: it is exact for the snapshot that read
+    it (its files are the live members), and only that snapshot's readers look there."""
+    return xxhash.xxh3_64_hexdigest(f"{key}@{snapshot}".encode())
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,7 @@ def dead_space(unit: Unit) -> tuple[Hole, ...]:
         if m.offset > at:
             holes.append(Hole(at, m.offset, OriginChanged(
                 f"bytes [{at}, {m.offset}) of pack {unit.pack} belong to files of an older snapshot that changed "
-                "at the origin since; read the current snapshot")))
+                "at the origin since; read the current snapshot"), dead=True))
         at = max(at, m.offset + m.size)
     return tuple(holes)
 

@@ -130,3 +130,31 @@ def test_a_manifest_from_before_units_still_loads_and_names_its_blocks_by_its_sn
         assert plan(info, m.get("b.bin"), 0, 10, buf[:10])[0].key == block_key("d", "snap1", "b.bin", 0)
     fresh = Manifest(table, "snap2")
     assert fresh.get("a.bin").unit and fresh.get("b.bin").unit  # with units: keys name the bytes
+
+
+def test_leases_keep_a_replaced_snapshot_until_they_end_and_survive_a_coordinator_restart(tmp_path) -> None:
+    from cachefs.common.errors import NotFound, SnapshotGone
+    from cachefs.common.wire import DatasetInfo
+    from server.leases import Leases
+    from server.registry import DatasetRecord
+
+    now = [1000.0]
+
+    def record(snapshot: str) -> DatasetRecord:
+        return DatasetRecord(DatasetInfo("d", "file:///x", snapshot, 1, 1, lease=100), {}, f"ipc-{snapshot}".encode())
+
+    leases = Leases(tmp_path, clock=lambda: now[0])
+    leases.take("d", "s1", 100)  # a reader loaded s1
+    leases.replaced(record("s1"))  # a refresh made s2 current
+    current = record("s2")
+    assert leases.find("d", "s1", current).manifest_ipc == b"ipc-s1"
+    restarted = Leases(tmp_path, clock=lambda: now[0])  # the coordinator restarts
+    assert restarted.find("d", "s1", current).manifest_ipc == b"ipc-s1" and restarted.kept("d") == ["s1"]
+    with pytest.raises(NotFound, match="no snapshot"):
+        restarted.find("d", "s0", current)
+    now[0] = 1101.0
+    with pytest.raises(SnapshotGone, match="lease"):
+        restarted.find("d", "s1", current)
+    assert not list((tmp_path / "leases").glob("*.arrow"))  # its manifest went with it
+    (tmp_path / "leases" / "leases.json").write_text("{not json")
+    assert Leases(tmp_path, clock=lambda: now[0]).kept("d") == []  # a damaged file ends the leases, loudly

@@ -354,3 +354,30 @@ def test_a_refresh_that_fails_midway_leaves_the_current_snapshot_serving(cachefs
     fresh = cachefs_cluster.fs()
     assert fresh.info(f"{name}/c.bin")["snapshot"] == current and fresh.size(f"{name}/c.bin") == 60_000
     assert fresh.cat_file(f"{name}/same.bin") == OLD["same.bin"]
+
+
+def test_a_pack_read_after_some_of_its_files_changed_is_kept_and_never_gives_zeros(cachefs_cluster, tmp_path) -> None:
+    from cachefs.common.errors import OriginChanged
+
+    files = {"a.bin": b"a" * 3000, "b.bin": b"b" * 3000, "c.bin": b"c" * 3000}  # one pack
+    origin = tmp_path / "o"
+    origin.mkdir()
+    for rel, data in files.items():
+        (origin / rel).write_bytes(data)
+    name = cachefs_cluster.unique("deadspace")
+    cachefs_cluster.add_dataset(name, f"file://{origin}")
+    old_reader = cachefs_cluster.fs()
+    assert old_reader.size(f"{name}/b.bin") == 3000  # holds the first snapshot, nothing read yet
+    (origin / "b.bin").write_bytes(b"B" * 3000)
+    st = os.stat(origin / "b.bin")
+    os.utime(origin / "b.bin", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    refresh(cachefs_cluster, name)
+    disk_blocks = cachefs_cluster.totals("disk_blocks")
+    new_reader = cachefs_cluster.fs()
+    assert new_reader.cat_file(f"{name}/a.bin") == files["a.bin"]  # the pack, read with b.bin's range dead
+    assert cachefs_cluster.totals("disk_blocks") == disk_blocks + 1  # kept on disk too
+    assert new_reader.cat_file(f"{name}/c.bin") == files["c.bin"]
+    assert new_reader.cat_file(f"{name}/b.bin") == b"B" * 3000
+    with pytest.raises(OriginChanged):  # the old snapshot's b.bin: gone at the origin, never zeros
+        old_reader.cat_file(f"{name}/b.bin")
+    assert old_reader.cat_file(f"{name}/a.bin") == files["a.bin"]
