@@ -7,10 +7,9 @@ the xxh3 digest taken when it was written, while the cluster:
   (a) join          gets a 4th node
   (b) drain         drains that node again (`cachefs node drain`)
   (c) rolling       restarts every node, one at a time: drain, then start again on the same disk
-and, side by side, what the same changes cost when they come as crashes (the node killed,
-then started again), which is how a scale-down or a restart was treated before drains:
-  (b') crash        the 4th node killed instead of drained
-  (c') crash-roll   every node killed and started again, one at a time
+  (d) crash-roll    every node killed and started again, one at a time (no drain: a crash)
+Side by side, the same on a cluster whose nodes have the hand-over off (`handover = false`:
+a moved unit is read from the origin, which is what every change cost before).
 For each event: origin bytes as a fraction of the dataset (the meter on the origin: the
 nodes' reads and any reader's fallback), failed reads, wrong files, and how long it took.
 
@@ -205,67 +204,80 @@ def event(label: str, s3: MeteredS3, reader: Reader, dataset_bytes: int, change:
     return row
 
 
-def run(total: int) -> dict[str, Any]:
+def run_peer(total: int, handover: bool) -> dict[str, Any]:
+    """The events on a fresh cluster (a Ray of its own) with the hand-over on or off."""
     files = make_files(total)
     dataset_bytes = sum(len(d) for d in files.values())
     digests = {p: xxhash.xxh3_64_hexdigest(d) for p, d in files.items()}
-    with workdir("cachefs-membership-") as work, MeteredS3() as s3, local_ray():
-        upload(s3, "moving", files)
-        members = Members(work, 3, 2 * dataset_bytes)
-        try:
-            members.wait_op(members.call("add_dataset", {"name": "moving", "origin": f"s3://{BUCKET}/moving",
-                                                         "storage_options": s3.options}))
-            members.wait_op(members.call("warm_dataset", "moving"))
-            reader = Reader(members, "moving", digests).start()
-            reader.until_epochs(1)
-            three = {"node-0", "node-1", "node-2"}
-            rows = []
+    os.environ["CACHEFS_HANDOVER"] = "true" if handover else "false"  # the nodes' Ray inherits it
+    try:
+        with workdir("cachefs-membership-") as work, MeteredS3() as s3, local_ray():
+            upload(s3, "moving", files)
+            members = Members(work, 3, 2 * dataset_bytes)
+            try:
+                return events_on(members, s3, files, dataset_bytes, digests)
+            finally:
+                members.stop()
+    finally:
+        os.environ.pop("CACHEFS_HANDOVER", None)
 
-            def join() -> None:
-                members.run(4)
-                members.settled(three | {"node-3"})
 
-            def drain() -> None:
-                members.drain("node-3")
-                members.settled(three)
+def events_on(members: Members, s3: MeteredS3, files: dict[str, bytes], dataset_bytes: int,
+              digests: dict[str, str]) -> dict[str, Any]:
+    members.wait_op(members.call("add_dataset", {"name": "moving", "origin": f"s3://{BUCKET}/moving",
+                                                 "storage_options": s3.options}))
+    members.wait_op(members.call("warm_dataset", "moving"))
+    reader = Reader(members, "moving", digests).start()
+    reader.until_epochs(1)
+    three = {"node-0", "node-1", "node-2"}
 
-            def rolling() -> None:
-                for node in sorted(three):
-                    members.drain(node)
-                    members.settled(three - {node})
-                    members.run(3)
-                    members.settled(three)
+    def join() -> None:
+        members.run(4)
+        members.settled(three | {"node-3"})
 
-            def crash() -> None:
-                members.kill("node-3")
-                members.settled(three)
+    def drain() -> None:
+        members.drain("node-3")
+        members.settled(three)
 
-            def crash_roll() -> None:
-                for node in sorted(three):
-                    members.kill(node)
-                    members.settled(three - {node})
-                    members.run(3)
-                    members.settled(three)
+    def rolling() -> None:
+        for node in sorted(three):
+            members.drain(node)
+            members.settled(three - {node})
+            members.run(3)
+            members.settled(three)
 
-            rows.append(event("join", s3, reader, dataset_bytes, join))
-            rows.append(event("drain", s3, reader, dataset_bytes, drain))
-            rows.append(event("rolling", s3, reader, dataset_bytes, rolling))
-            rows.append(event("join", s3, reader, dataset_bytes, join))  # again, for the crash to remove
-            rows.append(event("crash", s3, reader, dataset_bytes, crash))
-            rows.append(event("crash-roll", s3, reader, dataset_bytes, crash_roll))
-            reader.stop()
-            return {"machine": machine(), "dataset_bytes": dataset_bytes, "files": len(files),
-                    "epochs_read": reader.epochs, "events": rows, "errors": reader.errors[:5]}
-        finally:
-            members.stop()
+    def crash_roll() -> None:
+        for node in sorted(three):
+            members.kill(node)
+            members.settled(three - {node})
+            members.run(3)
+            members.settled(three)
+
+    rows = [event(label, s3, reader, dataset_bytes, change)
+            for label, change in (("join", join), ("drain", drain), ("rolling", rolling), ("crash-roll", crash_roll))]
+    reader.stop()
+    return {"dataset_bytes": dataset_bytes, "files": len(files), "epochs_read": reader.epochs, "events": rows,
+            "errors": reader.errors[:5]}
+
+
+def run(total: int) -> dict[str, Any]:
+    peers = {}
+    for label, handover in (("hand-over", True), ("no hand-over", False)):
+        print(f"{label}:", file=sys.stderr)
+        peers[label] = run_peer(total, handover)
+    return {"machine": machine(), "peers": peers}
 
 
 def report(doc: dict[str, Any]) -> str:
-    rows = [[r["event"], f"{r['origin_fraction']:.2%}", r["failed_reads"], r["wrong_files"], f"{r['seconds']:.1f}"]
-            for r in doc["events"]]
-    return (f"dataset {doc['dataset_bytes'] / MiB:.0f} MiB in {doc['files']} files, 3 nodes, "
-            f"{doc['epochs_read']} epochs read during the run\n"
-            + table(["event", "origin / dataset", "failed reads", "wrong files", "seconds"], rows))
+    first = next(iter(doc["peers"].values()))
+    rows = []
+    for label, peer in doc["peers"].items():
+        rows += [[r["event"], label, f"{r['origin_fraction']:.2%}", r["failed_reads"], r["wrong_files"],
+                  f"{r['seconds']:.1f}"] for r in peer["events"]]
+    rows.sort(key=lambda r: [e["event"] for e in first["events"]].index(r[0]))
+    return (f"dataset {first['dataset_bytes'] / MiB:.0f} MiB in {first['files']} files, 3 nodes, a reader reading "
+            "epochs throughout (origin: metered at the origin; crash-roll = each node killed and started again)\n"
+            + table(["event", "peer", "origin / dataset", "failed reads", "wrong files", "seconds"], rows))
 
 
 def main() -> None:

@@ -38,6 +38,9 @@ class NodeConfig:
     # (server/rebalance.py), at most this fast and this many at once: readers come first.
     rebalance_bytes_per_s: int = 256 * 1024**2
     rebalance_concurrency: int = 4
+    # Off: a unit whose owner changed is read from the origin, as before the hand-over
+    # existed (for comparison: bench/membership.py runs both).
+    handover: bool = True
     # Ray starts actors at nice 15: on a busy host (data-loading workers on every core) a
     # cache node would then answer last. A node raises itself to this priority when it may
     # (root or CAP_SYS_NICE); otherwise it keeps Ray's.

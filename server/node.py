@@ -188,7 +188,8 @@ class CacheNode:
 
     async def change_ring(self, ring: Ring, history: Sequence[Ring] = ()) -> None:
         """A new ring from the coordinator: take it, and pull what moved here (server/rebalance.py)."""
-        if self.set_ring(ring, history) and self.previous_rings and self.node_id in ring.node_ids:
+        if self.set_ring(ring, history) and self.previous_rings and self.node_id in ring.node_ids \
+                and self.config.handover:
             self.rebalance.start()
 
     async def _loaded_names(self) -> list[str]:
@@ -552,7 +553,7 @@ class CacheNode:
 
     async def _from_previous_owners(self, state: DatasetState, unit: Unit) -> Found | None:
         """The previous-owner seam of the miss path: the unit from a node that held it."""
-        if self.previous_owners is None:
+        if self.previous_owners is None or not self.config.handover:
             return None
         urls = previous_owner_urls(self.node_id, self.previous_rings, unit.key, state.info.replicas)
         if not urls:
