@@ -78,8 +78,15 @@ def listing_in_memory(manifest: Any, files: int) -> dict[str, float]:
     from cachefs.common.wire import DatasetInfo
     from cachefs.filesystem import CachefsFileSystem
 
+    from fsspec.asyn import sync
+
     fs = CachefsFileSystem(endpoint="http://127.0.0.1:9", token="t", skip_instance_cache=True)
-    fs._views["big"] = DatasetView(DatasetInfo("big", "file:///x", "snap", files, 100 * files), manifest)
+    view = DatasetView(DatasetInfo("big", "file:///x", "snap", files, 100 * files), manifest)
+
+    async def load(*_args: Any) -> DatasetView:
+        return view
+
+    sync(fs.loop, fs.pins.view, "big", load)  # the filesystem holds it as if it had loaded it
     out: dict[str, float] = {}
     for key, call, expect in (
             ("find_seconds", lambda: fs.find("big"), files),

@@ -35,7 +35,7 @@ async def call(method: str, url: str, token: str | None, **kw: Any) -> tuple[int
 
 
 def url(ds: dict[str, Any], route: str, **query: str) -> str:
-    path = route.format(name=ds["name"], op_id=ds["op"])
+    path = route.format(name=ds["name"], op_id=ds["op"], node_id="no-such-node")
     return f"{ds['base']}{path}" + (f"?{urlencode(query)}" if query else "")
 
 
@@ -47,6 +47,7 @@ ADMIN_ROUTES = [
     ("refresh a dataset", "POST", wire.DATASET_REFRESH, None),
     ("warm a dataset", "POST", wire.DATASET_WARM, None),
     ("cancel an operation", "DELETE", wire.OPERATION, None),
+    ("drain a cache node", "POST", wire.NODE_DRAIN, None),
 ]
 
 

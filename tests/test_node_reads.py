@@ -12,6 +12,7 @@ from cachefs.common import wire
 from conftest import write_tree
 from server.config import NodeConfig
 from server.node import CacheNode, OriginSpec
+from cachefs.common.errors import SnapshotGone
 from server.registry import DatasetSpec, take_snapshot
 from server.units import block_unit
 
@@ -29,6 +30,15 @@ class SnapshotDirectory:
     async def dataset(self, name: str):
         r = self.record
         return r.info, r.manifest_ipc, OriginSpec(r.info.origin, {})
+
+    async def snapshot(self, name: str, snapshot: str):
+        """Only the one snapshot is served: any other was replaced, and no lease keeps it."""
+        if snapshot != self.record.info.snapshot:
+            raise SnapshotGone(f"snapshot {snapshot} of dataset {name!r} is no longer served")
+        return await self.dataset(name)
+
+    async def lease(self, name: str, snapshot: str) -> float:
+        return 0.0
 
 
 @pytest.fixture
