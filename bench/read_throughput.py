@@ -27,6 +27,43 @@ from bench.harness import write_json  # noqa: E402
 MiB = 1024 * 1024
 
 
+def node_cpu(endpoint: str, admin_token: str) -> tuple[float, int]:
+    """(CPU seconds, reads served) so far, summed over the cluster's cache nodes (`status`)."""
+    from cachefs.admin import AdminClient
+    from cachefs.config import ClientConfig
+
+    async def go() -> dict[str, Any]:
+        async with AdminClient(ClientConfig(endpoint=endpoint, admin_token=admin_token)) as a:
+            return await a.status()
+
+    nodes = asyncio.run(go())["nodes"]
+    return sum(n.get("cpu_seconds", 0.0) for n in nodes), sum(n.get("requests", 0) for n in nodes)
+
+
+class CpuMeter:
+    """CPU of the client (this process) and of the cache nodes over a `with` block, per item."""
+
+    def __init__(self, endpoint: str, admin_token: str) -> None:
+        self.endpoint, self.admin_token = endpoint, admin_token
+        self.client = self.node = 0.0
+        self.requests = 0
+
+    def __enter__(self) -> "CpuMeter":
+        self._node0, self._req0 = node_cpu(self.endpoint, self.admin_token)
+        self._client0 = time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.client = time.process_time() - self._client0
+        node, requests = node_cpu(self.endpoint, self.admin_token)
+        self.node, self.requests = node - self._node0, requests - self._req0
+
+    def per_item(self, items: int) -> dict[str, float]:
+        """µs of client CPU per item, node CPU per item and per request (a batch is one request)."""
+        return {"client_us_per_item": 1e6 * self.client / items, "node_us_per_item": 1e6 * self.node / items,
+                "node_us_per_request": 1e6 * self.node / max(self.requests, 1), "requests": self.requests}
+
+
 def _sendfile_server(path: str, port_q: Any, streams: int) -> None:
     """Send the file over `streams` connections with socket.sendfile (the kernel's fast path)."""
     import threading

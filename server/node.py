@@ -129,6 +129,7 @@ class CacheNode:
         self._fetches: Group[Found] = Group()
         self.warmups = Warmups(self)
         self.started = time.time()
+        self.requests = 0  # reads served (a batch counts once): CPU per request in the benches
 
     async def open(self) -> None:
         if self.disk is not None:
@@ -231,6 +232,7 @@ class CacheNode:
         return await self._read_one(state, unit, start, end)
 
     async def _read_one(self, state: DatasetState, unit: Unit, start: int, end: int) -> BlockRead:
+        self.requests += 1
         found = await self.unit(state, unit)
         block = found.block
         assert block is not None
@@ -247,6 +249,7 @@ class CacheNode:
 
         The hot loop of a node: hits are found without awaiting anything, and only misses
         (fetched together, single-flighted) cost a task."""
+        self.requests += 1
         self._check_epoch(epoch)
         state = await self.dataset(name, snapshot)
         asked = [self._resolve(state, want) for want in wants]
@@ -460,6 +463,8 @@ class CacheNode:
             "evictions": self.memory.evictions + (self.disk.evictions if self.disk else 0),
             "datasets": self.cached_bytes(),
             "uptime": time.time() - self.started,
+            "requests": self.requests,
+            "cpu_seconds": time.thread_time(),  # of the node's loop thread, where stats() runs (the benches)
             "settings": {k: getattr(self.config, k) for k in ("memory_bytes", "disk_bytes", "eviction",
                                                                "origin_timeout", "warm_concurrency", "nice")},
             **self.metrics.totals,
