@@ -225,11 +225,16 @@ def main() -> int:
         n, secs = stream_all(fs, paths, args.concurrency)
         results["cachefs_cold"] = n / secs / 1e9
         warm, warm_read = [], []
-        for _ in range(3):
-            n, secs = stream_all(fs, paths, args.concurrency)
-            warm.append(n / secs / 1e9)
-            n, secs = stream_all(fs, paths, args.concurrency, into=False)
-            warm_read.append(n / secs / 1e9)
+        with CpuMeter(handle.endpoint, handle.admin_token) as meter:
+            for _ in range(3):
+                n, secs = stream_all(fs, paths, args.concurrency)
+                warm.append(n / secs / 1e9)
+                n, secs = stream_all(fs, paths, args.concurrency, into=False)
+                warm_read.append(n / secs / 1e9)
+        gb = 6 * per_file * args.files / 1e9
+        results["cpu_warm"] = {"client_s_per_gb": meter.client / gb, "node_s_per_gb": meter.node / gb,
+                               "node_us_per_request": 1e6 * meter.node / max(meter.requests, 1),
+                               "requests": meter.requests}
         results["cachefs_warm_read_bytes"] = max(warm_read)
         fs.close()
         results["cachefs_warm"] = max(warm)
@@ -255,6 +260,9 @@ def main() -> int:
         print(f"{label:<28}{v:>8.2f}{v / ceiling:>12.2f}{v / origin_gbps:>10.1f}")
     v = results["cachefs_warm_read_bytes"]
     print(f"{'cachefs warm, read() bytes':<28}{v:>8.2f}{v / ceiling:>12.2f}{v / origin_gbps:>10.1f}")
+    c = results["cpu_warm"]
+    print(f"\nCPU, warm reads: client {c['client_s_per_gb']:.2f} s/GB, nodes {c['node_s_per_gb']:.2f} s/GB, "
+          f"{c['node_us_per_request']:.0f} µs per request ({c['requests']} requests)")
     print(f"\nwrote {write_json(args.json, results)}")
     return 0
 
