@@ -27,6 +27,43 @@ from bench.harness import write_json  # noqa: E402
 MiB = 1024 * 1024
 
 
+def node_cpu(endpoint: str, admin_token: str) -> tuple[float, int]:
+    """(CPU seconds, reads served) so far, summed over the cluster's cache nodes (`status`)."""
+    from cachefs.admin import AdminClient
+    from cachefs.config import ClientConfig
+
+    async def go() -> dict[str, Any]:
+        async with AdminClient(ClientConfig(endpoint=endpoint, admin_token=admin_token)) as a:
+            return await a.status()
+
+    nodes = asyncio.run(go())["nodes"]
+    return sum(n.get("cpu_seconds", 0.0) for n in nodes), sum(n.get("requests", 0) for n in nodes)
+
+
+class CpuMeter:
+    """CPU of the client (this process) and of the cache nodes over a `with` block, per item."""
+
+    def __init__(self, endpoint: str, admin_token: str) -> None:
+        self.endpoint, self.admin_token = endpoint, admin_token
+        self.client = self.node = 0.0
+        self.requests = 0
+
+    def __enter__(self) -> "CpuMeter":
+        self._node0, self._req0 = node_cpu(self.endpoint, self.admin_token)
+        self._client0 = time.process_time()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.client = time.process_time() - self._client0
+        node, requests = node_cpu(self.endpoint, self.admin_token)
+        self.node, self.requests = node - self._node0, requests - self._req0
+
+    def per_item(self, items: int) -> dict[str, float]:
+        """µs of client CPU per item, node CPU per item and per request (a batch is one request)."""
+        return {"client_us_per_item": 1e6 * self.client / items, "node_us_per_item": 1e6 * self.node / items,
+                "node_us_per_request": 1e6 * self.node / max(self.requests, 1), "requests": self.requests}
+
+
 def _sendfile_server(path: str, port_q: Any, streams: int) -> None:
     """Send the file over `streams` connections with socket.sendfile (the kernel's fast path)."""
     import threading
@@ -188,11 +225,16 @@ def main() -> int:
         n, secs = stream_all(fs, paths, args.concurrency)
         results["cachefs_cold"] = n / secs / 1e9
         warm, warm_read = [], []
-        for _ in range(3):
-            n, secs = stream_all(fs, paths, args.concurrency)
-            warm.append(n / secs / 1e9)
-            n, secs = stream_all(fs, paths, args.concurrency, into=False)
-            warm_read.append(n / secs / 1e9)
+        with CpuMeter(handle.endpoint, handle.admin_token) as meter:
+            for _ in range(3):
+                n, secs = stream_all(fs, paths, args.concurrency)
+                warm.append(n / secs / 1e9)
+                n, secs = stream_all(fs, paths, args.concurrency, into=False)
+                warm_read.append(n / secs / 1e9)
+        gb = 6 * per_file * args.files / 1e9
+        results["cpu_warm"] = {"client_s_per_gb": meter.client / gb, "node_s_per_gb": meter.node / gb,
+                               "node_us_per_request": 1e6 * meter.node / max(meter.requests, 1),
+                               "requests": meter.requests}
         results["cachefs_warm_read_bytes"] = max(warm_read)
         fs.close()
         results["cachefs_warm"] = max(warm)
@@ -218,6 +260,9 @@ def main() -> int:
         print(f"{label:<28}{v:>8.2f}{v / ceiling:>12.2f}{v / origin_gbps:>10.1f}")
     v = results["cachefs_warm_read_bytes"]
     print(f"{'cachefs warm, read() bytes':<28}{v:>8.2f}{v / ceiling:>12.2f}{v / origin_gbps:>10.1f}")
+    c = results["cpu_warm"]
+    print(f"\nCPU, warm reads: client {c['client_s_per_gb']:.2f} s/GB, nodes {c['node_s_per_gb']:.2f} s/GB, "
+          f"{c['node_us_per_request']:.0f} µs per request ({c['requests']} requests)")
     print(f"\nwrote {write_json(args.json, results)}")
     return 0
 

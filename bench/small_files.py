@@ -145,7 +145,7 @@ def main() -> int:
     repeat = 1 if args.quick else args.repeat
 
     from bench.cluster import MountUnavailable, local_ray, mounted
-    from bench.read_throughput import loopback_ceiling
+    from bench.read_throughput import CpuMeter, loopback_ceiling
     from cachefs.admin import AdminClient
     from cachefs.config import ClientConfig
     from server.config import ClusterConfig, DEFAULT_ALLOWED_ORIGINS
@@ -200,8 +200,11 @@ def main() -> int:
                     return timed(lambda: sum(len(b) for i in range(0, files, BATCH)
                                              for b in fs.cat(remote[i:i + BATCH]).values()))
 
-                rates["cachefs one by one"] = best_rate(files, one_by_one, repeat)
-                rates["cachefs batched"] = best_rate(files, batched, repeat)
+                cpu = doc["cpu"] = {}
+                for peer, run in (("cachefs one by one", one_by_one), ("cachefs batched", batched)):
+                    with CpuMeter(handle.endpoint, handle.admin_token) as meter:
+                        rates[peer] = best_rate(files, run, repeat)
+                    cpu[peer] = meter.per_item(files * repeat)
 
                 if not args.skip_mount:
                     try:
@@ -251,6 +254,11 @@ def main() -> int:
     for peer, rate in rates.items():
         doc["ratios"][peer] = {"vs_local_1p": rate / one, "vs_local_4p": rate / four}
         print(f"{peer:<36}{rate:>10.0f}{rate / one:>12.2f}{rate / four:>12.2f}")
+    if doc.get("cpu"):
+        print(f"\n{'CPU (µs)':<36}{'client/item':>12}{'node/item':>12}{'node/request':>14}")
+        for peer, c in doc["cpu"].items():
+            print(f"{peer:<36}{c['client_us_per_item']:>12.0f}{c['node_us_per_item']:>12.0f}"
+                  f"{c['node_us_per_request']:>14.0f}")
     w = doc.get("whole_file")
     if w:
         print(f"\nwhole-file cat_file of 48 MiB files: {w['cat_file_gbps']:.2f} GB/s; loopback ceiling "

@@ -14,6 +14,7 @@ request (metadata, admin) goes through aiohttp in `Transport`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ssl
 from collections import defaultdict
 from typing import Callable, Sequence
@@ -251,10 +252,14 @@ def address(base: str, context: ssl.SSLContext | None, server_hostname: str | No
 
 def request_head(base: str, name: str, token: str, epoch: int, body: bytes) -> bytes:
     """The whole HTTP request of one batch read (wire.READ), body included."""
-    head = (f"POST {wire.route(wire.READ, name=name)} HTTP/1.1\r\nHost: {urlsplit(base).netloc}\r\n"
-            f"Authorization: Bearer {token}\r\n{wire.EPOCH_HEADER}: {epoch}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
-    return head.encode() + body
+    return b"".join((_head_start(base, name, token), b"%d\r\nContent-Length: %d\r\n\r\n" % (epoch, len(body)), body))
+
+
+@functools.lru_cache(maxsize=256)
+def _head_start(base: str, name: str, token: str) -> bytes:
+    """What every batch read of `name` from `base` begins with (formatting it cost ~25 µs a read)."""
+    return (f"POST {wire.route(wire.READ, name=name)} HTTP/1.1\r\nHost: {urlsplit(base).netloc}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n{wire.EPOCH_HEADER}: ").encode()
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:

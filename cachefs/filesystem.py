@@ -282,6 +282,24 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
             _raise_first(results)
         return results
 
+    async def _cat_ranges_into(self, paths: list[str], starts: list[int | None], ends: list[int | None],
+                               buffers: list[Any]) -> list[Any]:
+        """`cat_ranges` into the caller's buffers (readinto): read i lands at the start of
+        `buffers[i]` (any writable buffer at least that long), so a trainer or the mount
+        reuses its memory instead of faulting in fresh pages for every file. Answers, per
+        read, the number of bytes written or its exception."""
+        if not len(starts) == len(ends) == len(buffers) == len(paths):
+            raise BadRequest("cat_ranges_into needs as many starts, ends and buffers as paths")
+        reads = list(zip(paths, starts, ends))
+        try:
+            return await self._read_many(reads, buffers)
+        except SnapshotGone:  # refreshed since the manifest was loaded: a fresh read sees the new one
+            for path in paths:
+                self.invalidate_cache(path)
+            return await self._read_many(reads, buffers)
+
+    cat_ranges_into = sync_wrapper(_cat_ranges_into)
+
     async def _cat(self, path: Any, recursive: bool = False, on_error: str = "raise", batch_size: Any = None,
                    **kwargs: Any) -> Any:
         """Whole files, many at once (fsspec's `cat`): one batched read for all of them."""
@@ -294,8 +312,10 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         single = len(paths) == 1 and not isinstance(path, list) and paths[0] == self._strip_protocol(path)
         return out[paths[0]] if single and paths[0] in out else out
 
-    async def _read_many(self, reads: list[tuple[str, int | None, int | None]]) -> list[Any]:
-        """Each read's bytes, or its exception; all their slices read together."""
+    async def _read_many(self, reads: list[tuple[str, int | None, int | None]],
+                         into: list[Any] | None = None) -> list[Any]:
+        """Each read's bytes (or, `into` given, its length, the bytes in `into[i]`), or its
+        exception; all their slices read together."""
         results: list[Any] = [None] * len(reads)
         work: dict[str, tuple[DatasetView, list[Slice], list[tuple[int, int, int]]]] = {}  # (read, its slices)
         for i, (path, start, end) in enumerate(reads):
@@ -305,11 +325,22 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
                 results[i] = e
                 continue
             lo, hi = _bounds(entry.size, start, end)
+            if into is not None:
+                try:
+                    dest = memoryview(into[i]).cast("B")
+                except TypeError as e:
+                    results[i] = BadRequest(f"buffer {i} is not a contiguous writable buffer: {e}")
+                    continue
+                if dest.readonly or len(dest) < hi - lo:
+                    results[i] = BadRequest(f"buffer {i} holds {len(dest)} bytes (read-only: {dest.readonly}); "
+                                            f"{path} [{lo}, {hi}) needs {hi - lo} writable bytes")
+                    continue
+                out, dest = hi - lo, dest[:hi - lo]
+            elif lo < hi:
+                out, dest = new_bytes(hi - lo)
+            results[i] = out if lo < hi else (0 if into is not None else b"")
             if lo >= hi:
-                results[i] = b""
                 continue
-            out, dest = new_bytes(hi - lo)
-            results[i] = out
             slices = plan(view.info, entry, lo, hi, dest)
             _, all_slices, per_read = work.setdefault(view.info.name, (view, [], []))
             per_read.append((i, len(all_slices), len(all_slices) + len(slices)))

@@ -161,6 +161,7 @@ class CacheNode:
         self.rebalance = Rebalancer(self)
         self._pulls: Group[Found | None] = Group()
         self.peer_bytes = 0  # bytes of moved units that came from a previous owner rather than the origin
+        self.requests = 0  # reads served (a batch counts once): CPU per request in the benches
 
     async def open(self) -> None:
         if self.disk is not None:
@@ -318,6 +319,7 @@ class CacheNode:
                         cached_only: bool = False) -> BlockRead:
         """`cached_only`: a peer asking for a unit that moved (server/peers.py) gets it from
         a tier or a 404, never an origin read on its behalf."""
+        self.requests += 1
         found = await (self.held(state, unit) if cached_only else self.unit(state, unit))
         block = found.block
         assert block is not None
@@ -337,6 +339,7 @@ class CacheNode:
 
         The hot loop of a node: hits are found without awaiting anything, and only misses
         (fetched together, single-flighted) cost a task."""
+        self.requests += 1
         self._check_epoch(epoch)
         state = await self.dataset(name, snapshot)
         asked = [self._resolve(state, want) for want in wants]
@@ -608,6 +611,8 @@ class CacheNode:
             "evictions": self.memory.evictions + (self.disk.evictions if self.disk else 0),
             "datasets": self.cached_bytes(),
             "uptime": time.time() - self.started,
+            "requests": self.requests,
+            "cpu_seconds": time.thread_time(),  # of the node's loop thread, where stats() runs (the benches)
             "settings": {k: getattr(self.config, k) for k in ("memory_bytes", "disk_bytes", "eviction",
                                                                "origin_timeout", "warm_concurrency", "nice")},
             **self.metrics.totals,

@@ -143,7 +143,17 @@ class TestCluster:
         reader = threading.Thread(target=rounds)
         reader.start()
         wait_until(lambda: done[0] >= 1 or not reader.is_alive(), 60, 0.01, "a first read before the kill")
-        ray.kill(ray.get_actor(f"cachefs-{victim}", namespace=NAMESPACE), no_restart=True)
+        handle = ray.get_actor(f"cachefs-{victim}", namespace=NAMESPACE)
+        ray.kill(handle, no_restart=True)  # returns before the process is gone: the rounds must come after
+
+        def dead() -> bool:
+            try:
+                ray.get(handle.stats.remote(), timeout=5)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                return True
+            return False
+
+        wait_until(dead, timeout=60, what=f"node {victim} to die")
         killed.set()
         reader.join(timeout=120)
         assert not reader.is_alive(), "the reads did not end within 120 s of the kill"

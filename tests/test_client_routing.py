@@ -12,7 +12,7 @@ import pytest
 from cachefs.batching import NodeQueue
 from cachefs.blocks import BlockReader, DatasetView
 from cachefs.common import wire
-from cachefs.common.errors import NodeUnavailable
+from cachefs.common.errors import BadRequest, NodeUnavailable
 from cachefs.common.manifest import Manifest, from_ipc
 from cachefs.config import ClientConfig
 from cachefs.direct import DirectReads
@@ -176,3 +176,19 @@ async def test_a_direct_read_fills_its_destination_and_says_when_a_node_is_gone(
     with pytest.raises(NodeUnavailable):
         await asyncio.to_thread(direct.read, url, "d", body, 2, [s.dest])
     direct.close()
+
+
+async def test_cat_ranges_into_fills_the_callers_buffers_and_refuses_one_too_small(cluster) -> None:
+    from cachefs.filesystem import CachefsFileSystem
+
+    fs = CachefsFileSystem(endpoint=cluster.urls[0], token=TOKEN, asynchronous=True, skip_instance_cache=True,
+                           io_threads=0)
+    pool = [bytearray(3 * BLOCK + 150) for _ in range(3)]
+    got = await fs._cat_ranges_into(["d/f1.bin", "d/f2.bin", "d/f3.bin", "d/f4.bin"], [None, 10, None, 0],
+                                    [None, 20, None, 1], [*pool, b"read-only"])
+    assert got[:2] == [len(FILES["f1.bin"]), 10] and isinstance(got[3], BadRequest)
+    assert pool[0][:got[0]] == FILES["f1.bin"] and pool[1][:10] == FILES["f2.bin"][10:20]
+    assert isinstance(got[2], BadRequest) and "needs" in str(got[2])  # f3 is longer than its buffer
+    again = await fs._cat_ranges_into(["d/f1.bin"], [BLOCK], [BLOCK + 5], [pool[2]])  # the same memory, reused
+    assert again == [5] and pool[2][:5] == FILES["f1.bin"][BLOCK:BLOCK + 5]
+    await fs._close()
