@@ -234,7 +234,13 @@ def test_a_drain_whose_deadline_passes_leaves_the_rest_to_the_origin_and_nothing
     name, files = dataset
     members.nodes(4)
     members.settled({"node-0", "node-1", "node-2", "node-3"})
+
+    def held_by_node_3() -> int:
+        return next(n for n in members.status()["nodes"] if n["id"] == "node-3")["datasets"].get(name, 0)
+
     with Reader(members, name, files) as reader:
+        wait_until(lambda: held_by_node_3() > 0, 60, what="node-3 to hold some of the dataset (a drain with nothing "
+                   "to hand over never meets its deadline)")
         op = members.drain("node-3", deadline=0.001)  # over before anything can move
         assert op.state == "succeeded", op
         members.settled({"node-0", "node-1", "node-2"})
