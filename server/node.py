@@ -11,22 +11,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import pyarrow as pa
-import xxhash
 
-from cachefs.common import wire
 from server.config import NodeConfig
-from cachefs.common.errors import (BadRequest, CachefsError, NotFound, OriginChanged, RangeNotSatisfiable, SnapshotGone,
-                                   StaleEpoch)
+from cachefs.common.errors import BadRequest, NotFound, RangeNotSatisfiable, SnapshotGone, StaleEpoch
 from cachefs.common.manifest import Manifest, check_path, for_readers, from_ipc, to_ipc
 from cachefs.common.origin import Origin
-from cachefs.common.wire import DatasetInfo, OperationInfo
+from cachefs.common.wire import OperationInfo
+from server.batch import BatchReads
 from server.metrics import NodeMetrics
 from server.handover import previous_owner_urls, unit_name
-from server.peers import UnitName
+from server.reads import (BlockRead, DatasetState, Directory, Found, OriginSpec, Piece, PreviousOwners, Want,
+                          hole as _hole)
 from server.rebalance import Rebalancer
 from server.singleflight import Group
 from server.stores import DiskStore, MemoryStore, StoredBlock, digest_of, read_ranges
@@ -38,96 +36,7 @@ log = logging.getLogger(__name__)
 LEASE_RECHECK = 30.0  # seconds a node serves a replaced snapshot before asking again whether a lease keeps it
 
 
-@dataclass(frozen=True)
-class OriginSpec:
-    url: str
-    storage_options: dict[str, Any]
-
-
-class PreviousOwners(Protocol):
-    """Where a unit whose owner changed is looked for before the origin: the nodes that
-    held it under earlier rings (server/peers.py, over HTTP). None when none has it."""
-
-    async def fetch(self, name: UnitName, urls: Sequence[str]) -> bytes | None: ...
-
-
 KEEP_RINGS = 4  # earlier rings a node remembers: enough for a few changes in a row (a rolling upgrade)
-
-
-class Directory(Protocol):
-    """Where a node learns what a dataset is: its info, manifest and origin."""
-
-    async def dataset(self, name: str) -> tuple[DatasetInfo, bytes, OriginSpec]: ...
-
-    async def snapshot(self, name: str, snapshot: str) -> tuple[DatasetInfo, bytes, OriginSpec]:
-        """A given snapshot: the current one or one a reader's lease keeps (server/leases.py)."""
-        ...
-
-    async def lease(self, name: str, snapshot: str) -> float:
-        """A reader loaded `snapshot`: keep it readable for the dataset's lease."""
-        ...
-
-
-@dataclass
-class DatasetState:
-    info: DatasetInfo
-    manifest: Manifest
-    origin: Origin
-    manifest_ipc: bytes  # the snapshot as the coordinator keeps it (version tokens included)
-    reader_ipc: bytes  # what readers load: schema 2, no version tokens
-    packs: dict[int, Unit] = field(default_factory=dict)  # built once per pack a reader names
-
-
-@dataclass
-class BlockRead:
-    """What the HTTP layer sends for one block: bytes [start, end) of a unit in memory, or of
-    a file to sendfile; `digest` is of exactly those bytes."""
-
-    block: StoredBlock
-    source: str  # memory | disk | origin
-    data: pa.Buffer | None = None
-    start: int = 0
-    end: int = -1
-
-    def __post_init__(self) -> None:
-        if self.end < 0:
-            self.end = self.block.size
-
-
-@dataclass
-class Piece:
-    """One item of a batch, ready to frame: its bytes (or JSON error body) and digest."""
-
-    status: int
-    payload: memoryview | bytes
-    digest: int = 0
-
-    @classmethod
-    def failed(cls, e: CachefsError) -> "Piece":
-        return cls(wire.STATUS_OF_CODE.get(e.code, 500), wire.error_body(e.code, e.message, **e.extra))
-
-
-Want = tuple  # ("b", path, index, start, end) | ("p", pack, start, end): wire.READ items, checked
-
-
-class Found(NamedTuple):
-    """A unit as a read found it: its block and where from, or why there is none."""
-
-    block: StoredBlock | None
-    source: str  # memory | disk | origin
-    error: CachefsError | None = None
-
-
-@dataclass(slots=True)
-class Ask:
-    """One item of a batch: bytes [start, end) of `unit`, and its outcome once known
-    (`payload`, or `error`, which an item that names nothing has from the start)."""
-
-    unit: Unit | None
-    start: int
-    end: int
-    error: CachefsError | None = None
-    payload: memoryview | bytes | None = None
 
 
 def _open_manifest(ipc: bytes, snapshot: str) -> tuple[Manifest, bytes]:
@@ -137,7 +46,10 @@ def _open_manifest(ipc: bytes, snapshot: str) -> tuple[Manifest, bytes]:
     return manifest, to_ipc(for_readers(manifest.table))
 
 
-class CacheNode:
+class CacheNode(BatchReads):
+    """One cache node: its tiers, the datasets it knows (current and leased snapshots), the
+    ring and the rings before it; the batch read is `server/batch.py`."""
+
     def __init__(self, node_id: str, config: NodeConfig, directory: Directory) -> None:
         self.node_id = node_id
         self.config = config
@@ -332,80 +244,6 @@ class CacheNode:
             data = pa.py_buffer(raw)
         return BlockRead(block, found.source, data, start, end)
 
-    # -- many ranges (POST /v1/datasets/{name}/read) -------------------------------------
-    async def read_ranges(self, name: str, snapshot: str, wants: Sequence[Want],
-                          epoch: int | None = None) -> list[Piece]:
-        """Every item's bytes or its own error; units shared by items are read once.
-
-        The hot loop of a node: hits are found without awaiting anything, and only misses
-        (fetched together, single-flighted) cost a task."""
-        self.requests += 1
-        self._check_epoch(epoch)
-        state = await self.dataset(name, snapshot)
-        asked = [self._resolve(state, want) for want in wants]
-        found, partial = await self._units(state, {a.unit.key: a.unit for a in asked if a.unit is not None})
-        if partial:
-            await self._members(state, [a for a in asked if a.unit is not None and a.unit.key in partial])
-        await self._cut(asked, found)
-        pieces: list[Piece] = []
-        served = 0
-        digest = xxhash.xxh3_64_intdigest
-        for a in asked:
-            if a.error is not None:
-                pieces.append(Piece.failed(a.error))
-            else:
-                pieces.append(Piece(200, a.payload, digest(a.payload)))  # type: ignore[arg-type]
-                served += a.end - a.start
-        self.metrics.served(name, served)
-        return pieces
-
-    async def _units(self, state: DatasetState, units: dict[str, Unit]) -> tuple[dict[str, Found], set[str]]:
-        """Each unit from a tier or the origin (misses fetched together), and the keys of
-        packs to read file by file instead (`_partial`)."""
-        found: dict[str, Found] = {}
-        misses: dict[str, Unit] = {}
-        for key, unit in units.items():
-            hit = self._find(state, unit)
-            if hit is None:
-                misses[key] = unit
-            else:
-                found[key] = hit
-        for key in [k for k, v in found.items() if not v.block.verified]:
-            if await self._verified(found[key].block.key) is None:  # corrupt on disk: fetched again
-                del found[key]
-                misses[key] = units[key]
-        if not misses:
-            return found, set()
-        partial = {k for k, u in misses.items() if self._partial(u)}
-        fetch = [u for k, u in misses.items() if k not in partial]
-        got = await asyncio.gather(*(self.fetch(state, u) for u in fetch), return_exceptions=True)
-        for unit, result in zip(fetch, got, strict=True):
-            found[unit.key] = Found(None, "origin", _as_error(result)) if isinstance(result, BaseException) \
-                else result
-        return found, partial
-
-    async def _cut(self, asked: list[Ask], found: dict[str, Found]) -> None:
-        """Give each item still without an outcome its bytes (a view of a block in memory;
-        disk ranges read in one thread hop) or its unit's error."""
-        disk: list[Ask] = []
-        for a in asked:
-            if a.error is not None or a.payload is not None:
-                continue
-            f = found[a.unit.key]  # type: ignore[union-attr]
-            if f.error is not None:
-                a.error = f.error
-            elif (f.block.holes or a.end > f.block.size) and (hole := _hole(f.block, a.start, a.end)) is not None:  # type: ignore[union-attr]
-                a.error = hole
-            elif f.source == "disk":
-                disk.append(a)
-            else:
-                a.payload = memoryview(f.block.buffer)[a.start:a.end]  # type: ignore[union-attr,arg-type]
-        if disk:
-            data = await asyncio.to_thread(read_ranges, [(found[a.unit.key].block.path, a.start, a.end)  # type: ignore
-                                                         for a in disk])
-            for a, d in zip(disk, data, strict=True):
-                a.payload = d
-
     @staticmethod
     def _keys(state: DatasetState, unit: Unit) -> tuple[str, ...]:
         """Where a unit may be held: under its key, and (a pack) the copy its snapshot read
@@ -431,53 +269,6 @@ class CacheNode:
                 self.metrics.hit(name, "disk")
                 return Found(block, "disk")
         return None
-
-    def _resolve(self, state: DatasetState, want: Want) -> Ask:
-        """The bytes of a unit an item asks for, or the item's error."""
-        try:
-            if want[0] == wire.ITEM_PACK:
-                unit, lo, hi = self._pack(state, want[1])
-                start, end = want[2], want[3]
-            else:
-                unit, lo, hi = self._file_block(state, want[1], want[2])
-                start, end = want[3], want[4]
-            if not 0 <= start <= end <= hi - lo:
-                raise RangeNotSatisfiable(f"range [{start}, {end}) is outside the {hi - lo} bytes of that block")
-        except CachefsError as e:
-            return Ask(None, 0, 0, e)
-        return Ask(unit, lo + start, lo + end)
-
-    def _partial(self, unit: Unit) -> bool:
-        """Is this a pack that is not here and would not be kept if fetched? Then only the
-        files asked for are read from the origin: fetching all of it would read every
-        member for nothing (a Sticky cache that is full, a pack larger than the budget)."""
-        if unit.pack < 0 or unit.key in self.memory or unit.key in self._fetches:
-            return False
-        if self.disk is not None and (unit.key in self.disk or self.disk.would_keep(unit.length)):
-            return False
-        return not self.memory.would_keep(unit.length)
-
-    async def _members(self, state: DatasetState, asked: list[Ask]) -> None:
-        """The files that ranges of packs name, read from the origin (not kept)."""
-        reads = []
-        wanted: list[Ask] = []
-        for a in asked:
-            unit = with_members(a.unit, state.manifest)  # type: ignore[arg-type]
-            member = next((m for m in unit.members if m.offset == a.start and m.offset + m.size == a.end), None)
-            if member is None:
-                a.error = BadRequest(f"[{a.start}, {a.end}) is not one file of pack {unit.pack}; "
-                                     "ask for whole files, or for the pack when it can be cached")
-                continue
-            reads.append((member, 0, member.size))
-            wanted.append(a)
-        if reads:
-            results = await state.origin.read_many(reads)
-            for a, got in zip(wanted, results, strict=True):
-                if isinstance(got, CachefsError):
-                    a.error = got
-                else:
-                    a.payload = got
-                    self.metrics.miss(state.info.name, len(got))
 
     # -- the tiers and the origin ----------------------------------------------------------
     async def unit(self, state: DatasetState, unit: Unit) -> Found:
@@ -621,23 +412,4 @@ class CacheNode:
         }
 
 
-def _hole(block: StoredBlock, start: int, end: int) -> CachefsError | None:
-    """A read that touches a member that failed gets that member's error; one past the end
-    of this copy (a pack cut short by a newer snapshot) is told that its files changed."""
-    if end > block.size:
-        return OriginChanged(f"bytes [{start}, {end}) are not in this copy of the pack ({block.size} bytes): their "
-                             "files changed at the origin since; read the current snapshot")
-    for hole in block.holes:
-        if hole.start < end and start < hole.end:
-            return hole.error
-    return None
-
-
-def _as_error(e: BaseException) -> CachefsError:
-    if isinstance(e, CachefsError):
-        return e
-    log.error("internal error while reading a unit: %s: %s", type(e).__name__, e, exc_info=e)
-    return CachefsError(f"internal error: {type(e).__name__}: {e}")
-
-
-__all__ = ["CacheNode", "BlockRead", "Piece", "Directory", "OriginSpec", "NotFound", "BadRequest"]
+__all__ = ["CacheNode", "BlockRead", "Piece", "Directory", "OriginSpec", "Want", "NotFound", "BadRequest"]
