@@ -53,6 +53,9 @@ class Holder:
     count: int
     serve: Serve
     on_stop: Callable[[], None] = lambda: None  # runs on SIGTERM/SIGINT, before the children are stopped
+    # Clones made beforehand (handed to the keeper, or taken back from it); else made in run().
+    clones: list[int] = field(default_factory=list)
+    resume: bool = False  # a session served before: ask the kernel to resend what was in flight
     slots: list[Slot] = field(default_factory=list)
     stopping: bool = False
 
@@ -60,9 +63,12 @@ class Holder:
         """Serve until the session ends; 0 when it ended cleanly, 1 if the children crash-loop."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
-        self.slots = [Slot(session.clone(self.fd)) for _ in range(self.count)]
+        clones = self.clones or [session.clone(self.fd) for _ in range(self.count)]
+        self.slots = [Slot(fd) for fd in clones]
         for slot in self.slots:
             self._start(slot)
+        if self.resume:  # requests the dead holder's children had read wait on their clones
+            resend(self.fd)
         code = 0
         while any(slot.pid for slot in self.slots):
             try:
