@@ -12,7 +12,9 @@ and serves them. Readers see a pause, never ENOTCONN; node ids are a function of
 snapshot, so open files and cached entries stay valid.
 
 A new keeper started on the same socket path asks the old one to hand over: the old one
-sends every session with its record and exits (a smooth upgrade). Requests: see
+sends every session with its record, stops listening and closes them, and waits to be
+stopped (a smooth upgrade; exiting would get its container restarted, and the restarted
+keeper would take the sessions back). Requests: see
 csi/keeperwire.py. Bad requests are answered with an error, never a crash.
 """
 
@@ -71,6 +73,8 @@ class Keeper:
         self.kept: dict[str, Kept] = {}
         self.selector = selectors.DefaultSelector()
         self.stopping = False
+        self.retired = False  # handed everything over: idle until stopped
+        self.terminated = False  # SIGTERM or SIGINT arrived
         self.listener: socket.socket | None = None
 
     # ---- life ------------------------------------------------------------------------
@@ -113,11 +117,28 @@ class Keeper:
                         break
         finally:
             self.close()
+        if self.retired:
+            self._idle()
         return 0
+
+    def _idle(self) -> None:
+        """After a hand-over, wait to be stopped rather than exit: in a pod, an exited keeper's
+        container is restarted, and the restarted keeper would take the sessions back."""
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # mount processes we started: reaped as they end
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            pass
+        stops = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+        if not self.terminated:
+            log.info("holding nothing now; waiting to be stopped")
+            signal.sigwait(stops)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         log.info("%s: stopping; mount processes keep serving their sessions", signal.Signals(signum).name)
-        self.stopping = True
+        self.stopping = self.terminated = True
 
     def close(self) -> None:
         for kept in self.kept.values():
@@ -131,7 +152,7 @@ class Keeper:
     # ---- hand-over -------------------------------------------------------------------
 
     def _take_over(self) -> int:
-        """Ask a keeper already listening on our path for its sessions (it exits after)."""
+        """Ask a keeper already listening on our path for its sessions (it retires after)."""
         if not os.path.exists(self.path):
             return 0
         try:
@@ -273,8 +294,8 @@ class Keeper:
         for kept in self.kept.values():
             wire.send(conn, {"ok": True, "record": kept.record()}, kept.fds)
         wire.send(conn, {"ok": True, "done": len(self.kept)})
-        log.info("handed %d sessions over to a new keeper; exiting", len(self.kept))
-        self.stopping = True
+        log.info("handed %d sessions over to a new keeper", len(self.kept))
+        self.stopping = self.retired = True
 
     # ---- mount processes -------------------------------------------------------------
 

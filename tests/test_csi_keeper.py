@@ -189,9 +189,11 @@ def test_new_keeper_takes_sessions_over_while_a_reader_reads(kept, sample_origin
         new, started = start_keeper(kept["sock"], kept["env"], kept["dir"] / "keeper2.log")
         kept["keepers"].append(new)
         assert started["taken_over"] == 1
-        assert old.wait(timeout=30) == 0  # the old one handed over and left
-        assert str(kept["point"]) in keeping.sessions(str(kept["sock"]))
+        assert str(kept["point"]) in keeping.sessions(str(kept["sock"]))  # answered by the new one
         kill_and_wait_resumed(kept, readers)  # the new keeper serves the session again
+        assert old.poll() is None  # the old one idles (a restarted container would take them back)
+        old.terminate()
+        assert old.wait(timeout=30) == 0
     finally:
         readers.close()
     assert readers.failures == [] and readers.reads > 0
