@@ -287,3 +287,44 @@ def test_keeper_answers_malformed_requests_with_an_error(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(timeout=30) == 0
+
+
+def test_plugin_with_a_keeper_survives_its_mount_process_and_adopts_the_new_one(tmp_path, cachefs_cluster,
+                                                                                  sample_origin):
+    from csi_helpers import DATASET, Plugin
+
+    info = cachefs_cluster.add_dataset(cachefs_cluster.unique("keeper-csi"), f"file://{sample_origin}",
+                                       allowed_namespaces=["*"])
+    sock = tmp_path / "k" / "keeper.sock"
+    plugin = Plugin(tmp_path / "plugin", cachefs_cluster, {DATASET: info}, kubelet_dir=tmp_path)
+    (tmp_path / "plugin").mkdir()
+    plugin.env["CACHEFS_KEEPER_SOCKET"] = str(sock)
+    pod = tmp_path / "pods" / "p1" / "volumes" / "kubernetes.io~csi" / "data" / "mount"
+    pod.parent.mkdir(parents=True)
+    keeper, _ = start_keeper(sock, plugin.env, tmp_path / "keeper.log")
+    readers: Readers | None = None
+    try:
+        plugin.start().publish(pod)
+        first = plugin.record(pod)["pid"]
+        assert keeping.sessions(str(sock)) == {str(pod): first}
+        readers = Readers(pod, sample_origin, 2)
+        plugin.kill()  # as its container would be, with the mount process in it
+        os.kill(first, signal.SIGKILL)
+        k = {"sock": sock, "point": pod}
+        second = wait_for("the keeper's mount process", lambda: serving_pid(k) not in (0, first) and serving_pid(k))
+        before = readers.count()
+        wait_for(f"readers going on: {readers.failures[:3]}", lambda: readers.count() >= before + 8)
+        plugin.start()
+        assert plugin.record(pod)["pid"] == second  # adopted on the kept session, not remounted
+        readers.close()
+        assert readers.failures == []
+        plugin.unpublish(pod)
+        assert find_mount(str(pod)) is None and not pod.exists()
+        wait_for("the session dropped", lambda: keeping.sessions(str(sock)) == {})
+    finally:
+        if readers is not None:
+            readers.close()
+        plugin.stop()
+        keeper.terminate()
+        keeper.wait(timeout=30)
+        cleanup_mounts(tmp_path)
