@@ -152,16 +152,22 @@ class Readers:
             t.join(timeout=60)
 
 
-def kill_and_wait_resumed(k: dict, readers: Readers) -> None:
-    """SIGKILL the mount process; wait for the keeper's new one and readers going on."""
+def kill_and_wait_resumed(k: dict, readers: Readers) -> float:
+    """SIGKILL the mount process; wait for the keeper's new one and readers going on; the
+    seconds until readers had read one more file (the pause they saw)."""
     victim = serving_pid(k)
     assert victim > 0
-    os.kill(victim, signal.SIGKILL)
     before = readers.count()
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
     wait_for("a new mount process on the kept session",
              lambda: serving_pid(k) not in (0, victim) and mount_pids(str(k["point"])) == [serving_pid(k)])
     wait_for(f"readers going on after killing {victim}: {readers.failures[:3]}",
+             lambda: readers.count() > before + 4)  # a few reads were in flight at the kill
+    pause = time.monotonic() - killed
+    wait_for(f"readers going on after killing {victim}: {readers.failures[:3]}",
              lambda: readers.count() >= before + 8)
+    return pause
 
 
 def test_mount_process_killed_under_readers_resumes_with_no_failed_read(kept, sample_origin):
@@ -171,7 +177,7 @@ def test_mount_process_killed_under_readers_resumes_with_no_failed_read(kept, sa
     readers = Readers(point, sample_origin, 4)
     try:
         for kill in range(3):
-            kill_and_wait_resumed(kept, readers)
+            print(f"pause after SIGKILL of the mount process: {kill_and_wait_resumed(kept, readers):.2f} s")
             os.posix_fadvise(held, 0, 0, os.POSIX_FADV_DONTNEED)
             assert os.pread(held, 4096, kill * 4096) == big[1][kill * 4096:(kill + 1) * 4096]
     finally:
