@@ -35,14 +35,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from csi import keeperwire as wire
-from csi.mounts import find_mount
+from csi.mounts import FSTYPE, read_mounts
 
 log = logging.getLogger("cachefs.csi.keeper")
 
 FUSE_DEVICE = os.makedev(10, 229)
 MAX_CLONES = 8
-CRASH_LOOP = 5  # mount processes that die this many times in a row within FAST s of starting: give up
+CRASH_LOOP = 8  # mount processes that die this many times in a row within FAST s of starting: give up
 FAST = 10.0
+BACKOFF = 0.25  # seconds before starting again after the first quick death; doubles, at most MAX_BACKOFF
+MAX_BACKOFF = 30.0
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Kept:
     pidfd: int = -1
     started: float = 0.0
     fast_deaths: int = 0
+    retry_at: float = 0.0  # when to start a mount process again (0: not waiting to)
     child: subprocess.Popen | None = None
 
     def record(self) -> dict[str, Any]:
@@ -105,7 +108,8 @@ class Keeper:
             signal.signal(sig, self._on_signal)
         try:
             while not self.stopping:
-                for key, _ in self.selector.select(timeout=1.0):
+                self._retry_due()
+                for key, _ in self.selector.select(timeout=self._wait()):
                     kind, what = key.data
                     if kind == "accept":
                         self._accept()
@@ -120,6 +124,17 @@ class Keeper:
         if self.retired:
             self._idle()
         return 0
+
+    def _wait(self) -> float:
+        """Seconds to wait for events: at most 1, less when a start again is due sooner."""
+        due = [k.retry_at for k in self.kept.values() if k.retry_at]
+        return max(0.0, min([1.0, *(d - time.monotonic() for d in due)]))
+
+    def _retry_due(self) -> None:
+        now = time.monotonic()
+        for kept in list(self.kept.values()):
+            if kept.retry_at and now >= kept.retry_at:
+                self._respawn(kept)
 
     def _idle(self) -> None:
         """After a hand-over, wait to be stopped rather than exit: in a pod, an exited keeper's
@@ -270,6 +285,11 @@ class Keeper:
         if not all(isinstance(a, str) for a in argv) or not all(
                 isinstance(k, str) and isinstance(v, str) for d in (env, pins) for k, v in d.items()):
             raise wire.BadMessage("argv, env and pins hold strings only")
+        pid = wire.field(record, "pid", int)
+        if pid <= 0:
+            raise wire.BadMessage(f"pid {pid} is not a process")
+        if not _mounted(target):
+            raise wire.BadMessage(f"{target} is not a cachefs mount: there is no session to keep")
         if not 2 <= len(fds) <= MAX_CLONES + 1:
             raise wire.BadMessage(f"a session comes with its descriptor and 1 to {MAX_CLONES} clones, "
                                   f"not {len(fds)} descriptors")
@@ -279,7 +299,7 @@ class Keeper:
                 raise wire.BadMessage("a descriptor handed over is not /dev/fuse")
         kept = Kept(target=target, fds=list(fds), argv=list(argv), env=dict(env),
                     log=wire.field(record, "log", str, ""), pins=dict(pins),
-                    pid=wire.field(record, "pid", int, 0), started=time.monotonic())
+                    pid=pid, started=time.monotonic())
         old = self.kept.pop(target, None)
         if old is not None:
             self._forget(old)
@@ -325,26 +345,37 @@ class Keeper:
 
     def _on_exit(self, kept: Kept) -> None:
         self._unwatch(kept)
-        if find_mount(kept.target) is None:
+        if not _mounted(kept.target):
             log.info("mount process %d of %s ended and nothing is mounted there; dropping its session",
                      kept.pid, kept.target)
             self._forget(kept)
             self.kept.pop(kept.target, None)
             return
-        if time.monotonic() - kept.started < FAST:
-            kept.fast_deaths += 1
-            if kept.fast_deaths >= CRASH_LOOP:
-                log.error("mount processes of %s keep dying within %.0f s; giving the session up (readers get "
-                          "ENOTCONN; the plugin mounts it again)", kept.target, FAST)
-                self._forget(kept)
-                self.kept.pop(kept.target, None)
-                return
-        else:
+        # Killed by a signal (from outside: kill, a container stopped), or not our child, so
+        # unknown: start again at once. Dying by itself soon after starting counts to a crash loop.
+        code = kept.child.returncode if kept.child is not None else None
+        if code is None or code < 0 or time.monotonic() - kept.started >= FAST:
             kept.fast_deaths = 0
-        log.warning("mount process %d of %s is gone; starting another on the kept session", kept.pid, kept.target)
-        self._respawn(kept)
+            log.warning("mount process %d of %s is gone; starting another on the kept session", kept.pid,
+                        kept.target)
+            self._respawn(kept)
+            return
+        kept.fast_deaths += 1
+        if kept.fast_deaths >= CRASH_LOOP:
+            log.error("mount processes of %s keep dying within %.0f s of starting; giving the session up "
+                      "(readers get ENOTCONN; the plugin mounts it again): see %s", kept.target, FAST,
+                      kept.log or "their log")
+            self._forget(kept)
+            self.kept.pop(kept.target, None)
+            return
+        # The new ones fail (the cluster unreachable?): back off, readers wait meanwhile.
+        delay = min(BACKOFF * 2 ** (kept.fast_deaths - 1), MAX_BACKOFF)
+        log.warning("mount process %d of %s is gone (%d quick deaths); starting another on the kept session "
+                    "in %.2f s", kept.pid, kept.target, kept.fast_deaths, delay)
+        kept.retry_at = time.monotonic() + delay
 
     def _respawn(self, kept: Kept) -> None:
+        kept.retry_at = 0.0
         argv = [self.python, "-m", "csi.mount_process", *kept.argv, "--keeper", self.path, "--resume"]
         env = {**os.environ, **kept.env}
         try:
@@ -358,6 +389,13 @@ class Keeper:
         kept.pid, kept.started = kept.child.pid, time.monotonic()
         self._watch(kept)
         log.info("started mount process %d to serve %s again", kept.pid, kept.target)
+
+
+def _mounted(target: str) -> bool:
+    """Is `target` a cachefs mount? From the mount table only: never touch the mount point,
+    whose server may be the one waiting for us (before its first request, or dead)."""
+    entry = read_mounts().get(target)
+    return entry is not None and entry.fstype == FSTYPE
 
 
 def _alive(pid: int) -> bool:
