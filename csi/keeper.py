@@ -64,9 +64,10 @@ class Kept:
     retry_at: float = 0.0  # when to start a mount process again (0: not waiting to)
     child: subprocess.Popen | None = None
 
-    def record(self) -> dict[str, Any]:
-        return {"target": self.target, "argv": self.argv, "env": self.env, "log": self.log, "pins": self.pins,
-                "pid": self.pid}
+    def record(self, with_env: bool = False) -> dict[str, Any]:
+        """What a client may see; the environment (the token among it) only for a new keeper."""
+        out = {"target": self.target, "argv": self.argv, "log": self.log, "pins": self.pins, "pid": self.pid}
+        return {**out, "env": self.env} if with_env else out
 
 
 class Keeper:
@@ -312,7 +313,7 @@ class Keeper:
         """Send every session to the new keeper, then stop (its fds close with us)."""
         conn.settimeout(30)
         for kept in self.kept.values():
-            wire.send(conn, {"ok": True, "record": kept.record()}, kept.fds)
+            wire.send(conn, {"ok": True, "record": kept.record(with_env=True)}, kept.fds)
         wire.send(conn, {"ok": True, "done": len(self.kept)})
         log.info("handed %d sessions over to a new keeper", len(self.kept))
         self.stopping = self.retired = True

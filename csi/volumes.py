@@ -201,6 +201,8 @@ class VolumeManager:
                 raise errors.NotFound(f"{target} holds volume {record.volume_id!r}, not {volume_id!r}")
             if record is None and find_mount(target) is None and not os.path.lexists(target):
                 return  # never published, or already unpublished
+            if record is not None:  # the keeper may serve it with another process than recorded
+                record = self._health(record, revive=False)[1]
             self._teardown(target, record.pid if record else 0)
             self._remove_dir(target)
             self.store.delete(target)

@@ -185,6 +185,8 @@ def test_mount_process_killed_under_readers_resumes_with_no_failed_read(kept, sa
         readers.close()
         os.close(held)
     assert readers.failures == [] and readers.reads >= 3 * 8
+    (session,) = wire.call(str(kept["sock"]), {"op": "list"})[0]["sessions"]
+    assert "env" not in session  # the token travels only to a new keeper
     text = kept["log"].read_text()
     assert text.count("resuming the kept session of") == 3 and "is not kept" not in text
     assert kept["keepers"][0].poll() is None and find_mount(str(point)) is not None
