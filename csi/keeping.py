@@ -18,7 +18,7 @@ from csi.keeperwire import KeeperError
 
 log = logging.getLogger("cachefs.csi.keeping")
 
-__all__ = ["KeeperError", "hold", "take", "drop", "sessions", "revive", "own_argv"]
+__all__ = ["KeeperError", "Held", "hold", "take", "drop", "sessions", "revive", "own_argv"]
 
 # What a resumed mount process needs from the environment (the token among them: the
 # keeper holds it in memory only, behind a socket only its own uid and root may use).
@@ -61,6 +61,37 @@ def hold(path: str, target: str, fd: int, clones: list[int], argv: list[str], pi
         return False
     log.info("the keeper at %s holds the session of %s", path, target)
     return True
+
+
+class Held:
+    """A mount's session as handed to the keeper, handed again to a keeper that lost it.
+
+    `check` runs every few seconds in the mount process (workers.Holder's tick): one `list`
+    on the socket (a round trip of microseconds); when the keeper there does not hold our
+    target (it was restarted without a hand-over), the session is handed over again.
+    """
+
+    def __init__(self, path: str, target: str, fd: int, clones: list[int], argv: list[str],
+                 pins: dict[str, str]) -> None:
+        self.path, self.target, self.fd, self.clones, self.argv, self.pins = path, target, fd, clones, argv, pins
+        self.unreachable = False  # said once in the log, not every tick
+
+    def hold(self) -> bool:
+        return hold(self.path, self.target, self.fd, self.clones, self.argv, self.pins)
+
+    def check(self) -> None:
+        try:
+            kept = self.target in sessions(self.path, timeout=2.0)
+        except KeeperError as e:
+            if not self.unreachable:
+                log.warning("the keeper does not answer (%s); the session is not kept until it does", e)
+            self.unreachable = True
+            return
+        self.unreachable = False
+        if not kept:
+            log.info("the keeper at %s does not hold %s (it was restarted?); handing the session over again",
+                     self.path, self.target)
+            self.hold()
 
 
 def take(path: str, target: str) -> tuple[int, list[int], dict[str, str]]:

@@ -163,8 +163,9 @@ def run_mount(args: argparse.Namespace, config: MountConfig, argv: list[str]) ->
         except session.SessionError as e:
             log.error("FUSE mount on %s failed: %s", target, e)
             return EXIT_FAILED
-        if args.keeper:
-            keeping.hold(args.keeper, target, fd, clones, argv, snapshot.pins)
+    held = keeping.Held(args.keeper, target, fd, clones, argv, snapshot.pins) if args.keeper else None
+    if held is not None and not taken:
+        held.hold()
 
     def after_init(_answer: Any) -> None:  # INIT is answered: tune what INIT would reset
         threading.Thread(target=tune_kernel, args=(target, config.readahead_bytes), daemon=True).start()
@@ -174,7 +175,7 @@ def run_mount(args: argparse.Namespace, config: MountConfig, argv: list[str]) ->
                                           mtime=args.mtime or None, on_init=after_init))
 
     holder = workers.Holder(fd, count, serve, on_stop=lambda: session.unmount(target), clones=clones,
-                            resume=taken is not None)
+                            resume=taken is not None, tick=held.check if held is not None else None)
     try:
         code = holder.run()
     finally:

@@ -209,6 +209,21 @@ def test_new_keeper_takes_sessions_over_while_a_reader_reads(kept, sample_origin
     assert readers.failures == [] and readers.reads > 0
 
 
+def test_a_restarted_keeper_gets_the_sessions_back_from_their_mount_processes(kept, sample_origin):
+    readers = Readers(kept["point"], sample_origin, 1)
+    try:
+        kept["keepers"][0].kill()  # no hand-over: it holds nothing any more
+        kept["keepers"][0].wait(timeout=30)
+        new, started = start_keeper(kept["sock"], kept["env"], kept["dir"] / "keeper2.log")
+        kept["keepers"].append(new)
+        assert started["taken_over"] == 0
+        wait_for("the mount process handing its session over again", lambda: serving_pid(kept), timeout=60)
+        kill_and_wait_resumed(kept, readers)
+    finally:
+        readers.close()
+    assert readers.failures == [] and readers.reads > 0
+
+
 def test_keeper_and_mount_process_both_killed_mount_again(kept, dataset, sample_origin):
     point, files = kept["point"], origin_files(sample_origin)
     name = sorted(files)[0]
