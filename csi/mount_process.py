@@ -12,6 +12,11 @@ In each serving process one asyncio loop does everything: csi.fuse reads FUSE re
 on it and the cachefs client (created `asynchronous=True` on it) fetches bytes on it, so
 a request is answered without handing anything to another thread (csi/serving.py).
 
+With `--keeper SOCKET` the session and every clone are handed to the keeper
+(csi/keeper.py) once mounted, and again to a keeper that lost them; a mount process the
+keeper starts with `--resume` takes them back instead of mounting, lists the same
+snapshot (pinned) and serves on: the mount outlives its mount process.
+
 The source is an fsspec URL: `cachefs://DATASET` in production; the client finds its
 endpoint and token in CACHEFS_ENDPOINT / CACHEFS_TOKEN (never on the command line,
 where `ps` would show the token). Logs go to stderr, which the starter sends to a file.

@@ -9,6 +9,10 @@ to send them again (FUSE_NOTIFY_RESEND, Linux ≥ 6.9) and forks a new process o
 same clone: a reader sees a pause, never an error, and files open across the crash keep
 reading (with no-open there is no per-file state to lose).
 
+The session and clones can outlive the holder too: a mount process started with a keeper
+hands them to it (csi/keeper.py), and one started to resume takes them back and passes
+them in (`clones`, `resume`: the kernel resends what the dead holder's children held).
+
 The holder runs no event loop and holds no thread, so forking it is safe; what the
 children serve is the caller's `serve(fd) -> exit code`. A child that exits 0 says the
 session ended (unmounted); any other end of a child is a crash, and is replaced.
