@@ -34,8 +34,23 @@ def register(subparsers: Any) -> None:
                    help="kubelet's root directory; target paths outside it are refused (default /var/lib/kubelet)")
     p.add_argument("--mount-timeout", type=float, default=None,
                    help="seconds a new mount may take to answer (default 30)")
+    p.add_argument("--keeper-socket", default=None,
+                   help="socket of `cachefs csi keeper`: mounts hand it their sessions and outlive their "
+                        "process and this container (default: none)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(func=_run_csi)
+    sub = p.add_subparsers(dest="csi_command", metavar="{keeper}")
+    k = sub.add_parser(
+        "keeper", help="hold the mounts' FUSE sessions apart from the plugin (a container of its own)",
+        description="Hold every mount's FUSE session, handed over by its mount process on a unix socket, and "
+                    "start a new mount process on it when the last one dies: readers see a pause, never "
+                    "ENOTCONN. A keeper started on a socket another keeper listens on takes its sessions over "
+                    "(upgrades). Mount processes use it when the plugin runs with --keeper-socket.")
+    k.add_argument("--socket", default=os.environ.get("CACHEFS_KEEPER_SOCKET", "/var/lib/cachefs-csi/keeper.sock"),
+                   help="unix socket to listen on (default $CACHEFS_KEEPER_SOCKET or /var/lib/cachefs-csi/keeper.sock)")
+    k.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    k.add_argument("--json", action="store_true", help="print the sessions taken over at start as JSON")
+    k.set_defaults(func=_run_keeper)
 
     p = subparsers.add_parser(
         "mount", help="mount a dataset read-only with FUSE",
@@ -53,6 +68,9 @@ def register(subparsers: Any) -> None:
                    help="budget of the mount's chunk cache, shared by every open file (default 256 MiB)")
     p.add_argument("--serving-processes", type=int, default=None,
                    help="processes serving the mount; one that dies is replaced (default 1; 0: one per core)")
+    p.add_argument("--keeper", default="", metavar="SOCKET",
+                   help="hand the session to `cachefs csi keeper --socket SOCKET`: the mount then outlives "
+                        "its process (a killed one is started again, readers only pause)")
     p.set_defaults(func=_run_mount)
 
     p = subparsers.add_parser(
@@ -99,7 +117,8 @@ def _run_csi(args: argparse.Namespace) -> int:
     _logging(args.log_level)
     config = load(CsiConfig, {"csi_endpoint": args.csi_endpoint, "node_id": args.node_id,
                               "csi_state_dir": args.state_dir, "driver_name": args.driver_name,
-                              "mount_timeout": args.mount_timeout, "kubelet_dir": args.kubelet_dir})
+                              "mount_timeout": args.mount_timeout, "kubelet_dir": args.kubelet_dir,
+                              "keeper_socket": args.keeper_socket})
     catalog = ClusterCatalog(load(ClientConfig), timeout=config.lookup_timeout)
     code = run(config, load(MountConfig), catalog, stopping)
     # The process ends here, whatever RPC handlers still run (a publish waiting on a mount):
@@ -112,6 +131,24 @@ def _run_csi(args: argparse.Namespace) -> int:
     os._exit(code)
 
 
+def _run_keeper(args: argparse.Namespace) -> int:
+    import json
+
+    from csi.keeper import Keeper
+
+    _logging(args.log_level)
+    keeper = Keeper(args.socket)
+    try:
+        taken = keeper.start()
+    except OSError as e:
+        logging.getLogger("cachefs.csi.keeper").error("the keeper cannot start on %s: %s", args.socket, e)
+        keeper.close()
+        return 1
+    if args.json:
+        print(json.dumps({"socket": keeper.path, "taken_over": taken}), flush=True)
+    return keeper.run()
+
+
 def _run_mount(args: argparse.Namespace) -> int:
     from cachefs.common.extras import require
 
@@ -121,13 +158,18 @@ def _run_mount(args: argparse.Namespace) -> int:
     from cachefs.common.errors import ConfigError, NotFound
     from csi.catalog import ClusterCatalog
     from csi.config import MountConfig
-    from csi.mounter import Mounter
+    from csi.mounter import Mounter, mount_pids
     from csi.mounts import find_mount
     from csi.state import key_of
 
     target = os.path.abspath(args.mountpoint)
     if find_mount(target) is not None:
-        raise ConfigError(f"{target} is already a cachefs mount; run `cachefs unmount {target}` first")
+        if mount_pids(target):
+            raise ConfigError(f"{target} is already a cachefs mount; run `cachefs unmount {target}` first")
+        # Nobody serves it (its process and any keeper gone): "transport endpoint is not
+        # connected". Detach it (files still open on it get errors, not a hang) and mount again.
+        logging.getLogger("cachefs.csi.mounter").warning("%s is a dead cachefs mount; unmounting it lazily", target)
+        Mounter().unmount(target, lazy=True, timeout=args.timeout)
     mount_config = load(MountConfig, {"attr_timeout": args.attr_timeout, "op_timeout": args.op_timeout,
                                       "cache_bytes": args.cache_bytes,
                                       "serving_processes": args.serving_processes})
@@ -143,11 +185,13 @@ def _run_mount(args: argparse.Namespace) -> int:
 
         os.environ.update(catalog.mount_env())
         os.makedirs(target, exist_ok=True)
+        keeper = ["--keeper", os.path.abspath(args.keeper)] if args.keeper else []
         return mount_process.main(["--source", source, "--target", target, "--mtime", str(info.created),
-                                   *mount_process.config_args(mount_config)])
+                                   *mount_process.config_args(mount_config), *keeper])
     log_path = str(cachefs_home() / "logs" / f"mount-{key_of(target)}.log")
     pid = Mounter().start(source, target, log_path=log_path, env=env, config=mount_config,
-                          mtime=info.created, timeout=args.timeout)
+                          mtime=info.created, timeout=args.timeout,
+                          keeper=os.path.abspath(args.keeper) if args.keeper else "")
     print(f"mounted {args.dataset} ({info.files} files) read-only at {target} (process {pid}, log {log_path}); "
           f"unmount with `cachefs unmount {target}`")
     return 0

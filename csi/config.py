@@ -84,6 +84,9 @@ class CsiConfig:
     # Target paths must lie under it: the plugin is privileged and would otherwise mount
     # on (and remove) any directory of the host that a request names.
     kubelet_dir: str = "/var/lib/kubelet"
+    # The keeper's socket (`cachefs csi keeper`): mounts hand it their sessions, so they
+    # outlive their mount process and the plugin's container (docs/csi.md). "": no keeper.
+    keeper_socket: str = ""
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -100,6 +103,9 @@ class CsiConfig:
         if not self.kubelet_dir.startswith("/") or self.kubelet_dir.rstrip("/") == "":
             raise ConfigError(f"kubelet_dir {self.kubelet_dir!r} must be an absolute directory other than /, "
                               "such as /var/lib/kubelet")
+
+        if self.keeper_socket:
+            socket_path(self.keeper_socket)  # validates it
 
     @property
     def socket_path(self) -> str:

@@ -12,6 +12,11 @@ In each serving process one asyncio loop does everything: csi.fuse reads FUSE re
 on it and the cachefs client (created `asynchronous=True` on it) fetches bytes on it, so
 a request is answered without handing anything to another thread (csi/serving.py).
 
+With `--keeper SOCKET` the session and every clone are handed to the keeper
+(csi/keeper.py) once mounted, and again to a keeper that lost them; a mount process the
+keeper starts with `--resume` takes them back instead of mounting, lists the same
+snapshot (pinned) and serves on: the mount outlives its mount process.
+
 The source is an fsspec URL: `cachefs://DATASET` in production; the client finds its
 endpoint and token in CACHEFS_ENDPOINT / CACHEFS_TOKEN (never on the command line,
 where `ps` would show the token). Logs go to stderr, which the starter sends to a file.
@@ -30,6 +35,7 @@ import threading
 import time
 from typing import Any
 
+from csi import keeping
 from csi.config import MountConfig
 from csi.serving import MAX_BACKGROUND
 
@@ -48,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modification time to show for every entry (the snapshot's creation time)")
     p.add_argument("--mount-with", choices=("auto", "mount", "fusermount3"), default="auto",
                    help="how to get the session: mount(2) (root), fusermount3 (anyone), auto: by uid")
+    p.add_argument("--keeper", default="",
+                   help="unix socket of `cachefs csi keeper`: hand it the session, so the mount outlives this process")
+    p.add_argument("--resume", action="store_true",
+                   help="take the session of --target back from the keeper instead of mounting (the keeper "
+                        "starts a mount process so when the last one died)")
     defaults = MountConfig()
     p.add_argument("--attr-timeout", type=float, default=defaults.attr_timeout)
     p.add_argument("--op-timeout", type=float, default=defaults.op_timeout)
@@ -118,32 +129,48 @@ def keep_freed_memory(cache_bytes: int) -> None:
         log.info("could not tune malloc (not glibc?): chunks will cost page faults")
 
 
-def run_mount(args: argparse.Namespace, config: MountConfig) -> int:
-    """List, mount, serve (forked serving processes) until unmounted or signalled; the exit code."""
+def run_mount(args: argparse.Namespace, config: MountConfig, argv: list[str]) -> int:
+    """List, mount (or take the session back from the keeper), serve until unmounted or
+    signalled; the exit code."""
     from csi.fuse import session, workers
     from csi.serving import list_snapshot, serve_snapshot
 
     target = os.path.abspath(args.target)
     started = time.monotonic()
+    taken: tuple[int, list[int], dict[str, str]] | None = None
+    if args.resume:
+        try:
+            taken = keeping.take(args.keeper, target)
+        except keeping.KeeperError as e:
+            log.error("cannot resume %s: %s", target, e)
+            return EXIT_FAILED
     try:
-        snapshot = asyncio.run(list_snapshot(args.source, config.op_timeout))
+        snapshot = asyncio.run(list_snapshot(args.source, config.op_timeout, taken[2] if taken else None))
     except FileNotFoundError as e:
         log.error("cannot mount %s: not found: %s", args.source, e)
         return EXIT_BAD_INPUT
     except (OSError, ValueError) as e:  # TimeoutError is an OSError
         log.error("cannot list %s: %s: %s", args.source, type(e).__name__, e)
         return EXIT_FAILED
-    count = workers.default_count(config.serving_processes)
+    count = len(taken[1]) if taken else workers.default_count(config.serving_processes)
     cache_bytes = max(config.cache_bytes // count, 16 * 2**20)  # the budget is the mount's, not each process's
-    log.info("listed %s: %d files, %d bytes in %.2f s; mounting on %s (%d serving processes, chunks of %d KiB, "
+    log.info("listed %s: %d files, %d bytes in %.2f s; %s %s (%d serving processes, chunks of %d KiB, "
              "cache %d MiB each)", args.source, snapshot.tree.files, snapshot.tree.bytes,
-             time.monotonic() - started, target, count, snapshot.chunk // 1024, cache_bytes // 2**20)
-    options = session.MountOptions(fsname=args.fsname or args.source, allow_other=os.geteuid() == 0)
-    try:
-        fd = session.mount(target, options, args.mount_with)
-    except session.SessionError as e:
-        log.error("FUSE mount on %s failed: %s", target, e)
-        return EXIT_FAILED
+             time.monotonic() - started, "resuming the kept session of" if taken else "mounting on", target,
+             count, snapshot.chunk // 1024, cache_bytes // 2**20)
+    if taken:
+        fd, clones = taken[0], taken[1]
+    else:
+        options = session.MountOptions(fsname=args.fsname or args.source, allow_other=os.geteuid() == 0)
+        try:
+            fd = session.mount(target, options, args.mount_with)
+            clones = [session.clone(fd) for _ in range(count)]
+        except session.SessionError as e:
+            log.error("FUSE mount on %s failed: %s", target, e)
+            return EXIT_FAILED
+    held = keeping.Held(args.keeper, target, fd, clones, argv, snapshot.pins) if args.keeper else None
+    if held is not None and not taken:
+        held.hold()
 
     def after_init(_answer: Any) -> None:  # INIT is answered: tune what INIT would reset
         threading.Thread(target=tune_kernel, args=(target, config.readahead_bytes), daemon=True).start()
@@ -152,16 +179,20 @@ def run_mount(args: argparse.Namespace, config: MountConfig) -> int:
         return asyncio.run(serve_snapshot(clone, snapshot, config, cache_bytes=cache_bytes,
                                           mtime=args.mtime or None, on_init=after_init))
 
-    holder = workers.Holder(fd, count, serve, on_stop=lambda: session.unmount(target))
+    holder = workers.Holder(fd, count, serve, on_stop=lambda: session.unmount(target), clones=clones,
+                            resume=taken is not None, tick=held.check if held is not None else None)
     try:
         code = holder.run()
     finally:
         os.close(fd)
+    if args.keeper:
+        keeping.drop(args.keeper, target)
     log.info("unmounted %s", target)
     return code
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=os.environ.get("CACHEFS_LOG_LEVEL", "INFO"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -177,8 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad mount options: %s", e)
         return EXIT_BAD_INPUT
 
+    if args.resume and not args.keeper:
+        log.error("--resume takes the session from the keeper: pass --keeper SOCKET too")
+        return EXIT_BAD_INPUT
     keep_freed_memory(config.cache_bytes)
-    return run_mount(args, config)
+    return run_mount(args, config, keeping.own_argv(argv))
 
 
 if __name__ == "__main__":

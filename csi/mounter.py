@@ -73,14 +73,17 @@ class Mounter:
     # ---- start ---------------------------------------------------------------------
 
     def spawn(self, source: str, target: str, *, log_path: str, env: Mapping[str, str], config: MountConfig,
-              fsname: str = "", mtime: float = 0.0) -> int:
-        """Start a detached mount process on `target` (created if missing); returns its pid."""
+              fsname: str = "", mtime: float = 0.0, keeper: str = "") -> int:
+        """Start a detached mount process on `target` (created if missing); returns its pid.
+        `keeper`: the keeper's socket, to hand the session to (csi/keeper.py)."""
         os.makedirs(target, exist_ok=True)
         os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
         from csi.mount_process import config_args
 
         argv = [self.python, "-m", MOUNT_MODULE, "--source", source, "--target", target,
                 "--fsname", fsname or source, "--mtime", str(mtime), *config_args(config)]
+        if keeper:
+            argv += ["--keeper", keeper]
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, env=dict(env),
                                     start_new_session=True, close_fds=True, cwd="/")
@@ -90,9 +93,10 @@ class Mounter:
         return proc.pid
 
     def start(self, source: str, target: str, *, log_path: str, env: Mapping[str, str], config: MountConfig,
-              fsname: str = "", mtime: float = 0.0, timeout: float = 30.0) -> int:
+              fsname: str = "", mtime: float = 0.0, timeout: float = 30.0, keeper: str = "") -> int:
         """spawn, then wait until the mount answers; on failure nothing is left behind."""
-        pid = self.spawn(source, target, log_path=log_path, env=env, config=config, fsname=fsname, mtime=mtime)
+        pid = self.spawn(source, target, log_path=log_path, env=env, config=config, fsname=fsname, mtime=mtime,
+                         keeper=keeper)
         try:
             self.wait_ready(target, pid, timeout=timeout, log_path=log_path)
         except MountError:

@@ -54,12 +54,13 @@ async def close(fs: Any) -> None:
         await fs._close()
 
 
-async def list_snapshot(source: str, timeout: float) -> Snapshot:
-    """The snapshot listed once (for cachefs: from the manifest). FileNotFoundError for an
-    unknown dataset, NotADirectoryError for a file, TimeoutError past `timeout`."""
+async def list_snapshot(source: str, timeout: float, pins: dict[str, str] | None = None) -> Snapshot:
+    """The snapshot listed once (for cachefs: from the manifest; `pins`: the one a mount served
+    before, so a resumed session lists the same tree). FileNotFoundError for an unknown dataset,
+    NotADirectoryError for a file, TimeoutError past `timeout`."""
     from csi.reader import within
 
-    fs, root = filesystem(source)
+    fs, root = filesystem(source, pins)
     try:
         info = await within(fs._info(root), timeout)
         if info.get("type") != "directory":

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 from cachefs.common.wire import ALL_NAMESPACES, DatasetInfo
-from csi import errors
+from csi import errors, keeping
 from csi.catalog import Catalog
 from csi.config import CsiConfig, MountConfig
-from csi.mounter import Health, Mounter, MountError, MountTimeout
+from csi.mounter import Health, Mounter, MountError, MountTimeout, mount_pids
 from csi.mounts import find_mount
 from csi.state import StateStore, VolumeRecord
 
@@ -91,7 +91,7 @@ class VolumeManager:
                     raise errors.AlreadyExists(
                         f"{req.target} already holds volume {record.volume_id!r} (dataset {record.dataset!r}); "
                         f"it cannot also hold {req.volume_id!r} (dataset {req.dataset!r})")
-                health = self.mounter.health(req.target, record.pid)
+                health, record = self._health(record)
                 if health is Health.OK:
                     return  # idempotent: the same volume is already published there
                 log.warning("volume %s on %s is %s; mounting it again", req.volume_id, req.target, health.value)
@@ -151,7 +151,7 @@ class VolumeManager:
         log_path = self.store.log_path(req.target)
         try:
             pid = self.mounter.spawn(source, req.target, log_path=log_path, env=env, config=self.mount_config,
-                                     fsname=source, mtime=info.created)
+                                     fsname=source, mtime=info.created, keeper=self.config.keeper_socket)
         except OSError as e:
             raise errors.Internal(f"cannot start a mount process on {req.target}: {e}") from None
         record = VolumeRecord(volume_id=req.volume_id, target=req.target, dataset=req.dataset, source=source,
@@ -169,6 +169,29 @@ class VolumeManager:
             raise kind(f"mounting dataset {req.dataset!r} on {req.target} failed: {e}") from None
         log.info("published %s (dataset %s) on %s, mount process %d", req.volume_id, req.dataset, req.target, pid)
 
+    def _health(self, record: VolumeRecord, revive: bool = True) -> tuple[Health, VolumeRecord]:
+        """The mount's health, following its session: when the recorded process is gone, the
+        keeper may have started another on the kept session (or is asked to, `revive`); the
+        record then names that one."""
+        health = self.mounter.health(record.target, record.pid)
+        if health is not Health.BROKEN:
+            return health, record
+        pids = mount_pids(record.target)
+        if not pids and revive and self.config.keeper_socket:
+            try:
+                if record.target in keeping.sessions(self.config.keeper_socket):
+                    pid = keeping.revive(self.config.keeper_socket, record.target)
+                    self.mounter.wait_ready(record.target, pid, timeout=self.config.mount_timeout)
+                    pids = [pid]
+            except (keeping.KeeperError, MountError) as e:
+                log.warning("the keeper could not serve %s again: %s", record.target, e)
+        if not pids or self.mounter.health(record.target, pids[0]) is not Health.OK:
+            return Health.BROKEN, record
+        record = VolumeRecord(**{**record.to_json(), "pid": pids[0]})
+        self.store.put(record)
+        log.info("%s is served by mount process %d on the kept session", record.target, pids[0])
+        return Health.OK, record
+
     # ---- unpublish -----------------------------------------------------------------
 
     def unpublish(self, volume_id: str, target: str) -> None:
@@ -178,6 +201,8 @@ class VolumeManager:
                 raise errors.NotFound(f"{target} holds volume {record.volume_id!r}, not {volume_id!r}")
             if record is None and find_mount(target) is None and not os.path.lexists(target):
                 return  # never published, or already unpublished
+            if record is not None:  # the keeper may serve it with another process than recorded
+                record = self._health(record, revive=False)[1]
             self._teardown(target, record.pid if record else 0)
             self._remove_dir(target)
             self.store.delete(target)
@@ -208,7 +233,7 @@ class VolumeManager:
         record = self.store.get(path) if os.path.isabs(path) and "\x00" not in path else None
         if record is None or record.volume_id != volume_id:
             raise errors.NotFound(f"volume {volume_id!r} is not published at {path}")
-        health = self.mounter.health(path, record.pid)
+        health, record = self._health(record, revive=False)
         if health is Health.OK:
             return VolumeStats(record.files, record.bytes, abnormal=False, message="mounted")
         message = {Health.BROKEN: "the mount process is gone (transport endpoint is not connected); "
@@ -229,7 +254,7 @@ class VolumeManager:
             target = record.target
             try:
                 with self._locks.hold(target, self._lock_timeout):
-                    health = self.mounter.health(target, record.pid)
+                    health, record = self._health(record)
                     if health is Health.OK:
                         adopted += 1
                         log.info("adopted %s on %s (mount process %d)", record.volume_id, target, record.pid)
@@ -252,7 +277,8 @@ class VolumeManager:
         log_path = self.store.log_path(record.target)
         started = time.monotonic()
         pid = self.mounter.spawn(record.source, record.target, log_path=log_path, env=env,
-                                 config=self.mount_config, fsname=record.source, mtime=record.created)
+                                 config=self.mount_config, fsname=record.source, mtime=record.created,
+                                 keeper=self.config.keeper_socket)
         self.store.put(VolumeRecord(**{**record.to_json(), "pid": pid, "endpoint": self.catalog.endpoint}))
         self.mounter.wait_ready(record.target, pid, timeout=self.config.mount_timeout, log_path=log_path)
         log.info("remounted %s on %s in %.1f s (mount process %d)", record.volume_id, record.target,

@@ -9,6 +9,10 @@ to send them again (FUSE_NOTIFY_RESEND, Linux ≥ 6.9) and forks a new process o
 same clone: a reader sees a pause, never an error, and files open across the crash keep
 reading (with no-open there is no per-file state to lose).
 
+The session and clones can outlive the holder too: a mount process started with a keeper
+hands them to it (csi/keeper.py), and one started to resume takes them back and passes
+them in (`clones`, `resume`: the kernel resends what the dead holder's children held).
+
 The holder runs no event loop and holds no thread, so forking it is safe; what the
 children serve is the caller's `serve(fd) -> exit code`. A child that exits 0 says the
 session ended (unmounted); any other end of a child is a crash, and is replaced.
@@ -53,6 +57,13 @@ class Holder:
     count: int
     serve: Serve
     on_stop: Callable[[], None] = lambda: None  # runs on SIGTERM/SIGINT, before the children are stopped
+    # Clones made beforehand (handed to the keeper, or taken back from it); else made in run().
+    clones: list[int] = field(default_factory=list)
+    resume: bool = False  # a session served before: ask the kernel to resend what was in flight
+    # Called every `tick_every` seconds while children run (on the holder's own thread: it
+    # has no other); the mount process re-hands its session to a keeper that restarted.
+    tick: Callable[[], None] | None = None
+    tick_every: float = 5.0
     slots: list[Slot] = field(default_factory=list)
     stopping: bool = False
 
@@ -60,13 +71,18 @@ class Holder:
         """Serve until the session ends; 0 when it ended cleanly, 1 if the children crash-loop."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop)
-        self.slots = [Slot(session.clone(self.fd)) for _ in range(self.count)]
+        if self.tick is not None:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        clones = self.clones or [session.clone(self.fd) for _ in range(self.count)]
+        self.slots = [Slot(fd) for fd in clones]
         for slot in self.slots:
             self._start(slot)
+        if self.resume:  # requests the dead holder's children had read wait on their clones
+            resend(self.fd)
         code = 0
         while any(slot.pid for slot in self.slots):
             try:
-                pid, status = os.wait()
+                pid, status = self._wait()
             except ChildProcessError:
                 break
             slot = next((s for s in self.slots if s.pid == pid), None)
@@ -90,6 +106,21 @@ class Holder:
             os.close(slot.fd)
         return code
 
+    def _wait(self) -> tuple[int, int]:
+        """The next child to end, running `tick` every `tick_every` seconds meanwhile."""
+        if self.tick is None:
+            return os.wait()
+        while True:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                return pid, status
+            # SIGCHLD is blocked (run() blocks it when ticking): wait for it, or the next tick.
+            if signal.sigtimedwait([signal.SIGCHLD], self.tick_every) is None and not self.stopping:
+                try:
+                    self.tick()
+                except OSError as e:
+                    log.warning("periodic check failed: %s", e)
+
     def _start(self, slot: Slot) -> None:
         slot.started = time.monotonic()
         holder = os.getpid()
@@ -99,6 +130,7 @@ class Holder:
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
                 _die_with(holder)
                 code = self.serve(slot.fd)
             except BaseException as e:  # noqa: BLE001 - a child must exit, whatever happened
