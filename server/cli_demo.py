@@ -58,8 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     say = (lambda s: None) if args.json else (lambda s: stderr().print(f"[dim]{s}…[/dim]"))
-    if extras.missing("server"):  # a light install: the demo brings what it needs, then starts over
-        extras.install("server", say)
+    needed = [e for e in ("server", "demo") if extras.missing(e) and (e == "server" or args.origin != "local")]
+    if needed:  # a light install: the demo brings what it needs (Ray; moto for its S3 origin), then starts over
+        for extra in needed:
+            extras.install(extra, say)
         os.execv(sys.executable, [sys.executable, "-m", "cachefs.cli.main", *sys.argv[1:]])
     from server import hosting
 

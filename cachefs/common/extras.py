@@ -22,6 +22,7 @@ MODULES = {  # an extra → modules whose absence says it is not installed
     "csi": ("grpc",),
     "operator": ("kubernetes",),
     "torch": ("torch",),
+    "demo": ("moto",),  # the demo's object store (moto's S3 server), beside the server extra
 }
 
 
