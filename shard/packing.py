@@ -26,20 +26,9 @@ def pack_layout(sizes: Iterable[int], block_size: int, threshold: int) -> tuple[
     when it would not fit. Empty files need no bytes and larger files keep blocks of their
     own: both get NOT_PACKED and offset 0.
     """
-    packs: list[int] = []
-    offsets: list[int] = []
-    count, fill = 0, block_size  # `fill` of the open pack; starting "full" opens pack 0 on demand
-    for size in sizes:
-        if not 0 < size < threshold:
-            packs.append(NOT_PACKED)
-            offsets.append(0)
-            continue
-        if fill + size > block_size:
-            count, fill = count + 1, 0
-        packs.append(count - 1)
-        offsets.append(fill)
-        fill += size
-    return packs, offsets, count
+    sizes = list(sizes)
+    packs, offsets, made = repack(sizes, [None] * len(sizes), block_size, threshold, 0)
+    return packs, offsets, len(made)
 
 
 SPARSE = 0.5  # a pack whose live members fill less than this share of a block is sparse

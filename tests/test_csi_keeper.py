@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from fuse_helpers import cleanup_mounts, origin_files
+from fuse_helpers import cleanup_mounts, origin_files, read_uncached
 
 from csi import keeperwire as wire
 from csi import keeping
@@ -98,18 +98,6 @@ def kept(tmp_path, env, dataset) -> Iterator[dict]:
 
 def serving_pid(k: dict) -> int:
     return keeping.sessions(str(k["sock"])).get(str(k["point"]), 0)
-
-
-def read_uncached(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        chunks = []
-        while block := os.read(fd, 1 << 20):
-            chunks.append(block)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 class Readers:

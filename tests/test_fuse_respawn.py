@@ -20,7 +20,7 @@ from typing import Iterator
 
 import pytest
 
-from fuse_helpers import cleanup_mounts, origin_files
+from fuse_helpers import cleanup_mounts, origin_files, read_uncached
 
 from cachefs.common import procs
 from csi.mounts import find_mount
@@ -68,19 +68,6 @@ def mounted(request, cachefs_cluster, dataset, tmp_path_factory) -> Iterator[tup
 
 def serving(holder: int) -> list[int]:
     return sorted(pid for pid, (ppid, _) in procs.processes().items() if ppid == holder)
-
-
-def read_uncached(path: Path) -> bytes:
-    """The whole file, from the mount's server rather than the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        chunks = []
-        while block := os.read(fd, 1 << 20):
-            chunks.append(block)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def test_readers_see_no_error_while_serving_processes_are_killed_again_and_again(mounted, sample_origin):
