@@ -1,6 +1,6 @@
 """CSI conformance: the Identity and Node specs of kubernetes-csi's csi-sanity.
 
-`csi-sanity` itself (a Go binary) runs against `cachefs csi` when it is on PATH; it is
+`csi-sanity` itself (a Go binary) runs against `cachefs csi` when it is on PATH or in ../shared/bin; it is
 not packaged for this machine, so the same checks are ported here, one row per spec
 named as csi-sanity names it, over real gRPC on the plugin's unix socket. Specs that
 need a Controller (CreateVolume) are ported with a registered dataset as the volume.
@@ -8,6 +8,7 @@ need a Controller (CreateVolume) are ported with a registered dataset as the vol
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -192,13 +193,21 @@ def test_a_publish_that_would_succeed_needs_every_argument(plugin, target) -> No
     plugin.unpublish(target, volume_id=DATASET)
 
 
-@pytest.mark.skipif(shutil.which("csi-sanity") is None, reason="the csi-sanity binary is not installed")
+def csi_sanity() -> str | None:
+    """The kubernetes-csi conformance binary: on PATH, or in the workplace's shared/bin
+    beside this repository (where CI finds it)."""
+    beside = Path(__file__).resolve().parents[2] / "shared" / "bin" / "csi-sanity"
+    return shutil.which("csi-sanity") or (str(beside) if os.access(beside, os.X_OK) else None)
+
+
+@pytest.mark.skipif(csi_sanity() is None, reason="the csi-sanity binary is neither on PATH nor in ../shared/bin")
 def test_csi_sanity_identity_and_node_specs_pass(plugin, kubelet) -> None:
     """The real suite, when present. Specs needing CreateVolume cannot run on a node-only
     plugin; they are ported above with a registered dataset instead."""
     mount_dir = kubelet / "csi-sanity"
+    mount_dir.mkdir(parents=True, exist_ok=True)  # csi-sanity makes its mount and staging dirs, not their parent
     result = subprocess.run(
-        ["csi-sanity", f"--csi.endpoint=unix://{plugin.socket}", f"--csi.mountdir={mount_dir}/mount",
+        [csi_sanity(), f"--csi.endpoint=unix://{plugin.socket}", f"--csi.mountdir={mount_dir}/mount",
          f"--csi.stagingdir={mount_dir}/staging", "--ginkgo.focus=Identity|Node",
          "--ginkgo.skip=should remove target path|does not exist on the specified path"],
         capture_output=True, text=True, timeout=240)
