@@ -1,8 +1,9 @@
 """CSI conformance: the Identity and Node specs of kubernetes-csi's csi-sanity.
 
-`csi-sanity` itself (a Go binary) runs against `cachefs csi` when it is on PATH or in ../shared/bin; it is
-not packaged for this machine, so the same checks are ported here, one row per spec
-named as csi-sanity names it, over real gRPC on the plugin's unix socket. Specs that
+`csi-sanity` itself (a Go binary) runs against `cachefs csi` when it is on PATH or in the
+workplace's ../shared/bin (its Identity and Node specs). Specs it cannot run on a
+node-only plugin are ported here too, one row per spec named as csi-sanity names it, over
+real gRPC on the plugin's unix socket. Specs that
 need a Controller (CreateVolume) are ported with a registered dataset as the volume.
 """
 
