@@ -140,13 +140,11 @@ class ChunkCache:
             _, old = self._chunks.popitem(last=False)
             self.size -= len(old)
 
-    def discard(self, key: Hashable) -> bytes | None:
-        """Forget a chunk nobody will ask for again (a load in flight is left alone); the
-        chunk, if it was here."""
+    def discard(self, key: Hashable) -> None:
+        """Forget a chunk nobody will ask for again (a load in flight is left alone)."""
         chunk = self._chunks.pop(key, None)
         if chunk is not None:
             self.size -= len(chunk)
-        return chunk
 
     def close(self) -> None:
         """Stop every load in flight: the mount is going away; their readers get EIO."""

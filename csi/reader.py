@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-import sys
 from typing import Any, Awaitable, Callable, TypeVar
 
 from cachefs.common.errors import OriginChanged, SnapshotGone
@@ -39,23 +38,16 @@ Fetch = Callable[[str, int, int], Awaitable[bytes]]
 # Many whole small files in one call (one batched read): [(path, size)] → each one's bytes
 # or exception, in order
 FetchMany = Callable[[list[tuple[str, int]]], Awaitable[list["bytes | BaseException"]]]
-# (path, start, end, buffer) → the bytes [start, end) written at the buffer's start; how many
-FetchInto = Callable[[str, int, int, bytearray], Awaitable[int]]
 
 log = logging.getLogger("cachefs.fuse")
 T = TypeVar("T")
 _STREAMS = 4096  # files whose last read end is remembered (to tell sequential reads)
-_RETIRED = 16  # dropped chunk buffers kept for reuse
-# sys.getrefcount of a retired buffer nothing else holds, seen from _buffer: the list and
-# the call's argument.
-_UNREFERENCED = 2
 _MIN_WINDOW = 64 * 1024  # smallest window a default picks: below it, a fetch costs more than its bytes
 
 
 class SnapshotReader:
     def __init__(self, fetch: Fetch, cache: ChunkCache, chunk_size: int, readahead: int, timeout: float,
-                 fetch_many: FetchMany | None = None, window: int | None = None,
-                 fetch_into: FetchInto | None = None) -> None:
+                 fetch_many: FetchMany | None = None, window: int | None = None) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
         if window is None:  # 1/32 of a chunk, if that is a whole number of 64 KiB
@@ -63,8 +55,6 @@ class SnapshotReader:
         if window and (window <= 0 or chunk_size % window):
             raise ValueError("window must divide chunk_size")
         self.window = window  # 0: random reads fetch whole chunks too
-        self._fetch_into = fetch_into
-        self._retired: list[bytearray] = []  # streamed chunks dropped: reused once nothing holds them
         self._fetch = fetch
         self._fetch_many = fetch_many
         self.cache = cache
@@ -179,21 +169,7 @@ class SnapshotReader:
         cs = self.chunk_size
         for i in range(offset // cs, (end - 1) // cs + 1):
             if i * cs >= end - run and min((i + 1) * cs, size) <= end:
-                chunk = self.cache.discard((path, i))
-                if type(chunk) is bytearray and self._fetch_into is not None:
-                    self._retired.append(chunk)
-                    if len(self._retired) > _RETIRED:
-                        del self._retired[0]
-
-    def _buffer(self) -> bytearray:
-        """A chunk-sized buffer: a retired one nothing refers to any more (no reply, view or
-        waiting reader: its reference count says so), else a fresh one. Reuse spares the
-        page faults of fresh memory, the largest part of receiving a chunk."""
-        retired = self._retired
-        for i in range(len(retired)):
-            if sys.getrefcount(retired[i]) <= _UNREFERENCED:
-                return retired.pop(i)
-        return bytearray(self.chunk_size)
+                self.cache.discard((path, i))
 
     def prefetch(self, path: str, size: int) -> None:
         """Start fetching a file that fits in one chunk (called at open: overlaps the fetch
@@ -253,16 +229,10 @@ class SnapshotReader:
         stop = min(start + self.chunk_size, size)
         return lambda: self._load(path, start, stop)
 
-    async def _load(self, path: str, start: int, stop: int) -> bytes | bytearray:
+    async def _load(self, path: str, start: int, stop: int) -> bytes:
         self.fetched[0] += 1
         self.fetched[1] += stop - start
         try:
-            if self._fetch_into is not None and stop - start == self.chunk_size:
-                buf = self._buffer()
-                n = await within(self._fetch_into(path, start, stop, buf), self.timeout)
-                if n != stop - start:
-                    raise OSError(errno.EIO, f"short read of {path}: {n} of {stop - start} bytes at {start}")
-                return buf
             data = await within(self._fetch(path, start, stop), self.timeout)
         except (SnapshotGone, OriginChanged) as e:
             raise self._gone(path, e) from e

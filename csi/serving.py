@@ -97,17 +97,9 @@ async def serve_snapshot(fd: int, snapshot: Snapshot, config: MountConfig, *, ca
             return list(await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True))
         return await fs._cat_ranges(paths, None, None, on_error="return")  # one batched read
 
-    async def fetch_into(path: str, start: int, end: int, buf: bytearray) -> int:
-        full = f"{root}/{path}" if root else path
-        (got,) = await fs._cat_ranges_into([full], [start], [end], [buf])
-        if isinstance(got, BaseException):
-            raise got
-        return got
-
     cache = ChunkCache(cache_bytes)
     reader = SnapshotReader(fetch, cache, snapshot.chunk, config.readahead_chunks, config.op_timeout,
-                            fetch_many=fetch_many,
-                            fetch_into=fetch_into if hasattr(fs, "_cat_ranges_into") else None)
+                            fetch_many=fetch_many)
     ops = DatasetOperations(snapshot.tree, reader, config, mtime=mtime)
     dispatcher = Dispatcher(ops, writer(fd), max_background=MAX_BACKGROUND, on_init=on_init)
     try:

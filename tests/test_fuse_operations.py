@@ -248,31 +248,3 @@ async def test_a_random_read_of_a_big_file_fetches_only_the_windows_it_touches(o
     await until(quiet, "the read-ahead to finish")
     assert {(s, e) for _, s, e in origin.fetches[2:]} >= {(0, CHUNK), (CHUNK, 2 * CHUNK)}
 
-
-async def test_a_streamed_chunk_buffer_is_reused_only_once_nothing_refers_to_it(origin):
-    data, piece = FILES["big.bin"], CHUNK // 4
-
-    async def fetch_into(path: str, start: int, end: int, buf: bytearray) -> int:
-        got = await origin.fetch(path, start, end)
-        buf[:len(got)] = got
-        return len(got)
-
-    reader = SnapshotReader(origin.fetch, ChunkCache(16 * MiB), CHUNK, readahead=0, timeout=0.5,
-                            fetch_into=fetch_into)
-    held = reader.read_now("big.bin", len(data), 0, 1)  # nothing here yet
-    assert held is None
-    views = []
-    for offset in range(0, 4 * CHUNK, piece):  # a stream over four chunks, each dropped once served
-        views.append(await reader.read("big.bin", len(data), offset, piece))
-        assert bytes(views[-1]) == data[offset:offset + piece]
-    assert len(reader._retired) >= 3
-    buffers = {id(v.obj) for v in views}
-    assert reader._buffer() is not None and all(id(b) in buffers for b in reader._retired)
-    before = len(reader._retired)
-    fresh = reader._buffer()  # every retired one is still seen by a view: none reused
-    assert id(fresh) not in buffers and len(reader._retired) == before
-    views.clear()  # the replies are written: nothing refers to them now
-    reused = reader._buffer()
-    assert id(reused) in buffers and len(reader._retired) == before - 1
-    for offset in range(0, len(data), piece):  # a second stream reads right bytes through reused buffers
-        assert bytes(await reader.read("big.bin", len(data), offset, piece)) == data[offset:offset + piece]
