@@ -4,6 +4,7 @@ client itself and the loopback ceiling. Prints GB/s and ratios; writes JSON.
     python bench/mount_throughput.py            # 24 files x 16 MiB, 3 cache nodes, 4 readers
     python bench/mount_throughput.py --quick    # 8 files x 8 MiB
     python bench/mount_throughput.py --small    # 4000 files of 60-160 KB: mount vs local disk
+    python bench/mount_throughput.py --repeat 5 # sequential passes 5 times: best GB/s, least mount CPU/GB
 
 Starts a Ray of its own and a 3-node cache cluster, writes a dataset to a local origin,
 registers and warms it, then reads every file with N readers.
