@@ -248,3 +248,20 @@ async def test_a_random_read_of_a_big_file_fetches_only_the_windows_it_touches(o
     await until(quiet, "the read-ahead to finish")
     assert {(s, e) for _, s, e in origin.fetches[2:]} >= {(0, CHUNK), (CHUNK, 2 * CHUNK)}
 
+
+
+async def test_a_failed_window_fetch_fails_its_reads_and_the_next_read_fetches_again(origin):
+    data, window = FILES["big.bin"], CHUNK // 8
+    failures = [NodeUnavailable("the cache node went away")]
+
+    async def fetch(path: str, start: int, end: int) -> bytes:
+        if failures:
+            raise failures.pop()
+        return await origin.fetch(path, start, end)
+
+    reader = SnapshotReader(fetch, ChunkCache(16 * MiB), CHUNK, readahead=2, timeout=0.5, window=window)
+    offset = 2 * CHUNK + 5
+    with pytest.raises(NodeUnavailable):
+        await reader.read("big.bin", len(data), offset, 100)
+    assert bytes(await reader.read("big.bin", len(data), offset, 100)) == data[offset:offset + 100]
+    assert origin.fetches == [("big.bin", 2 * CHUNK, 2 * CHUNK + window)]
