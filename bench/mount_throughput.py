@@ -4,6 +4,7 @@ client itself and the loopback ceiling. Prints GB/s and ratios; writes JSON.
     python bench/mount_throughput.py            # 24 files x 16 MiB, 3 cache nodes, 4 readers
     python bench/mount_throughput.py --quick    # 8 files x 8 MiB
     python bench/mount_throughput.py --small    # 4000 files of 60-160 KB: mount vs local disk
+    python bench/mount_throughput.py --repeat 5 # sequential passes 5 times: best GB/s, least mount CPU/GB
 
 Starts a Ray of its own and a 3-node cache cluster, writes a dataset to a local origin,
 registers and warms it, then reads every file with N readers.
@@ -217,6 +218,8 @@ def main() -> int:
     ap.add_argument("--files", type=int, default=None, help="default 24 (4000 with --small)")
     ap.add_argument("--file-mib", type=int, default=16)
     ap.add_argument("--readers", type=int, default=4)
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="big files: rounds of the sequential passes (random: one, on a cold cache); best GB/s and least CPU/GB kept")
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--serving", default="1,2,4", help="serving processes per mount to compare (--small); big files use the first")
     ap.add_argument("--json", default=None, help="where to write the figures (default bench/results/...)")
@@ -339,24 +342,29 @@ def _big(args: argparse.Namespace, work: Path, config: Any, origin: Path, mountp
     offsets = {r: [rnd.randrange(0, size - RANDOM_READ) for _ in range(max(4, args.file_mib // 2))] for r in rel}
     figures: dict[str, float] = {}
     cpu: dict[str, float] = {}  # seconds of the mount process's CPU per GB read through it
+    rounds: dict[str, list[float]] = {}  # the same, every round
     fs = CachefsFileSystem(endpoint=config.endpoint, token=config.token, skip_instance_cache=True)
     via_client = [f"bench/{r}" for r in rel]
     via_mount = [str(mountpoint / r) for r in rel]
     total = args.files * size
 
     def record(label: str, run: Callable[[], tuple[int, float]], expected: int) -> None:
+        """Best of the rounds: GB/s and (separately) the least mount CPU per GB."""
         before = _cpu_seconds(mountpoint)
         nbytes, secs = run()
         assert nbytes == expected, f"{label}: read {nbytes} of {expected} bytes"
-        figures[label] = nbytes / secs / 1e9
+        figures[label] = max(figures.get(label, 0.0), nbytes / secs / 1e9)
         if label.startswith("mount"):
-            cpu[label] = (_cpu_seconds(mountpoint) - before) / (nbytes / 1e9)
+            spent = (_cpu_seconds(mountpoint) - before) / (nbytes / 1e9)
+            cpu[label] = min(cpu.get(label, float("inf")), spent)
+            rounds.setdefault(label, []).append(round(spent, 3))
 
     figures["loopback ceiling"] = loopback_ceiling(str(work / "blob.bin"), streams=args.readers)
     unbuffered = _stream(lambda p: open(p, "rb", buffering=0))
-    record("client, sequential", lambda: _timed(via_client, _stream(fs.open), args.readers), total)
-    _drop_pages(via_mount)
-    record("mount, sequential", lambda: _timed(via_mount, unbuffered, args.readers), total)
+    for _ in range(args.repeat):  # side by side in every round; before any random read fills the mount's cache
+        record("client, sequential", lambda: _timed(via_client, _stream(fs.open), args.readers), total)
+        _drop_pages(via_mount)
+        record("mount, sequential", lambda: _timed(via_mount, unbuffered, args.readers), total)
     random_total = sum(len(o) for o in offsets.values()) * RANDOM_READ
     record("client, random", lambda: _timed([(f"bench/{r}", offsets[r]) for r in rel], _random(fs.open),
                                             args.readers), random_total)
@@ -383,10 +391,12 @@ def _big(args: argparse.Namespace, work: Path, config: Any, origin: Path, mountp
         print(f"{label:<30}{rate:>8.2f}{rate / ceiling:>12.2f}{mount_cpu}")
     print(f"mount / client: sequential {ratios['mount_vs_client_sequential']:.2f}, "
           f"random {ratios['mount_vs_client_random']:.2f}")
+    print(f"mount, sequential CPU s/GB each round: {rounds.get('mount, sequential')}")
     for label, rate in iops.items():
         print(f"{label:<30}{rate:>8.0f} IOPS (O_DIRECT: every read a FUSE request)")
     return {"files": args.files, "file_mib": args.file_mib, "readers": args.readers, "GBps": figures, "iops": iops,
-            "ratios": ratios, "mount_cpu_s_per_GB": cpu}
+            "ratios": ratios, "mount_cpu_s_per_GB": cpu,
+            "mount_cpu_s_per_GB_each_round": rounds}
 
 
 if __name__ == "__main__":

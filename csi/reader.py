@@ -12,6 +12,13 @@ dropped once all its bytes have been served: the kernel's page cache holds them 
 a stream then keeps a few chunks in memory instead of filling the budget (fresh memory
 costs page faults, and every other file's chunks would be pushed out).
 
+A read of a big file that is not part of a stream (a random read: not at the file's
+start, and not yet half a chunk of contiguous reads) whose chunk is neither here nor on
+its way fetches only the `window`s (1/32 of a chunk, 256 KiB for 8 MiB blocks) it
+touches, in one fetch, and keeps them in the cache by window: a random 1 MiB read costs
+about 1 MiB of fetch instead of its whole chunk, and random small reads (O_DIRECT) are
+still answered from memory once their window is here. Streams keep whole chunks.
+
 Replies are memoryview slices of the cached chunk: no copy in Python; the kernel copies
 once from the reply buffer.
 """
@@ -21,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from typing import Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 from cachefs.common.errors import OriginChanged, SnapshotGone
 from csi.chunkcache import ChunkCache
@@ -35,13 +42,19 @@ FetchMany = Callable[[list[tuple[str, int]]], Awaitable[list["bytes | BaseExcept
 log = logging.getLogger("cachefs.fuse")
 T = TypeVar("T")
 _STREAMS = 4096  # files whose last read end is remembered (to tell sequential reads)
+_MIN_WINDOW = 64 * 1024  # smallest window a default picks: below it, a fetch costs more than its bytes
 
 
 class SnapshotReader:
     def __init__(self, fetch: Fetch, cache: ChunkCache, chunk_size: int, readahead: int, timeout: float,
-                 fetch_many: FetchMany | None = None) -> None:
+                 fetch_many: FetchMany | None = None, window: int | None = None) -> None:
         if chunk_size <= 0:
             raise ValueError("chunk_size must be positive")
+        if window is None:  # 1/32 of a chunk, if that is a whole number of 64 KiB
+            window = chunk_size // 32 if chunk_size % (32 * _MIN_WINDOW) == 0 else 0
+        if window and (window <= 0 or chunk_size % window):
+            raise ValueError("window must divide chunk_size")
+        self.window = window  # 0: random reads fetch whole chunks too
         self._fetch = fetch
         self._fetch_many = fetch_many
         self.cache = cache
@@ -65,7 +78,17 @@ class SnapshotReader:
             return None
         chunk = self.cache.peek((path, first))
         if chunk is None:
-            return None
+            if not self.window or size <= cs:
+                return None
+            w = self.window
+            index = offset // w
+            if index != (end - 1) // w:
+                return None
+            part = self.cache.peek((path, first, index))
+            if part is None:
+                return None
+            self._ahead(path, size, offset, end)
+            return memoryview(part)[offset - index * w:end - index * w]
         run = self._ahead(path, size, offset, end)
         self._drop_done(path, size, offset, end, run)
         return memoryview(chunk)[offset - first * cs:end - first * cs]
@@ -78,6 +101,9 @@ class SnapshotReader:
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
         run = self._ahead(path, size, offset, end)
+        if (self.window and not run and offset and size > cs
+                and all((path, i) not in self.cache for i in range(first, last + 1))):
+            return await self._windows(path, size, offset, end)
         lo = offset - first * cs
         if first == last:  # the common case: one chunk
             chunk = self.cache.peek((path, first)) or await self._chunk(path, size, first)
@@ -90,6 +116,36 @@ class SnapshotReader:
             data = b"".join(parts)
         self._drop_done(path, size, offset, end, run)
         return data
+
+    async def _windows(self, path: str, size: int, offset: int, end: int) -> bytes | memoryview:
+        """A random read: the windows it touches, those missing fetched with one call."""
+        w, per = self.window, self.chunk_size // self.window
+        indexes = range(offset // w, (end - 1) // w + 1)
+        keys = [(path, i // per, i) for i in indexes]
+        missing = [i for i, key in zip(indexes, keys) if self.cache.wanted(key)]
+        if missing:
+            lo = hi = missing[0]  # one fetch for the first run of missing windows (the rest: one each)
+            while hi + 1 in missing:
+                hi += 1
+            self.cache.prefetch_many([(path, i // per, i) for i in range(lo, hi + 1)],
+                                     self._window_loader(path, lo * w, min((hi + 1) * w, size)))
+        parts = [memoryview(part) for part in await asyncio.gather(
+            *(self.cache.get(key, self._window_loader(path, i * w, min((i + 1) * w, size), single=True))
+              for i, key in zip(indexes, keys)))]
+        parts[-1] = parts[-1][:end - indexes[-1] * w]  # the end first: with one part, both cut it
+        parts[0] = parts[0][offset - indexes[0] * w:]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _window_loader(self, path: str, start: int, stop: int, single: bool = False) -> Callable[[], Awaitable[Any]]:
+        """Loads [start, stop) and cuts it into windows (memoryviews of one buffer, no copy)."""
+        w = self.window
+
+        async def load() -> Any:
+            data = memoryview(await self._load(path, start, stop))
+            parts = [data[i:i + w] for i in range(0, len(data), w)]
+            return parts[0] if single else parts
+
+        return load
 
     def _ahead(self, path: str, size: int, offset: int, end: int) -> int:
         """Record a read of a big file; once it is a stream, fetch ahead. The run so far

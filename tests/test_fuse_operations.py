@@ -228,3 +228,40 @@ async def test_a_short_fetch_is_an_error_not_silently_short_bytes():
     with pytest.raises(OSError) as err:
         await reader.read("f", 10, 0, 10)  # the snapshot says 10 bytes, the fetch brings 3
     assert err.value.errno == errno.EIO and "short read" in str(err.value)
+
+
+async def test_a_random_read_of_a_big_file_fetches_only_the_windows_it_touches(origin):
+    data, window = FILES["big.bin"], CHUNK // 8
+    reader = SnapshotReader(origin.fetch, ChunkCache(16 * MiB), CHUNK, readahead=2, timeout=0.5, window=window)
+    offset = 3 * CHUNK + 100  # not at the start, no stream: a random read
+    assert bytes(await reader.read("big.bin", len(data), offset, window)) == data[offset:offset + window]
+    assert origin.fetches == [("big.bin", 3 * CHUNK, 3 * CHUNK + 2 * window)]  # two windows, one fetch
+    for off, length in [(offset + 10, 50), (3 * CHUNK + window + 7, window - 7)]:  # inside them: no fetch
+        assert reader.read_now("big.bin", len(data), off, length) is not None or off + length > offset + window
+        assert bytes(await reader.read("big.bin", len(data), off, length)) == data[off:off + length]
+    assert len(origin.fetches) == 1
+    last = len(data) - 30  # the file's short tail window
+    assert bytes(await reader.read("big.bin", len(data), last, window)) == data[last:]
+    assert origin.fetches[-1] == ("big.bin", 5 * CHUNK, len(data))
+    for offset in range(0, 2 * CHUNK, CHUNK // 4):  # a stream from the start: whole chunks
+        assert bytes(await reader.read("big.bin", len(data), offset, CHUNK // 4)) == data[offset:offset + CHUNK // 4]
+    await until(quiet, "the read-ahead to finish")
+    assert {(s, e) for _, s, e in origin.fetches[2:]} >= {(0, CHUNK), (CHUNK, 2 * CHUNK)}
+
+
+
+async def test_a_failed_window_fetch_fails_its_reads_and_the_next_read_fetches_again(origin):
+    data, window = FILES["big.bin"], CHUNK // 8
+    failures = [NodeUnavailable("the cache node went away")]
+
+    async def fetch(path: str, start: int, end: int) -> bytes:
+        if failures:
+            raise failures.pop()
+        return await origin.fetch(path, start, end)
+
+    reader = SnapshotReader(fetch, ChunkCache(16 * MiB), CHUNK, readahead=2, timeout=0.5, window=window)
+    offset = 2 * CHUNK + 5
+    with pytest.raises(NodeUnavailable):
+        await reader.read("big.bin", len(data), offset, 100)
+    assert bytes(await reader.read("big.bin", len(data), offset, 100)) == data[offset:offset + 100]
+    assert origin.fetches == [("big.bin", 2 * CHUNK, 2 * CHUNK + window)]
