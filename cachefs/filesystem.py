@@ -25,6 +25,7 @@ from cachefs.blocks import BlockReader, DatasetView
 from cachefs.buffers import BufferPool, new_bytes
 from cachefs.config import ClientConfig
 from cachefs.common.settings import load
+from cachefs.blockproto import request_head
 from cachefs.direct import DirectReads
 from cachefs.fsapi import LibraryCalls
 from cachefs.common.errors import BadRequest, CachefsError, NodeUnavailable, NotFound, ReadOnlyError, SnapshotGone
@@ -36,6 +37,7 @@ from cachefs.common.wire import DatasetInfo
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
 DIRECT_MAX = 4 * 1024 * 1024  # sync reads up to this size may go on the caller's thread (cachefs/direct.py)
+DIRECT_KNOWN = 1 << 17  # whole-file direct reads whose request bytes are kept (then forgotten at once)
 
 
 def _read_only(*_args: Any, **_kwargs: Any) -> None:
@@ -91,6 +93,8 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
                                   self.transport.ssl_context, self.transport.server_name)
         self.pool = BufferPool(wire.DEFAULT_BLOCK_SIZE)  # open files' block buffers, reused
         self.pins = Pins(snapshots)
+        # path → (dataset, view, routes, url, request, size) of a whole-file direct read (`_direct_read`)
+        self._direct_known: dict[str, tuple[str, DatasetView, object, str, bytes, int]] = {}
         if not asynchronous:  # like s3fs: close the session when the instance goes away
             weakref.finalize(self, _close_quietly, self.loop, self.blocks, self.transport, os.getpid())
 
@@ -154,6 +158,7 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         """Move on to the current snapshot (of every dataset, or of the one `path` is in):
         files already open keep theirs."""
         self.pins.release(None if path is None else self._strip_protocol(path).partition("/")[0])
+        self._direct_known.clear()  # checked against the pins anyway: this only lets old views go
 
     # -- metadata ------------------------------------------------------------------------
     @staticmethod
@@ -232,6 +237,13 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         return data if data is not None else sync(self.loop, self._cat_file, path, start, end, **kwargs)
 
     def _direct_read(self, path: str, start: int | None, end: int | None) -> bytes | None:
+        if start is None and end is None:  # the one-by-one hot path: a whole file, asked before
+            known = self._direct_known.get(path)
+            if known is not None:
+                name, view, routes, url, request, size = known
+                if self.pins.get(name) is view and self.blocks.routes is routes and not self.blocks.is_down(url):
+                    out, dest = new_bytes(size)
+                    return out if self._direct_send(url, request, dest) else None
         try:
             name, rel = self._split(self._strip_protocol(path))
         except BadRequest:
@@ -245,25 +257,36 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
             return b""
         if hi - lo > DIRECT_MAX:
             return None
-        buf = self._direct_fill(view, entry, lo, hi, new_bytes)
+        buf = self._direct_fill(view, entry, lo, hi, new_bytes, (path, name) if start is None and end is None else None)
         return buf[0] if buf is not None else None
 
     def _direct_fill(self, view: DatasetView, entry: FileEntry, lo: int, hi: int,
-                     alloc: Any) -> tuple[Any, memoryview] | None:
-        """Bytes [lo, hi) of one unit from its owner, on this thread; None to go the usual way."""
-        out, dest = alloc(hi - lo)
-        slices = plan(view.info, entry, lo, hi, dest)
+                     alloc: Any, remember: tuple[str, str] | None = None) -> tuple[Any, memoryview] | None:
+        """Bytes [lo, hi) of one unit from its owner, on this thread; None to go the usual way.
+        `remember`: (path, pinned name) a whole-file read was asked by, kept with its request bytes
+        (valid while the pinned view and the ring stay the same objects: the snapshot rule
+        holds because the request names the view's snapshot)."""
+        routes = self.blocks.routes
+        slices = plan(view.info, entry, lo, hi, memoryview(b""))
         owner = self.blocks.owner(slices[0].key, view.info.replicas) if len(slices) == 1 else None
         if owner is None:
             return None
         url, epoch = owner
-        body = wire.read_body(view.info.snapshot, [slices[0].item])
+        request = request_head(url, view.info.name, self.direct.token, epoch,
+                               wire.read_body(view.info.snapshot, [slices[0].item]))
+        if remember is not None:
+            if len(self._direct_known) >= DIRECT_KNOWN:
+                self._direct_known.clear()
+            self._direct_known[remember[0]] = (remember[1], view, routes, url, request, hi - lo)
+        out, dest = alloc(hi - lo)
+        return (out, dest) if self._direct_send(url, request, dest) else None
+
+    def _direct_send(self, url: str, request: bytes, dest: memoryview) -> bool:
         try:
-            outcome = self.direct.read(url, view.info.name, body, epoch, [dest])
+            return self.direct.read_one(url, request, dest)
         except NodeUnavailable:
             self.blocks.mark_down(url)  # and the usual path tries the next owner
-            return None
-        return (out, dest) if outcome is not None and outcome[0] is None else None
+            return False
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         (result,) = await self._cat_ranges([path], [start], [end], on_error="raise")
