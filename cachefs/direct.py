@@ -26,6 +26,7 @@ from cachefs.common import wire
 from cachefs.common.errors import NodeUnavailable
 
 _FRAME = wire.FRAME.size
+_HEAD_FIRST = 1024  # the first receive of an answer: its head, its frame, a little payload
 _FRAMES = b"\r\ncontent-type: " + wire.FRAMES.encode() + b"\r\n"
 _LENGTH = b"\r\ncontent-length: "
 _CLOSE = b"\r\nconnection: close"
@@ -106,17 +107,18 @@ class DirectReads:
                 conn = conns[base] = (self._connect(base), head, memoryview(head))
             sock, head, view = conn
             sock.sendall(request)
-            n = 0
-            end = -1
+            n, end, limit = 0, -1, _HEAD_FIRST  # a head is ~150 bytes: the payload mostly lands in place
             while end < 0:
-                got = sock.recv_into(view[n:])
+                got = sock.recv_into(view[n:limit])
                 if not got:
                     raise ConnectionResetError(f"{base} closed the connection")
                 n += got
                 end = head.find(b"\r\n\r\n", 0, n)
-                if end < 0 and n == HEADER_LIMIT:
-                    self.drop(base)
-                    return False
+                if end < 0 and n == limit:
+                    if limit == HEADER_LIMIT:
+                        self.drop(base)
+                        return False
+                    limit = HEADER_LIMIT
             fields = bytes(view[:end + 2]).lower()
             at = fields.find(_LENGTH)
             size = len(dest)
