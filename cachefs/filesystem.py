@@ -95,6 +95,7 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         self.pins = Pins(snapshots)
         # path → (dataset, view, routes, url, request, size) of a whole-file direct read (`_direct_read`)
         self._direct_known: dict[str, tuple[str, DatasetView, object, str, bytes, int]] = {}
+        self._resolved: dict[str, tuple[str, DatasetView, FileEntry]] = {}  # path → (pin, view, entry): `_held`
         if not asynchronous:  # like s3fs: close the session when the instance goes away
             weakref.finalize(self, _close_quietly, self.loop, self.blocks, self.transport, os.getpid())
 
@@ -159,6 +160,7 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         files already open keep theirs."""
         self.pins.release(None if path is None else self._strip_protocol(path).partition("/")[0])
         self._direct_known.clear()  # checked against the pins anyway: this only lets old views go
+        self._resolved.clear()
 
     # -- metadata ------------------------------------------------------------------------
     @staticmethod
@@ -214,7 +216,18 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
             if view.manifest.is_dir(rel):
                 raise IsADirectoryError(f"{path} is a directory")
             raise NotFound(f"no file {rel!r} in dataset {name} (snapshot {view.info.snapshot})")
+        if len(self._resolved) >= DIRECT_KNOWN:
+            self._resolved.clear()
+        self._resolved[path] = (name, view, entry)
         return view, entry
+
+    def _held(self, path: str) -> tuple[DatasetView, FileEntry] | None:
+        """`_resolve`'s answer for a path resolved before, if its view is still the one
+        pinned (no parsing, no manifest look-up, no coroutine); else None."""
+        known = self._resolved.get(path)
+        if known is None or self.pins.get(known[0]) is not known[1]:
+            return None
+        return known[1], known[2]
 
     async def _read_view(self, view: DatasetView, slices: list[Slice]) -> list[CachefsError | None]:
         """Every read of bytes: from the view's snapshot (each slice's error, None if served),
@@ -342,11 +355,15 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         results: list[Any] = [None] * len(reads)
         work: dict[str, tuple[DatasetView, list[Slice], list[tuple[int, int, int]]]] = {}  # (read, its slices)
         for i, (path, start, end) in enumerate(reads):
-            try:
-                view, entry = await self._resolve(path)
-            except (CachefsError, OSError) as e:
-                results[i] = e
-                continue
+            held = self._held(path)
+            if held is not None:
+                view, entry = held
+            else:
+                try:
+                    view, entry = await self._resolve(path)
+                except (CachefsError, OSError) as e:
+                    results[i] = e
+                    continue
             lo, hi = _bounds(entry.size, start, end)
             if into is not None:
                 try:

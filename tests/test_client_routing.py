@@ -235,9 +235,11 @@ async def test_a_remembered_whole_file_read_follows_the_pinned_view(tmp_path: Pa
         for _ in range(3):
             assert await asyncio.to_thread(fs.cat_file, "d/s.bin") == small["s.bin"]
         assert "d/s.bin" in fs._direct_known
+        assert await asyncio.to_thread(fs.cat, ["d/s.bin", "d/s.bin"]) == {"d/s.bin": small["s.bin"]}
         view = fs.pins.get("d")
+        assert fs._held("d/s.bin") == (view, view.manifest.get("s.bin"))
         fs.invalidate_cache()
-        assert fs._direct_known == {}
+        assert fs._direct_known == {} and fs._resolved == {}
         for _ in range(2):  # the first loads the current view (the usual path), the next goes direct
             assert await asyncio.to_thread(fs.cat_file, "d/s.bin") == small["s.bin"]
         assert fs.pins.get("d") is not view and fs._direct_known["d/s.bin"][1] is fs.pins.get("d")
