@@ -25,7 +25,7 @@ from cachefs.blocks import BlockReader, DatasetView
 from cachefs.buffers import BufferPool, new_bytes
 from cachefs.config import ClientConfig
 from cachefs.common.settings import load
-from cachefs.blockproto import request_head
+from cachefs.blockproto import one_item_body, request_head
 from cachefs.direct import DirectReads
 from cachefs.fsapi import LibraryCalls
 from cachefs.common.errors import BadRequest, CachefsError, NodeUnavailable, NotFound, ReadOnlyError, SnapshotGone
@@ -286,7 +286,7 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
             return None
         url, epoch = owner
         request = request_head(url, view.info.name, self.direct.token, epoch,
-                               wire.read_body(view.info.snapshot, [slices[0].item]))
+                               one_item_body(view.info.snapshot, slices[0].item))
         if remember is not None:
             if len(self._direct_known) >= DIRECT_KNOWN:
                 self._direct_known.clear()

@@ -5,6 +5,7 @@ two real cache nodes served over loopback HTTP."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from cachefs.common import wire
 from cachefs.common.errors import BadRequest, NodeUnavailable
 from cachefs.common.manifest import Manifest, from_ipc
 from cachefs.config import ClientConfig
-from cachefs.blockproto import request_head
+from cachefs.blockproto import one_item_body, request_head
 from cachefs.direct import DirectReads
 from cachefs.plan import Moved, plan
 from cachefs.transport import Transport
@@ -246,3 +247,9 @@ async def test_a_remembered_whole_file_read_follows_the_pinned_view(tmp_path: Pa
     finally:
         await asyncio.to_thread(fs.close)
         await two.close()
+
+
+def test_one_item_body_says_what_read_body_says() -> None:
+    for snapshot, item in (("0a1b2c", [wire.ITEM_PACK, 3, 10, 1 << 40]), ("0a1b2c", [wire.ITEM_BLOCK, 'a "q"/\\é.bin', 2, 0, 9]),
+                           ('odd"snap', [wire.ITEM_PACK, 0, 0, 1])):
+        assert json.loads(one_item_body(snapshot, item)) == json.loads(wire.read_body(snapshot, [item]))
