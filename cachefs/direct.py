@@ -32,6 +32,11 @@ _LENGTH = b"\r\ncontent-length: "
 _CLOSE = b"\r\nconnection: close"
 
 
+class _Unanswered(NodeUnavailable):
+    """A connection kept alive from an earlier read gave no byte of this answer: the node
+    closed it meanwhile (idle, restarted). Worth one more try on a new connection."""
+
+
 class DirectReads:
     """Per-thread blocking connections to cache nodes (one per node a thread has read from)."""
 
@@ -65,10 +70,17 @@ class DirectReads:
     def read(self, base: str, name: str, body: bytes, epoch: int, dests: Sequence[memoryview]) -> Outcome | None:
         """Each item's outcome, or None when this path cannot tell (go the usual way).
         Raises NodeUnavailable when the node did not answer, so the caller can mark it down."""
-        conns = self._connections()
         try:
-            conn = conns.get(base)
-            if conn is None or len(conn) != 2:
+            return self._read(base, name, body, epoch, dests)
+        except _Unanswered:  # a kept-alive connection the node had closed meanwhile: once more, anew
+            return self._read(base, name, body, epoch, dests)
+
+    def _read(self, base: str, name: str, body: bytes, epoch: int, dests: Sequence[memoryview]) -> Outcome | None:
+        conns = self._connections()
+        conn = conns.get(base)
+        reused, answered = conn is not None and len(conn) == 2, False
+        try:
+            if not reused:
                 if conn is not None:
                     self.drop(base)
                 conn = conns[base] = (self._connect(base), FrameReader(base))
@@ -77,12 +89,14 @@ class DirectReads:
             sock.sendall(request_head(base, name, self.token, epoch, body))
             while reader.outcome is None:
                 n = sock.recv_into(reader.buffer())
-                if n:
-                    reader.received(n)
-                else:
-                    reader.fail(NodeUnavailable(f"{base} closed the connection"))
-        except OSError as e:  # refused, reset, timed out
+                if not n:
+                    raise ConnectionResetError(f"{base} closed the connection")
+                answered = True
+                reader.received(n)
+        except OSError as e:  # refused, reset, timed out, closed
             self.drop(base)
+            if reused and not answered and not isinstance(e, TimeoutError):
+                raise _Unanswered(f"{base} had closed a kept-alive connection") from e
             raise NodeUnavailable(f"{base} did not answer: {type(e).__name__}: {e}") from e
         if not reader.reusable:
             self.drop(base)
@@ -97,10 +111,17 @@ class DirectReads:
 
         The one-by-one hot path: no parser object, no header dict, one memoryview per
         receive. Anything it does not expect drops the connection rather than guessing."""
+        try:
+            return self._read_one(base, request, dest)
+        except _Unanswered:  # a kept-alive connection the node had closed meanwhile: once more, anew
+            return self._read_one(base, request, dest)
+
+    def _read_one(self, base: str, request: bytes, dest: memoryview) -> bool:
         conns = self._connections()
         conn = conns.get(base)
+        reused, n = conn is not None and len(conn) == 3, 0
         try:
-            if conn is None or len(conn) != 3:
+            if not reused:
                 if conn is not None:
                     self.drop(base)
                 head = bytearray(HEADER_LIMIT)
@@ -146,6 +167,8 @@ class DirectReads:
                 filled += got
         except (OSError, ValueError) as e:  # refused, reset, timed out; a Content-Length not a number
             self.drop(base)
+            if reused and n == 0 and isinstance(e, OSError) and not isinstance(e, TimeoutError):
+                raise _Unanswered(f"{base} had closed a kept-alive connection") from e
             raise NodeUnavailable(f"{base} did not answer: {type(e).__name__}: {e}") from e
         if _CLOSE in fields:
             self.drop(base)

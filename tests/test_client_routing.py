@@ -253,3 +253,35 @@ def test_one_item_body_says_what_read_body_says() -> None:
     for snapshot, item in (("0a1b2c", [wire.ITEM_PACK, 3, 10, 1 << 40]), ("0a1b2c", [wire.ITEM_BLOCK, 'a "q"/\\é.bin', 2, 0, 9]),
                            ('odd"snap', [wire.ITEM_PACK, 0, 0, 1])):
         assert json.loads(one_item_body(snapshot, item)) == json.loads(wire.read_body(snapshot, [item]))
+
+
+async def test_a_kept_alive_connection_the_node_closed_is_replaced_not_reported(cluster) -> None:
+    """The node may close an idle keep-alive connection: the next direct read finds it closed
+    before any byte came back and asks again on a new one, instead of calling the node down."""
+    import socket
+
+    view = await cluster.view()
+    direct = DirectReads(TOKEN, 2.0, 10.0)
+    url = cluster.urls[0]
+    buf, (s,) = slices_of(view, "f3.bin", 0, 4000)
+    request = request_head(url, "d", TOKEN, 2, wire.read_body(view.info.snapshot, [s.item]))
+    body = wire.read_body(view.info.snapshot, [s.item])
+
+    def closed_by_its_peer() -> socket.socket:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = socket.create_connection(server.getsockname())
+            server.accept()[0].close()
+        return sock
+
+    def read_both() -> tuple[bool, object]:
+        conns = direct._connections()
+        head = bytearray(64 * 1024)
+        conns[url] = (closed_by_its_peer(), head, memoryview(head))
+        one = direct.read_one(url, request, s.dest)
+        from cachefs.blockproto import FrameReader
+        conns[url] = (closed_by_its_peer(), FrameReader(url))
+        return one, direct.read(url, "d", body, 2, [s.dest])
+
+    one, batch = await asyncio.to_thread(read_both)
+    assert one and batch == [None] and bytes(buf) == FILES["f3.bin"][:4000]
+    direct.close()
