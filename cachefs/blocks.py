@@ -164,6 +164,15 @@ class BlockReader:
                 return n
         return prefs[0]
 
+    @property
+    def routes(self) -> object:
+        """The routing table held now: a new object whenever the ring changes (what a
+        caller caching a route compares against)."""
+        return self._routes
+
+    def is_down(self, url: str) -> bool:
+        return self._down.get(url, 0.0) > time.monotonic()
+
     def mark_down(self, url: str) -> None:
         """Skip `url` for a while (any thread may say so: one assignment, atomic)."""
         self._down[url] = time.monotonic() + DOWN_FOR

@@ -25,6 +25,7 @@ from cachefs.blocks import BlockReader, DatasetView
 from cachefs.buffers import BufferPool, new_bytes
 from cachefs.config import ClientConfig
 from cachefs.common.settings import load
+from cachefs.blockproto import one_item_body, request_head
 from cachefs.direct import DirectReads
 from cachefs.fsapi import LibraryCalls
 from cachefs.common.errors import BadRequest, CachefsError, NodeUnavailable, NotFound, ReadOnlyError, SnapshotGone
@@ -36,6 +37,7 @@ from cachefs.common.wire import DatasetInfo
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)}
 DIRECT_MAX = 4 * 1024 * 1024  # sync reads up to this size may go on the caller's thread (cachefs/direct.py)
+DIRECT_KNOWN = 1 << 17  # whole-file direct reads whose request bytes are kept (then forgotten at once)
 
 
 def _read_only(*_args: Any, **_kwargs: Any) -> None:
@@ -91,6 +93,9 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
                                   self.transport.ssl_context, self.transport.server_name)
         self.pool = BufferPool(wire.DEFAULT_BLOCK_SIZE)  # open files' block buffers, reused
         self.pins = Pins(snapshots)
+        # path → (dataset, view, routes, url, request, size) of a whole-file direct read (`_direct_read`)
+        self._direct_known: dict[str, tuple[str, DatasetView, object, str, bytes, int]] = {}
+        self._resolved: dict[str, tuple[str, DatasetView, FileEntry]] = {}  # path → (pin, view, entry): `_held`
         if not asynchronous:  # like s3fs: close the session when the instance goes away
             weakref.finalize(self, _close_quietly, self.loop, self.blocks, self.transport, os.getpid())
 
@@ -154,6 +159,8 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         """Move on to the current snapshot (of every dataset, or of the one `path` is in):
         files already open keep theirs."""
         self.pins.release(None if path is None else self._strip_protocol(path).partition("/")[0])
+        self._direct_known.clear()  # checked against the pins anyway: this only lets old views go
+        self._resolved.clear()
 
     # -- metadata ------------------------------------------------------------------------
     @staticmethod
@@ -209,7 +216,18 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
             if view.manifest.is_dir(rel):
                 raise IsADirectoryError(f"{path} is a directory")
             raise NotFound(f"no file {rel!r} in dataset {name} (snapshot {view.info.snapshot})")
+        if len(self._resolved) >= DIRECT_KNOWN:
+            self._resolved.clear()
+        self._resolved[path] = (name, view, entry)
         return view, entry
+
+    def _held(self, path: str) -> tuple[DatasetView, FileEntry] | None:
+        """`_resolve`'s answer for a path resolved before, if its view is still the one
+        pinned (no parsing, no manifest look-up, no coroutine); else None."""
+        known = self._resolved.get(path)
+        if known is None or self.pins.get(known[0]) is not known[1]:
+            return None
+        return known[1], known[2]
 
     async def _read_view(self, view: DatasetView, slices: list[Slice]) -> list[CachefsError | None]:
         """Every read of bytes: from the view's snapshot (each slice's error, None if served),
@@ -232,6 +250,13 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         return data if data is not None else sync(self.loop, self._cat_file, path, start, end, **kwargs)
 
     def _direct_read(self, path: str, start: int | None, end: int | None) -> bytes | None:
+        if start is None and end is None:  # the one-by-one hot path: a whole file, asked before
+            known = self._direct_known.get(path)
+            if known is not None:
+                name, view, routes, url, request, size = known
+                if self.pins.get(name) is view and self.blocks.routes is routes and not self.blocks.is_down(url):
+                    out, dest = new_bytes(size)
+                    return out if self._direct_send(url, request, dest) else None
         try:
             name, rel = self._split(self._strip_protocol(path))
         except BadRequest:
@@ -245,25 +270,36 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
             return b""
         if hi - lo > DIRECT_MAX:
             return None
-        buf = self._direct_fill(view, entry, lo, hi, new_bytes)
+        buf = self._direct_fill(view, entry, lo, hi, new_bytes, (path, name) if start is None and end is None else None)
         return buf[0] if buf is not None else None
 
     def _direct_fill(self, view: DatasetView, entry: FileEntry, lo: int, hi: int,
-                     alloc: Any) -> tuple[Any, memoryview] | None:
-        """Bytes [lo, hi) of one unit from its owner, on this thread; None to go the usual way."""
-        out, dest = alloc(hi - lo)
-        slices = plan(view.info, entry, lo, hi, dest)
+                     alloc: Any, remember: tuple[str, str] | None = None) -> tuple[Any, memoryview] | None:
+        """Bytes [lo, hi) of one unit from its owner, on this thread; None to go the usual way.
+        `remember`: (path, pinned name) a whole-file read was asked by, kept with its request bytes
+        (valid while the pinned view and the ring stay the same objects: the snapshot rule
+        holds because the request names the view's snapshot)."""
+        routes = self.blocks.routes
+        slices = plan(view.info, entry, lo, hi, memoryview(b""))
         owner = self.blocks.owner(slices[0].key, view.info.replicas) if len(slices) == 1 else None
         if owner is None:
             return None
         url, epoch = owner
-        body = wire.read_body(view.info.snapshot, [slices[0].item])
+        request = request_head(url, view.info.name, self.direct.token, epoch,
+                               one_item_body(view.info.snapshot, slices[0].item))
+        if remember is not None:
+            if len(self._direct_known) >= DIRECT_KNOWN:
+                self._direct_known.clear()
+            self._direct_known[remember[0]] = (remember[1], view, routes, url, request, hi - lo)
+        out, dest = alloc(hi - lo)
+        return (out, dest) if self._direct_send(url, request, dest) else None
+
+    def _direct_send(self, url: str, request: bytes, dest: memoryview) -> bool:
         try:
-            outcome = self.direct.read(url, view.info.name, body, epoch, [dest])
+            return self.direct.read_one(url, request, dest)
         except NodeUnavailable:
             self.blocks.mark_down(url)  # and the usual path tries the next owner
-            return None
-        return (out, dest) if outcome is not None and outcome[0] is None else None
+            return False
 
     async def _cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         (result,) = await self._cat_ranges([path], [start], [end], on_error="raise")
@@ -319,11 +355,15 @@ class CachefsFileSystem(LibraryCalls, AsyncFileSystem):
         results: list[Any] = [None] * len(reads)
         work: dict[str, tuple[DatasetView, list[Slice], list[tuple[int, int, int]]]] = {}  # (read, its slices)
         for i, (path, start, end) in enumerate(reads):
-            try:
-                view, entry = await self._resolve(path)
-            except (CachefsError, OSError) as e:
-                results[i] = e
-                continue
+            held = self._held(path)
+            if held is not None:
+                view, entry = held
+            else:
+                try:
+                    view, entry = await self._resolve(path)
+                except (CachefsError, OSError) as e:
+                    results[i] = e
+                    continue
             lo, hi = _bounds(entry.size, start, end)
             if into is not None:
                 try:

@@ -5,6 +5,7 @@ two real cache nodes served over loopback HTTP."""
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from cachefs.common import wire
 from cachefs.common.errors import BadRequest, NodeUnavailable
 from cachefs.common.manifest import Manifest, from_ipc
 from cachefs.config import ClientConfig
+from cachefs.blockproto import one_item_body, request_head
 from cachefs.direct import DirectReads
 from cachefs.plan import Moved, plan
 from cachefs.transport import Transport
@@ -192,3 +194,94 @@ async def test_cat_ranges_into_fills_the_callers_buffers_and_refuses_one_too_sma
     again = await fs._cat_ranges_into(["d/f1.bin"], [BLOCK], [BLOCK + 5], [pool[2]])  # the same memory, reused
     assert again == [5] and pool[2][:5] == FILES["f1.bin"][BLOCK:BLOCK + 5]
     await fs._close()
+
+
+async def test_read_one_lands_an_item_and_leaves_any_other_answer_to_the_usual_path(cluster) -> None:
+    """The one-by-one hot path (DirectReads.read_one): one item in place; a refused request
+    (another snapshot, a stale epoch) or an item error is False, and the next read still works."""
+    view = await cluster.view()
+    direct = DirectReads(TOKEN, 2.0, 10.0)
+    url = cluster.urls[0]
+    buf, (s,) = slices_of(view, "f1.bin", 7, 3007)
+
+    def request(snapshot: str, epoch: int, item: list) -> bytes:
+        return request_head(url, "d", TOKEN, epoch, wire.read_body(snapshot, [item]))
+
+    ok = request(view.info.snapshot, 2, s.item)
+    assert await asyncio.to_thread(direct.read_one, url, ok, s.dest)
+    assert bytes(buf) == FILES["f1.bin"][7:3007]
+    refused = [request("0" * 16, 2, s.item), request(view.info.snapshot, 1, s.item),
+               request(view.info.snapshot, 2, [wire.ITEM_BLOCK, "nope.bin", 0, 0, 3000])]
+    for bad in refused:
+        buf[:] = bytes(len(buf))
+        assert not await asyncio.to_thread(direct.read_one, url, bad, s.dest)
+        assert await asyncio.to_thread(direct.read_one, url, ok, s.dest)  # the connection (or a new one) serves on
+        assert bytes(buf) == FILES["f1.bin"][7:3007]
+    await cluster.listeners[0].close()
+    with pytest.raises(NodeUnavailable):
+        await asyncio.to_thread(direct.read_one, url, ok, s.dest)
+    direct.close()
+
+
+async def test_a_remembered_whole_file_read_follows_the_pinned_view(tmp_path: Path) -> None:
+    """`cat_file` keeps a whole-file read's request bytes, but only for the view it was made
+    for: after `invalidate_cache` the next read is planned afresh (the snapshot rule)."""
+    from cachefs.filesystem import CachefsFileSystem
+
+    small = {"s.bin": bytes(range(256)) * 40}  # one block: read on the caller's thread
+    two = TwoNodes(write_tree(tmp_path / "small", small))
+    await two.start()
+    fs = CachefsFileSystem(endpoint=two.urls[0], token=TOKEN, skip_instance_cache=True, io_threads=0)
+    try:
+        for _ in range(3):
+            assert await asyncio.to_thread(fs.cat_file, "d/s.bin") == small["s.bin"]
+        assert "d/s.bin" in fs._direct_known
+        assert await asyncio.to_thread(fs.cat, ["d/s.bin", "d/s.bin"]) == {"d/s.bin": small["s.bin"]}
+        view = fs.pins.get("d")
+        assert fs._held("d/s.bin") == (view, view.manifest.get("s.bin"))
+        fs.invalidate_cache()
+        assert fs._direct_known == {} and fs._resolved == {}
+        for _ in range(2):  # the first loads the current view (the usual path), the next goes direct
+            assert await asyncio.to_thread(fs.cat_file, "d/s.bin") == small["s.bin"]
+        assert fs.pins.get("d") is not view and fs._direct_known["d/s.bin"][1] is fs.pins.get("d")
+    finally:
+        await asyncio.to_thread(fs.close)
+        await two.close()
+
+
+def test_one_item_body_says_what_read_body_says() -> None:
+    for snapshot, item in (("0a1b2c", [wire.ITEM_PACK, 3, 10, 1 << 40]), ("0a1b2c", [wire.ITEM_BLOCK, 'a "q"/\\é.bin', 2, 0, 9]),
+                           ('odd"snap', [wire.ITEM_PACK, 0, 0, 1])):
+        assert json.loads(one_item_body(snapshot, item)) == json.loads(wire.read_body(snapshot, [item]))
+
+
+async def test_a_kept_alive_connection_the_node_closed_is_replaced_not_reported(cluster) -> None:
+    """The node may close an idle keep-alive connection: the next direct read finds it closed
+    before any byte came back and asks again on a new one, instead of calling the node down."""
+    import socket
+
+    view = await cluster.view()
+    direct = DirectReads(TOKEN, 2.0, 10.0)
+    url = cluster.urls[0]
+    buf, (s,) = slices_of(view, "f3.bin", 0, 4000)
+    request = request_head(url, "d", TOKEN, 2, wire.read_body(view.info.snapshot, [s.item]))
+    body = wire.read_body(view.info.snapshot, [s.item])
+
+    def closed_by_its_peer() -> socket.socket:
+        with socket.create_server(("127.0.0.1", 0)) as server:
+            sock = socket.create_connection(server.getsockname())
+            server.accept()[0].close()
+        return sock
+
+    def read_both() -> tuple[bool, object]:
+        conns = direct._connections()
+        head = bytearray(64 * 1024)
+        conns[url] = (closed_by_its_peer(), head, memoryview(head))
+        one = direct.read_one(url, request, s.dest)
+        from cachefs.blockproto import FrameReader
+        conns[url] = (closed_by_its_peer(), FrameReader(url))
+        return one, direct.read(url, "d", body, 2, [s.dest])
+
+    one, batch = await asyncio.to_thread(read_both)
+    assert one and batch == [None] and bytes(buf) == FILES["f3.bin"][:4000]
+    direct.close()
