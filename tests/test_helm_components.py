@@ -110,7 +110,7 @@ def test_the_bootstrap_runs_cachefs_up_with_the_values(default: Rendered) -> Non
     c = container(default.head_pod, "cachefs")
     argv = argv_after(script_of(c), "cachefs up")
     assert argv == [
-        "--address", "auto", "--nodes", "0", "--host", "0.0.0.0", "--port", "8477", "--memory", "8GiB",
+        "--address", "auto", "--nodes", "0", "--port", "8477", "--memory", "8GiB",
         "--disk", "100GiB", "--disk-root", "/cachefs/disk", "--state-dir", "/cachefs/state", "--watch",
     ]
     assert env_of(c)["RAY_ADDRESS"] == "127.0.0.1:6379"
