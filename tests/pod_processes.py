@@ -53,6 +53,12 @@ def machine_ip() -> str:
             return "127.0.0.1"
 
 
+def expand(text: str, env: dict[str, str]) -> str:
+    """kubelet's $(VAR) expansion in args and env values: $$ is a literal $, unknown names stay."""
+    return re.sub(r"\$\$|\$\((\w+)\)",
+                  lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
+
+
 def secrets_of(docs: list[dict[str, Any]]) -> dict[tuple[str, str], str]:
     """(Secret name, key) → value, from the rendered Secrets."""
     out = {}
@@ -98,7 +104,7 @@ class Pod:
                   "metadata.name": self.name}
         for e in c.get("env", []):
             if "value" in e:
-                env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), str(e["value"]))
+                env[e["name"]] = expand(str(e["value"]), env)
             elif "fieldRef" in e.get("valueFrom", {}):
                 env[e["name"]] = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
             elif "secretKeyRef" in e.get("valueFrom", {}):
@@ -118,8 +124,7 @@ class Pod:
     def start(self, container_name: str, logs: Path) -> "Container":
         (c,) = [c for c in self.spec["spec"]["containers"] if c["name"] == container_name]
         env = self.env_of(c)
-        argv = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), a)
-                for a in c.get("command", []) + c.get("args", [])]
+        argv = [expand(a, env) for a in c.get("command", []) + c.get("args", [])]
         if argv[:2] == ["/usr/bin/tini", "--"] and not Path("/usr/bin/tini").exists():
             argv = argv[2:]  # the image's init; the namespace's PID 1 reaps here
         mounts = self.mounts_of(c)

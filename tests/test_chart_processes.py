@@ -51,7 +51,9 @@ class ChartProcesses:
         self.files = _files()
         self.port, self.gcs = free_port(), free_port()
         values = {
-            "cache": {"port": self.port, "memory": "64MiB", "disk": "256MiB"},
+            # hostPath: a worker's id is its Kubernetes node's name, passed as $(CACHEFS_HOST_ID)
+            "cache": {"port": self.port, "memory": "64MiB", "disk": "256MiB",
+                      "diskTier": {"type": "hostPath", "hostPath": {"path": "/mnt/cachefs"}}},
             "origins": {"allowed": [f"file://{self.origin}/"]},
             "operator": {"enabled": False},  # needs a Kubernetes API (tests/test_reconciler_kube.py)
             "ray": {"head": {"rayStartParams": {"port": str(self.gcs), "include-dashboard": "false", "dashboard-port": str(free_port()),
@@ -203,6 +205,8 @@ def test_the_chart_runs_as_processes_and_scales_without_losing_reads(chart_proce
                    what="three cache nodes serving, placed by the bootstrap loop")
     except AssertionError:
         pytest.fail(f"the cache did not come up:\n{cp.logs_tail()}")
+    # each cache node is named after its Kubernetes node (hostPath tier: it comes back as itself)
+    assert set(_serving(cp, endpoints).values()) == {f"node-k8s-{w.name}" for w in workers}
     # the CSI plugin answers on its rendered endpoint (the plugin-dir volume)
     sock = csi.volume_dir("plugin-dir") / "csi.sock"
     wait_until(lambda: sock.exists() or not csi.containers["cachefs-csi"].alive(), timeout=60, what="the CSI socket")

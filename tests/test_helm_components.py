@@ -302,7 +302,7 @@ def test_a_worker_drains_on_sigterm_as_its_pre_stop_does(chart: Any) -> None:
     trap = next(line for line in script.splitlines() if line.strip().startswith("trap "))
     assert trap.rstrip().endswith(" TERM") and "timeout -k 5 105 cachefs node drain" in trap
     assert shlex.join(["cachefs", "node", "drain", *drain]).replace("'", '"') in trap
-    assert 'eval "$KUBERAY_GEN_RAY_START_CMD" &' in script
+    assert 'eval "${KUBERAY_GEN_RAY_START_CMD//' in script
     assert env_of(worker)["CACHEFS_HOST"] == "$(POD_IP)"
     head = rendered.head_pod
     assert head["spec"]["shareProcessNamespace"] is True
