@@ -47,8 +47,8 @@ class ChartProcesses:
         import helm_python as helm
 
         self.root = root
-        self.origin = write_tree(root / "origin", _files())
         self.files = _files()
+        self.origin = write_tree(root / "origin", self.files)
         self.port, self.gcs = free_port(), free_port()
         values = {
             # hostPath: a worker's id is its Kubernetes node's name, passed as $(CACHEFS_HOST_ID)
