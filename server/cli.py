@@ -13,7 +13,7 @@ import os
 
 from cachefs.cli.output import add_json_flag, print_json, stderr, stdout
 from cachefs.common import extras
-from cachefs.common.settings import load
+from cachefs.common.settings import given, load
 from server.config import ClusterConfig
 
 
@@ -56,11 +56,21 @@ def cluster_config(args: argparse.Namespace) -> ClusterConfig:
             "block_size", "eviction")
     config = load(ClusterConfig, {k: getattr(args, k, None) for k in keys})
     # The flags add to the configured lists: `--allow-origin file:///data/` keeps s3:// allowed.
-    return dataclasses.replace(
+    # What was given rides along: a field no flag, variable or file set stays the node's to
+    # decide (its own CACHEFS_HOST: the chart's workers listen on their pod IP).
+    return with_given(config, dataclasses.replace(
         config,
         allowed_origins=tuple(dict.fromkeys(config.allowed_origins + tuple(getattr(args, "allow_origin", ())))),
         allowed_origin_hosts=tuple(dict.fromkeys(config.allowed_origin_hosts
-                                                 + tuple(getattr(args, "allow_origin_host", ())))))
+                                                 + tuple(getattr(args, "allow_origin_host", ()))))))
+
+
+def with_given(source: ClusterConfig, copy: ClusterConfig) -> ClusterConfig:
+    """`copy` remembering which fields of `source` were given (dataclasses.replace forgets)."""
+    chosen = given(source)
+    if chosen is not None:
+        object.__setattr__(copy, "_given", chosen | {"allowed_origins", "allowed_origin_hosts"})
+    return copy
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -110,7 +110,7 @@ def test_the_bootstrap_runs_cachefs_up_with_the_values(default: Rendered) -> Non
     c = container(default.head_pod, "cachefs")
     argv = argv_after(script_of(c), "cachefs up")
     assert argv == [
-        "--address", "auto", "--nodes", "0", "--host", "0.0.0.0", "--port", "8477", "--memory", "8GiB",
+        "--address", "auto", "--nodes", "0", "--port", "8477", "--memory", "8GiB",
         "--disk", "100GiB", "--disk-root", "/cachefs/disk", "--state-dir", "/cachefs/state", "--watch",
     ]
     assert env_of(c)["RAY_ADDRESS"] == "127.0.0.1:6379"
@@ -124,6 +124,9 @@ def _commands(rendered: Rendered) -> dict[str, list[str]]:
     found["up"].insert(0, "up")
     if any(c["name"] == "operator" for c in rendered.head_pod["spec"]["containers"]):
         found["operator"] = container(rendered.head_pod, "operator")["args"]
+    worker = container(rendered.worker_pod, "ray-worker")
+    hook = worker["lifecycle"]["preStop"]["exec"]["command"][-1]
+    found["drain"] = ["node", "drain", *argv_after(hook.split("||")[0], "cachefs node drain")]
     if rendered.has("DaemonSet"):
         csi = container(rendered.csi_pod, "cachefs-csi")
         found["csi"] = [a.replace("$(NODE_NAME)", "node-1") for a in csi["args"]]
@@ -140,6 +143,7 @@ def test_every_command_the_chart_runs_is_one_the_cli_accepts(case_rendered: Rend
         except SystemExit:
             pytest.fail(f"`cachefs {' '.join(argv)}` is refused by the CLI")
         assert args.command == argv[0], name
+        assert name != "drain" or args.here
 
 
 def test_the_operator_scope_follows_the_values(chart: Any) -> None:
@@ -282,6 +286,28 @@ def test_a_drain_takes_cache_nodes_one_at_a_time(default: Rendered) -> None:
     (pdb,) = default.of_kind("PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
     assert pdb["spec"]["selector"]["matchLabels"].items() <= default.worker_pod["metadata"]["labels"].items()
+
+
+def test_a_worker_drains_on_sigterm_as_its_pre_stop_does(chart: Any) -> None:
+    """KubeRay's `ray start` runs wrapped: SIGTERM runs the preStop's drain (bounded), then
+    `ray stop`; the Ray port is the head's, also when rayStartParams change it."""
+    rendered = render(chart, {"ray": {"head": {"rayStartParams": {"port": "7000"}},
+                                      "workers": {"drainDeadlineSeconds": 45}}})
+    assert rendered.ray_cluster["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    worker = container(rendered.worker_pod, "ray-worker")
+    script = worker["args"][0]
+    hook = worker["lifecycle"]["preStop"]["exec"]["command"][-1]
+    drain = argv_after(hook.split("||")[0], "cachefs node drain")
+    assert drain == ["--here", "--address", "${RAY_ADDRESS:-${FQ_RAY_IP}:7000}", "--deadline", "45"]
+    trap = next(line for line in script.splitlines() if line.strip().startswith("trap "))
+    assert trap.rstrip().endswith(" TERM") and "timeout -k 5 105 cachefs node drain" in trap
+    assert shlex.join(["cachefs", "node", "drain", *drain]).replace("'", '"') in trap
+    assert 'eval "${KUBERAY_GEN_RAY_START_CMD//' in script
+    assert env_of(worker)["CACHEFS_HOST"] == "$(POD_IP)"
+    head = rendered.head_pod
+    assert head["spec"]["shareProcessNamespace"] is True
+    assert env_of(container(head, "cachefs"))["RAY_ADDRESS"] == "127.0.0.1:7000"
+    assert "KUBERAY_GEN_RAY_START_CMD" in container(head, "ray-head")["args"][0]
 
 
 def test_the_service_monitor_scrapes_metrics_with_the_token(chart: Any) -> None:

@@ -461,7 +461,8 @@ def test_the_chart_drains_a_worker_before_it_stops_and_gives_it_the_time(chart: 
     rendered = render(chart, {"ray": {"workers": {"drainDeadlineSeconds": 90}}})
     worker = container(rendered.worker_pod, "ray-worker")
     stop = " ".join(worker["lifecycle"]["preStop"]["exec"]["command"])
-    assert "cachefs node drain --here --deadline 90" in stop and stop.index("drain") < stop.index("ray stop")
+    assert 'cachefs node drain --here --address "${RAY_ADDRESS:-${FQ_RAY_IP}:6379}" --deadline 90' in stop
+    assert stop.index("drain") < stop.index("ray stop")
     assert rendered.worker_pod["spec"]["terminationGracePeriodSeconds"] == 120
     assert env_of(worker)["POD_IP"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert "CACHEFS_ADMIN_TOKEN" not in env_of(worker)  # the drain goes through Ray, not the admin API
