@@ -91,6 +91,7 @@ class Pod:
     secrets: dict[tuple[str, str], str]
     kuberay_env: dict[str, str] = field(default_factory=dict)
     containers: dict[str, "Container"] = field(default_factory=dict)
+    made: list[Path] = field(default_factory=list)  # host directories created as mount points
 
     def volume_dir(self, name: str) -> Path:
         path = self.root / "volumes" / name
@@ -125,11 +126,15 @@ class Pod:
         (c,) = [c for c in self.spec["spec"]["containers"] if c["name"] == container_name]
         env = self.env_of(c)
         argv = [expand(a, env) for a in c.get("command", []) + c.get("args", [])]
-        if argv[:2] == ["/usr/bin/tini", "--"] and not Path("/usr/bin/tini").exists():
-            argv = argv[2:]  # the image's init; the namespace's PID 1 reaps here
+        if argv and Path(argv[0]).name == "tini" and "--" in argv and not Path(argv[0]).exists():
+            argv = argv[argv.index("--") + 1:]  # the image's init (`tini [-s] --`); the namespace's PID 1 reaps here
         mounts = self.mounts_of(c)
         # /tmp/ray is private to a container unless a volume shares it (the head pod's ray-tmp)
         mounts.setdefault("/tmp/ray", self.volume_dir(f"tmp-ray-{container_name}"))
+        for target in mounts:  # `mkdir -p` below makes them on the host: remember what was not there
+            first_missing = next((p for p in reversed([Path(target), *Path(target).parents]) if not p.exists()), None)
+            if first_missing is not None and first_missing not in self.made:
+                self.made.append(first_missing)
         setup = "".join(f"mkdir -p {shlex.quote(t)} && mount --bind {shlex.quote(str(s))} {shlex.quote(t)} && "
                         for t, s in sorted(mounts.items()))
         log = open(logs / f"{self.name}-{container_name}.log", "ab")
@@ -148,6 +153,19 @@ class Pod:
         container = Container(self, c, env, proc, logs / f"{self.name}-{container_name}.log")
         self.containers[container_name] = container
         return container
+
+
+def remove_made(dirs: list[Path]) -> None:
+    """Remove the mount-point directories a test made on the host, if they are empty again
+    (their bind mounts lived in the containers' own mount namespaces)."""
+    for top in dirs:
+        if not top.is_dir():
+            continue
+        for path in sorted([top, *top.rglob("*")], key=lambda p: len(p.parts), reverse=True):
+            try:
+                path.rmdir()
+            except OSError:
+                pass  # not empty, not a directory, or gone: leave it
 
 
 @dataclass

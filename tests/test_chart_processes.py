@@ -18,7 +18,6 @@ import asyncio
 import os
 import shutil
 import threading
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,7 +25,7 @@ import pytest
 
 from conftest import wait_until, write_tree
 from helm_render import CHART_DIR, RELEASE, render
-from pod_processes import Pod, free_port, kuberay_start_command, machine_ip, secrets_of
+from pod_processes import Pod, free_port, kuberay_start_command, machine_ip, remove_made, secrets_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
                                 reason="pods are PID and mount namespaces: needs root, unshare and nsenter")
@@ -131,6 +130,7 @@ class ChartProcesses:
         for pod in reversed(self.pods):
             for c in pod.containers.values():
                 c.kill()
+        remove_made([d for pod in self.pods for d in pod.made])
 
 
 @pytest.fixture(scope="module")
