@@ -75,6 +75,7 @@ class PolicyLoop:
                  record: Callable[[str, dict[str, Any]], None], clock: Callable[[], float] = time.time) -> None:
         self.policies, self.changed, self.refresh, self.record, self.clock = policies, changed, refresh, record, clock
         self._due: dict[str, float] = {}
+        self._running: dict[str, asyncio.Task[None]] = {}  # a dataset's check or refresh in flight
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -85,30 +86,46 @@ class PolicyLoop:
         while True:
             await asyncio.sleep(TICK)
             try:
-                await self.tick()
+                await self.tick(wait=False)
             except Exception as e:  # a policy must never stop the loop for the others
                 log.exception("refresh policies: %s", e)
 
-    async def tick(self) -> None:
+    async def tick(self, wait: bool = True) -> None:
+        """Start the checks and refreshes that are due, each a task of its own: a slow origin
+        or a long refresh of one dataset never holds up another's (a dataset whose last one
+        is still running is skipped). `wait`: until the ones started now are done."""
         now = self.clock()
         policies = self.policies()
         for name in [n for n in self._due if n not in policies or policies[n].manual]:
             del self._due[name]
+        started = []
         for name, policy in policies.items():
-            if policy.manual:
+            if policy.manual or (name in self._running and not self._running[name].done()):
                 continue
             due = self._due.setdefault(name, now + policy.period)
             if now < due:
                 continue
             self._due[name] = now + policy.period
-            trigger = "onChange" if policy.on_change else "interval"
+            self._running[name] = task = asyncio.ensure_future(self._follow(name, policy, now))
+            started.append(task)
+        for name in [n for n, t in self._running.items() if t.done()]:
+            del self._running[name]
+        if wait and started:
+            await asyncio.gather(*started)
+
+    async def _follow(self, name: str, policy: RefreshPolicy, now: float) -> None:
+        """One dataset's due policy: check the origin if asked to, then refresh."""
+        trigger = "onChange" if policy.on_change else "interval"
+        try:
             if policy.on_change:
                 try:
                     if not await self.changed(name):
                         self.record(name, {"trigger": trigger, "state": "unchanged", "time": now})
-                        continue
+                        return
                 except CachefsError as e:
                     self.record(name, {"trigger": trigger, "state": "failed", "time": now,
                                        "message": f"checking the origin failed: {e}"})
-                    continue
+                    return
             await self.refresh(name, policy.warm, trigger)
+        except Exception as e:  # one dataset's failure is its own; the loop goes on
+            log.exception("refresh policy of %s: %s", name, e)
