@@ -11,7 +11,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import write_tree
 
 ROWS = 3_000
 
@@ -28,10 +27,7 @@ def tables(cachefs_cluster, tmp_path_factory) -> str:
         files[f"table/{'deep/' if part == 2 else ''}part-{part}.parquet"] = buf.getvalue()
     files["images/a.bin"] = b"a" * 3000
     files["images/b.bin"] = b"b" * 5000
-    origin = write_tree(tmp_path_factory.mktemp("libs"), files)
-    name = cachefs_cluster.unique("libs")
-    cachefs_cluster.add_dataset(name, f"file://{origin}")
-    return name
+    return cachefs_cluster.dataset_of(files, tmp_path_factory.mktemp("libs"), "libs")
 
 
 def test_duckdb_reads_a_glob_of_parquet_files(cachefs_cluster, tables) -> None:

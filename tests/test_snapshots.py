@@ -62,12 +62,7 @@ def old_or_loud(read: Callable[[], bytes], rel: str) -> str:
 @pytest.fixture
 def changing(cachefs_cluster, tmp_path) -> tuple[str, Path]:
     origin = tmp_path / "origin"
-    origin.mkdir()
-    for rel, data in OLD.items():
-        (origin / rel).write_bytes(data)
-    name = cachefs_cluster.unique("pinned")
-    cachefs_cluster.add_dataset(name, f"file://{origin}")
-    return name, origin
+    return cachefs_cluster.dataset_of(OLD, origin, "pinned"), origin
 
 
 @pytest.fixture
@@ -161,11 +156,7 @@ def test_a_refresh_then_warm_reads_from_the_origin_about_what_changed(cachefs_cl
     files = {f"img/{i:04d}.jpg": rnd.randbytes(rnd.randint(1_000, 60_000)) for i in range(300)}
     files |= {f"big/{i}.bin": rnd.randbytes(2 * 1024 * 1024 + i) for i in range(3)}
     origin = tmp_path / "o"
-    for rel, data in files.items():
-        (origin / rel).parent.mkdir(parents=True, exist_ok=True)
-        (origin / rel).write_bytes(data)
-    name = cachefs_cluster.unique("incremental")
-    cachefs_cluster.add_dataset(name, f"file://{origin}")
+    name = cachefs_cluster.dataset_of(files, origin, "incremental")
     assert cachefs_cluster.warm(name).state == "succeeded"
     changed = {rel: rnd.randbytes(len(files[rel])) for rel in ["img/0007.jpg", "img/0150.jpg", "big/1.bin"]}
     added = {f"img/new{i}.jpg": rnd.randbytes(30_000) for i in range(3)}
@@ -361,11 +352,7 @@ def test_a_pack_read_after_some_of_its_files_changed_is_kept_and_never_gives_zer
 
     files = {"a.bin": b"a" * 3000, "b.bin": b"b" * 3000, "c.bin": b"c" * 3000}  # one pack
     origin = tmp_path / "o"
-    origin.mkdir()
-    for rel, data in files.items():
-        (origin / rel).write_bytes(data)
-    name = cachefs_cluster.unique("deadspace")
-    cachefs_cluster.add_dataset(name, f"file://{origin}")
+    name = cachefs_cluster.dataset_of(files, origin, "deadspace")
     old_reader = cachefs_cluster.fs()
     assert old_reader.size(f"{name}/b.bin") == 3000  # holds the first snapshot, nothing read yet
     (origin / "b.bin").write_bytes(b"B" * 3000)
